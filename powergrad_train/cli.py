@@ -1,0 +1,158 @@
+"""Command line: `powergrad-train [train] ...` and `powergrad-train validate ...`.
+
+The only place that prints a user error and exits: a UserError becomes one
+`error: ...` line on stderr and exit status 2; real bugs keep their tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from powergrad_train import __version__, checkpoint, dist
+from powergrad_train.config import Config, build_config, check_runtime, describe_keys, dump
+from powergrad_train.data import build_train_loader, build_val_loader, check_classes, check_data
+from powergrad_train.engine import Trainer, autocast_for, evaluate
+from powergrad_train.errors import CheckpointError, ConfigError, UserError
+from powergrad_train.metrics import format_eval
+from powergrad_train.models import build_model
+from powergrad_train.optim import lr_at_step
+
+COMMANDS = ("train", "validate")
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="powergrad-train",
+        description="Train an ImageNet classifier from a YAML recipe, with the PowerGrad Transform, "
+                    "label smoothing and GC/AGC. Subcommands: train (default), validate "
+                    "(see 'powergrad-train validate --help').",
+        epilog="config keys (set in a recipe, or with --set KEY=VALUE):\n" + describe_keys(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, metavar="RECIPE",
+                   help="recipe file, or the name of a bundled recipe (e.g. smoke.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set schedule.epochs=2 (repeatable)")
+    p.add_argument("--output", metavar="DIR", help="run folder (default: runs/<recipe name>)")
+    p.add_argument("--resume", metavar="PATH|auto",
+                   help="continue from a checkpoint; 'auto' = last.pt in the run folder, or a fresh start if none")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, print the resolved config and LR per epoch, build model and data, then exit")
+    p.add_argument("--version", action="version", version=f"powergrad-train {__version__}")
+    return p
+
+
+def _validate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="powergrad-train validate",
+                                description="Evaluate a checkpoint on the val split: top-1, top-5, loss.")
+    p.add_argument("--checkpoint", required=True, metavar="PATH")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the checkpoint's config, e.g. --set data.root=/data/imagenet")
+    return p
+
+
+def _resume_path(resume: Optional[str], run_dir: Path) -> Optional[Path]:
+    last = run_dir / "last.pt"
+    if resume == "auto":
+        return last if last.exists() else None
+    if resume:
+        path = Path(resume)
+        if not path.is_file():
+            raise CheckpointError(f"--resume: checkpoint not found: {path}")
+        return path
+    if last.exists():
+        raise ConfigError(f"--output: {run_dir} already holds a run (last.pt); pass --resume auto to continue it "
+                          "or choose another --output")
+    return None
+
+
+def _dry_run(cfg: Config, env) -> None:
+
+    print(dump(cfg), end="")
+    model = build_model(cfg.model)
+    train, classes = build_train_loader(cfg.data, cfg.seed, env.rank, env.world_size)
+    val, val_classes = build_val_loader(cfg.data, env.rank, env.world_size)
+    check_classes(classes, val_classes, cfg.model.num_classes)
+    steps = train.sampler.batches_per_epoch
+    print(f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters")
+    print(f"data: {len(classes)} classes, {len(train.dataset)} train / {len(val.dataset)} val images, "
+          f"{steps} steps per epoch at global batch {cfg.data.batch_size}")
+    print("LR at the first step of each epoch:")
+    for epoch in range(cfg.schedule.epochs):
+        print(f"  epoch {epoch + 1:4d} (step {epoch * steps:7d}): {lr_at_step(cfg.schedule, cfg.optim.lr, epoch * steps, steps):.6g}")
+
+
+def train_command(argv: list[str]) -> None:
+    args = _train_parser().parse_args(argv)
+    cfg = build_config(args.config, args.set)
+    env = dist.env_from_torchrun()
+    check_runtime(cfg, env.world_size, torch.cuda.is_available())
+    if args.dry_run:
+        _dry_run(cfg, env)
+        return
+    run_dir = Path(args.output or Path("runs") / Path(args.config).stem)
+    resume_from = _resume_path(args.resume, run_dir)
+    check_data(cfg.data)
+
+    device = dist.device_for(env)
+    dist.init(env, device)
+    try:
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(dump(cfg))
+        dist.barrier()
+        trainer = Trainer(cfg, run_dir, env, device, resume_from)
+        if resume_from and env.is_main:
+            print(f"resumed from {resume_from} at epoch {trainer.epoch}, step {trainer.step}", flush=True)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+    finally:
+        dist.close()
+
+
+def validate_command(argv: list[str]) -> None:
+    args = _validate_parser().parse_args(argv)
+    state = checkpoint.load(Path(args.checkpoint))
+    cfg = build_config(None, args.set, start=(f"{args.checkpoint} (its config)", state["config"]))
+    env = dist.env_from_torchrun()
+    check_runtime(cfg, env.world_size, torch.cuda.is_available())
+    device = dist.device_for(env)
+    dist.init(env, device)
+    try:
+        model = build_model(cfg.model)
+        model.load_state_dict(state["model"])
+        model.to(device)
+        loader, classes = build_val_loader(cfg.data, env.rank, env.world_size, pin_memory=device.type == "cuda")
+        if state.get("classes") and list(state["classes"]) != list(classes):
+            raise CheckpointError(f"{args.checkpoint}: trained on other classes than {cfg.data.root}/val holds")
+        values = evaluate(model, loader, device, autocast_for(cfg.amp, device))
+        if env.is_main:
+            print(f"{args.checkpoint}: {format_eval(values)}")
+    finally:
+        dist.close()
+
+
+def _one_line(error: Exception) -> str:
+    """A UserError re-raised from a DataLoader worker carries the worker's traceback: keep its last line."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    prefix = f"{type(error).__module__}.{type(error).__name__}: "
+    return last.removeprefix(prefix)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else "train"
+    if argv and argv[0] in COMMANDS:
+        argv = argv[1:]
+    try:
+        {"train": train_command, "validate": validate_command}[command](argv)
+    except UserError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)

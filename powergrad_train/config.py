@@ -1,0 +1,361 @@
+"""The config schema: every option defined once, with its type, default, range and help.
+
+Recipes (YAML), `--set KEY=VALUE` overrides, validation, `--help` and the README's key
+table all come from the dataclasses below. A recipe may start from another with
+`base: other.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from powergrad_train.errors import ConfigError
+
+BUNDLED_RECIPES = Path(__file__).parent / "configs"
+DEMO_ROOT = "builtin:demo"
+
+
+def opt(default, help, *, choices=None, ge=None, gt=None, le=None, lt=None):
+    """A config field: default, help text and the allowed values."""
+    meta = dict(help=help, choices=choices, ge=ge, gt=gt, le=le, lt=lt)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("resnet50", "timm model name (e.g. resnet18, seresnet50), or resnet18_nobn: ResNet-18 with every norm layer replaced by identity")
+    num_classes: int = opt(1000, "number of classes of the classifier head", ge=1)
+    sync_bn: bool = opt(False, "convert batch norm to SyncBatchNorm in distributed runs, so statistics cover the global batch")
+
+
+@dataclass
+class DataConfig:
+    root: str = opt(DEMO_ROOT, f"ImageFolder root holding train/ and val/; '{DEMO_ROOT}' generates a small learnable demo set on first use")
+    backend: str = opt("torchvision", "data pipeline", choices=("torchvision",))
+    image_size: int = opt(224, "train crop and val crop size in pixels", ge=8)
+    crop_pct: float = opt(0.875, "val: resize the shorter side to image_size / crop_pct, then center crop", gt=0.0, le=1.0)
+    crop_scale_min: float = opt(0.08, "train: smallest area fraction of the random resized crop (largest is 1)", gt=0.0, le=1.0)
+    batch_size: int = opt(256, "GLOBAL train batch size, split evenly over all processes", ge=1)
+    val_batch_size: Optional[int] = opt(None, "GLOBAL val batch size; null = batch_size", ge=1)
+    workers: int = opt(4, "data loading worker processes per training process (0 = load in the main process)", ge=0)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(0.1, "peak learning rate (reached at the end of warmup)", gt=0.0)
+    momentum: float = opt(0.9, "SGD momentum", ge=0.0, lt=1.0)
+    nesterov: bool = opt(True, "Nesterov momentum (needs momentum > 0)")
+    weight_decay: float = opt(5e-4, "L2 weight decay; never applied to biases and norm parameters", ge=0.0)
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = opt("cosine", "LR decay after warmup", choices=("cosine", "step"))
+    epochs: int = opt(100, "total epochs trained, warmup and cooldown included", ge=1)
+    warmup_epochs: float = opt(5.0, "linear warmup from warmup_lr to optim.lr over this many epochs", ge=0.0)
+    warmup_lr: float = opt(1e-4, "LR at the first step of warmup", ge=0.0)
+    min_lr: float = opt(0.0, "cosine: LR at the end of the decay; both: LR during cooldown", ge=0.0)
+    cooldown_epochs: int = opt(10, "final epochs held at min_lr", ge=0)
+    decay_epochs: float = opt(30.0, "step: multiply the LR by decay_rate every this many epochs (counted from epoch 0)", gt=0.0)
+    decay_rate: float = opt(0.1, "step: LR factor at each decay", gt=0.0, le=1.0)
+
+
+@dataclass
+class LossConfig:
+    pgt_alpha: Optional[float] = opt(None, "PowerGrad Transform exponent alpha in (0, 1]; null = plain cross-entropy gradient", gt=0.0, le=1.0)
+    label_smoothing: float = opt(0.0, "label smoothing epsilon", ge=0.0, lt=1.0)
+
+
+@dataclass
+class GradClipConfig:
+    mode: str = opt("none", "gradient stage: none | value (GC, clip each element) | norm (global L2 norm) | agc (adaptive, head excluded)", choices=("none", "value", "norm", "agc"))
+    value: Optional[float] = opt(None, "threshold: max |g| for value, max norm for norm, clipping factor lambda for agc", gt=0.0)
+
+
+@dataclass
+class CheckpointConfig:
+    keep_last: int = opt(2, "numbered epoch checkpoints kept besides last.pt and best.pt", ge=0)
+
+
+@dataclass
+class TrainConfig:
+    accumulate_steps: int = opt(1, "micro-batches per optimizer step (gradient accumulation)", ge=1)
+    log_every_steps: int = opt(50, "progress/TensorBoard interval in optimizer steps (metrics are read from the device only then)", ge=1)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    grad_clip: GradClipConfig = field(default_factory=GradClipConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    amp: str = opt("off", "mixed precision: off | fp16 (GradScaler, CUDA only) | bf16", choices=("off", "fp16", "bf16"))
+    channels_last: bool = opt(False, "channels_last memory format for model and images")
+    seed: int = opt(0, "seed for init, data order and augmentation: same seed, same run", ge=0)
+
+
+# ----------------------------------------------------------------------------- schema walk
+
+@dataclass(frozen=True)
+class Key:
+    """One leaf of the schema: `section.name` (or `name` for top-level keys)."""
+
+    dotted: str
+    type: Any  # int, float, str or bool
+    nullable: bool
+    default: Any
+    meta: dict
+
+    def type_name(self) -> str:
+        name = self.type.__name__
+        return f"{name} or null" if self.nullable else name
+
+
+def _leaf_type(tp) -> tuple[Any, bool]:
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def schema_keys(cls=Config, prefix: str = "") -> list[Key]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += schema_keys(tp, f"{prefix}{f.name}.")
+        else:
+            leaf, nullable = _leaf_type(tp)
+            keys.append(Key(prefix + f.name, leaf, nullable, f.default, dict(f.metadata)))
+    return keys
+
+
+KEYS = {k.dotted: k for k in schema_keys()}
+
+
+def describe_keys() -> str:
+    """The key list shown by --help and copied into the README."""
+    lines = []
+    for k in KEYS.values():
+        allowed = _allowed_text(k.meta)
+        extra = f"; {allowed}" if allowed else ""
+        lines.append(f"  {k.dotted} ({k.type_name()}, default {_yaml_scalar(k.default)}{extra})\n      {k.meta['help']}")
+    return "\n".join(lines)
+
+
+def _yaml_scalar(v) -> str:
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _allowed_text(meta: dict) -> str:
+    if meta["choices"]:
+        return "one of " + ", ".join(meta["choices"])
+    lo = f"[{meta['ge']}" if meta["ge"] is not None else f"({meta['gt']}" if meta["gt"] is not None else None
+    hi = f"{meta['le']}]" if meta["le"] is not None else f"{meta['lt']})" if meta["lt"] is not None else None
+    if lo and hi:
+        return f"in {lo}, {hi}"
+    if lo:
+        return (">= " if lo[0] == "[" else "> ") + lo[1:]
+    if hi:
+        return ("<= " if hi[-1] == "]" else "< ") + hi[:-1]
+    return ""
+
+
+# ----------------------------------------------------------------------------- values
+
+def _coerce(key: Key, value, where: str):
+    """Check one value against its key's type and range; return it in the key's type."""
+    def bad(why):
+        return ConfigError(f"{where}: {key.dotted} = {value!r} {why}")
+
+    if value is None:
+        if key.nullable:
+            return None
+        raise bad(f"must be a {key.type.__name__}, not null")
+    if key.type is bool:
+        if not isinstance(value, bool):
+            raise bad("must be true or false")
+    elif key.type is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("must be a whole number")
+    elif key.type is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("must be a number")
+        value = float(value)
+    elif key.type is str:
+        if not isinstance(value, str):
+            raise bad("must be a string")
+    m = key.meta
+    if m["choices"] and value not in m["choices"]:
+        raise bad(f"is not allowed: {_allowed_text(m)}")
+    if (m["ge"] is not None and value < m["ge"]) or (m["gt"] is not None and value <= m["gt"]) \
+            or (m["le"] is not None and value > m["le"]) or (m["lt"] is not None and value >= m["lt"]):
+        raise bad(f"is out of range: must be {_allowed_text(m)}")
+    return value
+
+
+def _unknown_key(dotted: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(dotted, KEYS.keys(), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else " (powergrad-train --help lists every key)"
+    return ConfigError(f"{where}: unknown config key '{dotted}'{hint}")
+
+
+def _flatten(raw: dict, where: str, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for name, value in raw.items():
+        dotted = f"{prefix}{name}"
+        is_section = any(k.startswith(dotted + ".") for k in KEYS)
+        if is_section:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: '{dotted}' is a section and needs keys under it, got {value!r}")
+            flat.update(_flatten(value, where, dotted + "."))
+        elif dotted in KEYS:
+            flat[dotted] = value
+        else:
+            raise _unknown_key(dotted, where)
+    return flat
+
+
+def _set(cfg: Config, dotted: str, value) -> None:
+    *sections, name = dotted.split(".")
+    obj = cfg
+    for s in sections:
+        obj = getattr(obj, s)
+    setattr(obj, name, value)
+
+
+def get(cfg: Config, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flat_dict(cfg: Config) -> dict[str, Any]:
+    return {k: get(cfg, k) for k in KEYS}
+
+
+# ----------------------------------------------------------------------------- recipes
+
+def resolve_recipe(name: str, relative_to: Optional[Path] = None) -> Path:
+    """A recipe path, or the bare name of a bundled recipe (`smoke.yaml`)."""
+    candidates = [Path(name)]
+    if relative_to is not None and not Path(name).is_absolute():
+        candidates.insert(0, relative_to / name)
+    candidates.append(BUNDLED_RECIPES / name)
+    if not name.endswith((".yaml", ".yml")):
+        candidates.append(BUNDLED_RECIPES / f"{name}.yaml")
+    for path in candidates:
+        if path.is_file():
+            return path
+    bundled = ", ".join(sorted(p.name for p in BUNDLED_RECIPES.glob("*.yaml")))
+    raise ConfigError(f"recipe not found: '{name}' (neither a file nor a bundled recipe; bundled: {bundled})")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of config keys, got {type(raw).__name__}")
+    return raw
+
+
+def load_recipe(name: str, relative_to: Optional[Path] = None, _seen=()) -> list[tuple[str, dict]]:
+    """The recipe and its bases as (source, flat keys) pairs, base first."""
+    path = resolve_recipe(name, relative_to)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to this recipe")
+    raw = _read_yaml(path)
+    base = raw.pop("base", None)
+    layers = []
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: base must be a recipe file name, got {base!r}")
+        layers = load_recipe(base, path.parent, _seen + (path.resolve(),))
+    return layers + [(str(path), _flatten(raw, str(path)))]
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE` from --set; the value is read as a YAML scalar."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. --set schedule.epochs=2")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if key not in KEYS:
+        raise _unknown_key(key, f"--set {text}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def build_config(recipe: Optional[str], overrides: list[str] = (), start: Optional[tuple[str, dict]] = None) -> Config:
+    """Recipe (with its bases), then --set overrides, each value checked where it came from.
+
+    `start` = (source, nested dict) is a config to start from (a checkpoint's) instead of a recipe.
+    """
+    layers = load_recipe(recipe) if recipe else []
+    if start is not None:
+        layers.insert(0, (start[0], _flatten(start[1], start[0])))
+    for text in overrides:
+        key, value = parse_override(text)
+        layers.append((f"--set {text}", {key: value}))
+    cfg = Config()
+    for source, flat in layers:
+        for key, value in flat.items():
+            _set(cfg, key, _coerce(KEYS[key], value, source))
+    check(cfg, layers[-1][0] if layers else "config")
+    return cfg
+
+
+def check(cfg: Config, where: str) -> None:
+    """Rules that tie several keys together."""
+    s = cfg.schedule
+    if s.warmup_epochs + s.cooldown_epochs > s.epochs:
+        raise ConfigError(f"{where}: schedule.warmup_epochs ({s.warmup_epochs:g}) + schedule.cooldown_epochs "
+                          f"({s.cooldown_epochs}) exceed schedule.epochs ({s.epochs})")
+    if cfg.grad_clip.mode != "none" and cfg.grad_clip.value is None:
+        raise ConfigError(f"{where}: grad_clip.mode is '{cfg.grad_clip.mode}' but grad_clip.value is not set "
+                          "(the threshold, or the clipping factor for agc, e.g. 0.01)")
+    if cfg.optim.nesterov and cfg.optim.momentum == 0:
+        raise ConfigError(f"{where}: optim.nesterov needs optim.momentum > 0")
+
+
+def check_runtime(cfg: Config, world_size: int, cuda: bool) -> None:
+    """Rules that depend on the machine and launcher; run before any process group exists."""
+    acc = cfg.train.accumulate_steps
+    if cfg.data.batch_size % (world_size * acc):
+        raise ConfigError(f"data.batch_size {cfg.data.batch_size} does not split evenly over {world_size} "
+                          f"process(es) x {acc} accumulation step(s); choose a multiple of {world_size * acc}")
+    val_batch = cfg.data.val_batch_size or cfg.data.batch_size
+    if val_batch % world_size:
+        raise ConfigError(f"data.val_batch_size {val_batch} does not split evenly over {world_size} process(es)")
+    if cfg.amp == "fp16" and not cuda:
+        raise ConfigError("amp = fp16 needs a CUDA GPU (fp16 loss scaling); on the CPU use amp: bf16 or off")
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,199 @@
+"""The Trainer: wires model, data, loss, optimizer, checkpoints and metrics together.
+
+fit() runs epochs and decides when to evaluate, log and checkpoint; train_step() is one
+optimizer step and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from powergrad_train import __version__, checkpoint, dist
+from powergrad_train.config import Config, to_dict
+from powergrad_train.data import build_train_loader, build_val_loader, check_classes
+from powergrad_train.dist import DistEnv
+from powergrad_train.errors import CheckpointError
+from powergrad_train.metrics import EvalMeter, RunLog, TrainMeter
+from powergrad_train.models import build_model
+from powergrad_train.optim import build_grad_clipper, build_optimizer, lr_at_step, set_lr
+from powergrad_train.pgt import power_grad_cross_entropy
+
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast_for(amp: str, device: torch.device):
+    return lambda: torch.autocast(device.type, dtype=AMP_DTYPES.get(amp), enabled=amp != "off")
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, autocast, memory_format=torch.contiguous_format) -> dict:
+    """Top-1/top-5/loss over the whole val split; every image counted once across ranks."""
+    model.eval()
+    meter = EvalMeter(device)
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        with autocast():
+            logits = model(images)
+        meter.update(logits, targets)
+    return meter.read()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, env: DistEnv, device: torch.device,
+                 resume_from: Optional[Path] = None):
+        self.cfg, self.run_dir, self.env, self.device = cfg, Path(run_dir), env, device
+        seed_everything(cfg.seed)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+        self.model = build_model(cfg.model)
+        if cfg.model.sync_bn and env.distributed:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model.to(device, memory_format=self.memory_format)
+        self.optimizer = build_optimizer(cfg.optim, self.model)
+        self.clip_gradients = build_grad_clipper(cfg.grad_clip, self.model)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.autocast = autocast_for(cfg.amp, device)
+        # DDP broadcasts rank 0's initial weights; evaluation uses the unwrapped self.model.
+        self.train_model = DistributedDataParallel(
+            self.model, device_ids=[device.index] if device.type == "cuda" else None,
+        ) if env.distributed else self.model
+
+        pin = device.type == "cuda"
+        self.train_loader, self.classes = build_train_loader(cfg.data, cfg.seed, env.rank, env.world_size, pin)
+        self.val_loader, val_classes = build_val_loader(cfg.data, env.rank, env.world_size, pin)
+        check_classes(self.classes, val_classes, cfg.model.num_classes)
+        self.steps_per_epoch = self.train_loader.sampler.batches_per_epoch
+        self.meter = TrainMeter(device)
+        self.checkpointer = checkpoint.Checkpointer(self.run_dir, cfg.checkpoint.keep_last)
+
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimizer steps completed, over the whole run
+        self.best_top1, self.best_epoch = float("-inf"), 0
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        self.log = RunLog(self.run_dir, env.is_main, self.epoch, self.step)
+
+    # ------------------------------------------------------------------ the training step
+
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        """One optimizer step over this process's share of one global batch."""
+        set_lr(self.optimizer, lr_at_step(self.cfg.schedule, self.cfg.optim.lr, self.step, self.steps_per_epoch))
+        micro_batches = list(zip(images.chunk(self.cfg.train.accumulate_steps),
+                                 targets.chunk(self.cfg.train.accumulate_steps)))
+        for i, (x, y) in enumerate(micro_batches):
+            # DDP all-reduces gradients only on the last micro-batch.
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not self.env.distributed else self.train_model.no_sync()
+            with sync:
+                with self.autocast():
+                    logits = self.train_model(x)
+                loss = power_grad_cross_entropy(logits, y, self.cfg.loss.pgt_alpha, self.cfg.loss.label_smoothing)
+                # Dividing by the micro-batch count makes the gradient the mean over the whole batch.
+                self.scaler.scale(loss / len(micro_batches)).backward()
+            self.meter.update(loss, logits, y)
+        self.scaler.unscale_(self.optimizer)  # clip true gradients, not scaled ones
+        self.clip_gradients()
+        self.scaler.step(self.optimizer)  # skipped by the scaler if fp16 gradients overflowed
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    # ------------------------------------------------------------------ epochs
+
+    def fit(self) -> None:
+        cfg, log = self.cfg, self.log
+        while self.epoch < cfg.schedule.epochs:
+            epoch = self.epoch
+            self.train_loader.sampler.set_epoch(epoch)
+            self.train_model.train()
+            self.meter.reset()
+            start = time.perf_counter()
+            bar = log.progress(self.steps_per_epoch, epoch + 1, cfg.schedule.epochs)
+            for images, targets in self.train_loader:
+                images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+                targets = targets.to(self.device, non_blocking=True)
+                self.train_step(images, targets)
+                bar.update()
+                if self.step % cfg.train.log_every_steps == 0:
+                    self._log_progress(bar)
+            bar.close()
+            train = self.meter.read()
+            epoch_time = time.perf_counter() - start
+            val = self.evaluate()
+            self.epoch = epoch + 1
+            is_best = val["top1"] > self.best_top1
+            if is_best:
+                self.best_top1, self.best_epoch = val["top1"], self.epoch
+            self.save_checkpoint(is_best)
+            log.epoch_end({
+                "epoch": self.epoch, "step": self.step, "train_loss": train["loss"], "train_top1": train["top1"],
+                "eval_loss": val["loss"], "eval_top1": val["top1"], "eval_top5": val["top5"],
+                "lr": self.optimizer.param_groups[0]["lr"], "images_per_sec": train["images"] / epoch_time,
+                "epoch_time_s": epoch_time, "logit_norm": train["logit_norm"],
+            })
+        log.info(f"done: best val top1 {self.best_top1:.2f} at epoch {self.best_epoch}; run folder {self.run_dir}")
+
+    def _log_progress(self, bar) -> None:
+        values = self.meter.read()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.log.train_scalars(self.step, {"loss": values["loss"], "top1": values["top1"], "lr": lr})
+        bar.set_postfix(loss=f"{values['loss']:.4f}", top1=f"{values['top1']:.1f}", lr=f"{lr:.4g}")
+
+    def evaluate(self) -> dict:
+        return evaluate(self.model, self.val_loader, self.device, self.autocast, self.memory_format)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        return {
+            "format": checkpoint.FORMAT, "version": __version__,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            # The LR is a pure function of the global step: the step is the scheduler's state.
+            "schedule": {"step": self.step, "steps_per_epoch": self.steps_per_epoch},
+            "epoch": self.epoch, "step": self.step,
+            "best_top1": self.best_top1, "best_epoch": self.best_epoch,
+            "config": to_dict(self.cfg), "classes": list(self.classes),
+        }
+
+    def save_checkpoint(self, is_best: bool) -> None:
+        state = self.state_dict()
+        state["rng"] = dist.all_gather_objects(checkpoint.rng_state())  # one entry per rank
+        if self.env.is_main:
+            self.checkpointer.save(state, self.epoch, is_best)
+        dist.barrier()
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = checkpoint.load(path)
+        if state.get("classes") and list(state["classes"]) != list(self.classes):
+            raise CheckpointError(f"{path}: trained on other classes than data.root holds")
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: weights do not fit model '{self.cfg.model.name}' ({str(e).splitlines()[0]})") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.best_top1, self.best_epoch = state["best_top1"], state["best_epoch"]
+        rng = state["rng"]
+        if len(rng) == self.env.world_size:
+            checkpoint.set_rng_state(rng[self.env.rank])
+
+    def close(self) -> None:
+        self.log.close()
+

@@ -1,0 +1,21 @@
+"""Errors the user can fix. The CLI prints them as one `error: ...` line and exits 2."""
+
+
+class UserError(Exception):
+    """Something the user can fix; the message says what, where, and how."""
+
+
+class ConfigError(UserError):
+    """A recipe, key or value is wrong."""
+
+
+class DataError(UserError):
+    """A data folder, split or file is missing or unusable."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, unreadable or does not fit the run."""
+
+
+class TrainingError(UserError):
+    """The run cannot go on (for example the loss stays non-finite)."""

@@ -1,0 +1,127 @@
+"""Metrics: device-side accumulators, and the rank-0 outputs (progress bar, summary line,
+summary.csv, TensorBoard)."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import torch
+
+from powergrad_train import dist
+
+SUMMARY_COLUMNS = ("epoch", "step", "train_loss", "train_top1", "eval_loss", "eval_top1", "eval_top5", "lr",
+                   "images_per_sec", "epoch_time_s", "logit_norm")
+
+
+class TrainMeter:
+    """Sums of loss, correct predictions, samples and logit L2 norms, kept on the device so the
+    training step never waits for the host; read (and reduced over ranks) at log time."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+
+    def reset(self) -> None:
+        self.sums.zero_()
+
+    @torch.no_grad()
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        n = targets.shape[0]
+        logits = logits.detach().float()
+        self.sums += torch.stack([loss.detach().double() * n,
+                                  (logits.argmax(1) == targets).sum().double(),
+                                  torch.tensor(n, dtype=torch.float64, device=logits.device),
+                                  logits.norm(dim=1).sum().double()])
+
+    def read(self) -> dict:
+        loss, correct, count, norm = dist.all_reduce_sum(self.sums.clone()).tolist()
+        count = max(count, 1.0)
+        return {"loss": loss / count, "top1": 100 * correct / count, "images": count, "logit_norm": norm / count}
+
+
+class EvalMeter:
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        logits = logits.float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5 == targets[:, None]
+        loss_sum = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        self.sums += torch.stack([loss_sum.double(), hits[:, 0].sum().double(), hits.any(1).sum().double(),
+                                  torch.tensor(targets.shape[0], dtype=torch.float64, device=logits.device)])
+
+    def read(self) -> dict:
+        loss, top1, top5, count = dist.all_reduce_sum(self.sums.clone()).tolist()
+        count = max(count, 1.0)
+        return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "images": count}
+
+
+class RunLog:
+    """What rank 0 shows and writes; on other ranks every method does nothing."""
+
+    def __init__(self, run_dir: Path, enabled: bool, start_epoch: int, start_step: int):
+        self.enabled = enabled
+        self.csv_path = Path(run_dir) / "summary.csv"
+        self.tb = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        # purge_step drops events a killed run wrote after its last checkpoint.
+        self.tb = SummaryWriter(str(run_dir), purge_step=start_step if start_step else None)
+        self._trim_csv(start_epoch)
+
+    def _trim_csv(self, start_epoch: int) -> None:
+        """Keep the rows of epochs already in the checkpoint, so a resumed run appends cleanly."""
+        if not self.csv_path.exists():
+            return
+        with open(self.csv_path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("epoch", "").isdigit() and int(r["epoch"]) <= start_epoch]
+        with open(self.csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, SUMMARY_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+    def progress(self, total: int, epoch: int, epochs: int, initial: int = 0):
+        from tqdm import tqdm
+        return tqdm(total=total, initial=initial, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False,
+                    disable=not (self.enabled and sys.stderr.isatty()), dynamic_ncols=True)
+
+    def train_scalars(self, step: int, values: dict) -> None:
+        if self.tb:
+            for name, value in values.items():
+                self.tb.add_scalar(f"train/{name}", value, step)
+
+    def epoch_end(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        new = not self.csv_path.exists()
+        with open(self.csv_path, "a", newline="") as f:
+            w = csv.DictWriter(f, SUMMARY_COLUMNS)
+            if new:
+                w.writeheader()
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        for name, value in row.items():
+            if name not in ("epoch", "step"):
+                self.tb.add_scalar(f"epoch/{name}", value, row["step"])
+        self.tb.flush()
+        print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f} | "
+              f"val loss {row['eval_loss']:.4f} top1 {row['eval_top1']:.2f} top5 {row['eval_top5']:.2f} | "
+              f"lr {row['lr']:.4g} | {row['images_per_sec']:.0f} img/s | {row['epoch_time_s']:.1f}s", flush=True)
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+
+
+def format_eval(values: dict) -> str:
+    return (f"val loss {values['loss']:.4f} top1 {values['top1']:.2f} top5 {values['top5']:.2f} "
+            f"({int(values['images'])} images)")
+
+

@@ -1,0 +1,30 @@
+"""Models by timm name; `resnet18_nobn` is registered with timm like any other model."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from timm.models import register_model
+
+from powergrad_train.config import ModelConfig
+from powergrad_train.errors import ConfigError
+
+
+@register_model
+def resnet18_nobn(pretrained: bool = False, **kwargs):
+    """ResNet-18 with every norm layer replaced by identity (the paper's Table 2 network)."""
+    kwargs.pop("norm_layer", None)
+    return timm.create_model("resnet18", pretrained=pretrained, norm_layer=torch.nn.Identity, **kwargs)
+
+
+def build_model(cfg: ModelConfig) -> torch.nn.Module:
+    if not timm.is_model(cfg.name):
+        close = timm.list_models(f"*{cfg.name.split('_')[0]}*")[:5]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise ConfigError(f"model.name: '{cfg.name}' is not a timm model{hint}")
+    return timm.create_model(cfg.name, num_classes=cfg.num_classes)
+
+
+def classifier_parameters(model: torch.nn.Module) -> set[int]:
+    """ids of the classifier head's parameters (AGC leaves them alone, as in NFNets)."""
+    return {id(p) for p in model.get_classifier().parameters()}

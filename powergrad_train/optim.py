@@ -1,0 +1,60 @@
+"""Optimizer, the LR as a pure function of the global step, and the gradient stage (GC / AGC)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from timm.optim import param_groups_weight_decay
+from timm.utils import dispatch_clip_grad
+
+from powergrad_train.config import GradClipConfig, OptimConfig, ScheduleConfig
+from powergrad_train.models import classifier_parameters
+
+
+def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.SGD:
+    """SGD (Nesterov by default); biases and norm parameters (all 1-d tensors) get no weight decay."""
+    groups = param_groups_weight_decay(model, cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def lr_at_step(cfg: ScheduleConfig, base_lr: float, step: int, steps_per_epoch: int) -> float:
+    """The LR of optimizer step `step` (0-based, counted over the whole run).
+
+    warmup : steps [0, W)      linear from warmup_lr (at step 0) towards base_lr
+    decay  : steps [W, D)      cosine from base_lr to min_lr, or step decay
+                               base_lr * decay_rate ** (step // decay_steps)
+    cooldown: steps [D, end)   min_lr
+    with W = warmup_epochs * steps_per_epoch and D = (epochs - cooldown_epochs) * steps_per_epoch.
+    The cosine matches timm's CosineLRScheduler(warmup_prefix=True), the step decay its
+    StepLRScheduler (decays counted from step 0), both updated per step.
+    """
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    decay_end = (cfg.epochs - cfg.cooldown_epochs) * steps_per_epoch
+    if step < warmup:
+        return cfg.warmup_lr + (base_lr - cfg.warmup_lr) * step / warmup
+    if step >= decay_end:
+        return cfg.min_lr
+    if cfg.name == "cosine":
+        t, span = step - warmup, decay_end - warmup
+        return cfg.min_lr + 0.5 * (base_lr - cfg.min_lr) * (1 + math.cos(math.pi * t / span))
+    decay_steps = round(cfg.decay_epochs * steps_per_epoch)
+    return base_lr * cfg.decay_rate ** (step // decay_steps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def build_grad_clipper(cfg: GradClipConfig, model: torch.nn.Module) -> Callable[[], None]:
+    """The gradient stage, called after unscaling: timm's clip by value / norm / AGC.
+
+    AGC skips the classifier head, as in the NFNet paper.
+    """
+    if cfg.mode == "none":
+        return lambda: None
+    head = classifier_parameters(model) if cfg.mode == "agc" else set()
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in head]
+    return lambda: dispatch_clip_grad(params, cfg.value, mode=cfg.mode)
