@@ -177,8 +177,10 @@ def _allowed_text(meta: dict) -> str:
 
 def _coerce(key: Key, value, where: str):
     """Check one value against its key's type and range; return it in the key's type."""
+    given = value
+
     def bad(why):
-        return ConfigError(f"{where}: {key.dotted} = {value!r} {why}")
+        return ConfigError(f"{where}: {key.dotted} = {given!r} {why}")
 
     if value is None:
         if key.nullable:
@@ -324,24 +326,31 @@ def build_config(recipe: Optional[str], overrides: list[str] = (), start: Option
         key, value = parse_override(text)
         layers.append((f"--set {text}", {key: value}))
     cfg = Config()
+    sources = {}
     for source, flat in layers:
         for key, value in flat.items():
             _set(cfg, key, _coerce(KEYS[key], value, source))
-    check(cfg, layers[-1][0] if layers else "config")
+            sources.pop(key, None)  # keep the order of last setting
+            sources[key] = source
+    check(cfg, sources)
     return cfg
 
 
-def check(cfg: Config, where: str) -> None:
-    """Rules that tie several keys together."""
+def check(cfg: Config, sources: dict[str, str]) -> None:
+    """Rules that tie several keys together; an error names where the last of those keys was set."""
+    def where(*keys):
+        return ([sources[k] for k in sources if k in keys] or ["defaults"])[-1]
+
     s = cfg.schedule
     if s.warmup_epochs + s.cooldown_epochs > s.epochs:
-        raise ConfigError(f"{where}: schedule.warmup_epochs ({s.warmup_epochs:g}) + schedule.cooldown_epochs "
+        at = where("schedule.epochs", "schedule.warmup_epochs", "schedule.cooldown_epochs")
+        raise ConfigError(f"{at}: schedule.warmup_epochs ({s.warmup_epochs:g}) + schedule.cooldown_epochs "
                           f"({s.cooldown_epochs}) exceed schedule.epochs ({s.epochs})")
     if cfg.grad_clip.mode != "none" and cfg.grad_clip.value is None:
-        raise ConfigError(f"{where}: grad_clip.mode is '{cfg.grad_clip.mode}' but grad_clip.value is not set "
-                          "(the threshold, or the clipping factor for agc, e.g. 0.01)")
+        raise ConfigError(f"{where('grad_clip.mode', 'grad_clip.value')}: grad_clip.mode is '{cfg.grad_clip.mode}' "
+                          "but grad_clip.value is not set (the threshold, or the clipping factor for agc, e.g. 0.01)")
     if cfg.optim.nesterov and cfg.optim.momentum == 0:
-        raise ConfigError(f"{where}: optim.nesterov needs optim.momentum > 0")
+        raise ConfigError(f"{where('optim.nesterov', 'optim.momentum')}: optim.nesterov needs optim.momentum > 0")
 
 
 def check_runtime(cfg: Config, world_size: int, cuda: bool) -> None:

@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny generated ImageFolder and tiny run settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from powergrad_train.data.demo import write_demo_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """The demo set and any cache go to a temporary folder, never the user's home."""
+    os.environ["POWERGRAD_TRAIN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    """10 demo classes, 16 train / 6 val images each."""
+    root = tmp_path_factory.mktemp("tiny_imagefolder")
+    write_demo_dataset(root, {"train": 16, "val": 6})
+    return root
+
+
+def tiny_overrides(root: Path, **extra) -> list[str]:
+    """--set values for a run of a few seconds: resnet10t at 16 px, 10 steps per epoch."""
+    values = {
+        "model.name": "resnet10t", "model.num_classes": 10, "data.root": str(root), "data.image_size": 16,
+        "data.crop_scale_min": 0.35, "data.batch_size": 16, "data.workers": 0, "optim.lr": 0.05,
+        "schedule.epochs": 2, "schedule.warmup_epochs": 0.5, "schedule.cooldown_epochs": 0,
+        "schedule.warmup_lr": 0.005, "train.log_every_steps": 4, "checkpoint.keep_last": 2,
+    }
+    values.update(extra)
+    return [f"--set={k}={v}" for k, v in values.items()]
+
+
+def load_weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"

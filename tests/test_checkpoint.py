@@ -1,0 +1,75 @@
+"""Atomic checkpoint files, clear errors for bad ones, RNG round trips."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from powergrad_train import checkpoint
+from powergrad_train.checkpoint import Checkpointer, load, rng_state, save_atomic, set_rng_state
+from powergrad_train.errors import CheckpointError
+
+
+def state(value: float) -> dict:
+    return {"format": checkpoint.FORMAT, "model": {"w": torch.full((3,), value)}}
+
+
+def test_save_load_and_keep_last(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep_last=2)
+    for epoch in range(1, 5):
+        ckpt.save(state(epoch), epoch, is_best=epoch == 2)
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["best.pt", "epoch-0003.pt", "epoch-0004.pt", "last.pt"]
+    assert load(ckpt.last)["model"]["w"][0] == 4
+    assert load(ckpt.best)["model"]["w"][0] == 2
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_keep_last_zero_writes_only_last(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep_last=0)
+    ckpt.save(state(1), 1, is_best=True)
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["best.pt", "last.pt"]
+
+
+def test_crash_while_writing_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_atomic(state(1), path)
+
+    def dies_half_way(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt  # as if killed mid-write
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_atomic(state(2), path)
+    monkeypatch.undo()
+    assert load(path)["model"]["w"][0] == 1
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", "truncated"])
+def test_bad_files_give_one_clear_error(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    if content == "truncated":
+        save_atomic(state(1), tmp_path / "good.pt")
+        content = (tmp_path / "good.pt").read_bytes()[:200]
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"bad\.pt: not a readable checkpoint, truncated or not a checkpoint"):
+        load(path)
+
+
+def test_foreign_torch_file_and_missing_file(tmp_path):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a powergrad-train checkpoint"):
+        load(tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load(tmp_path / "missing.pt")
+
+
+def test_rng_states_round_trip_through_a_file(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    save_atomic({"format": checkpoint.FORMAT, "rng": rng_state()}, tmp_path / "r.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(load(tmp_path / "r.pt")["rng"])
+    assert (random.random(), np.random.rand()) == expected[:2]
+    assert torch.equal(torch.rand(1), expected[2])

@@ -1,0 +1,119 @@
+"""End to end through the command line: the demo, exact resume, dry runs, validate, user errors."""
+
+import csv
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from powergrad_train.cli import main
+from tests.conftest import assert_same_weights, load_weights, tiny_overrides
+
+
+def read_summary(run_dir):
+    with open(run_dir / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run_cli(*args):
+    main([str(a) for a in args])
+
+
+def run_subprocess(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "powergrad_train", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tiny_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "a"
+    run_cli("--config", "smoke.yaml", "--output", out, *tiny_overrides(tiny_root))
+    return out
+
+
+def test_smoke_recipe_learns_the_demo_set(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_cli("--config", "smoke.yaml")
+    run_dir = tmp_path / "runs" / "smoke"
+    rows = read_summary(run_dir)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1))
+    assert float(rows[-1]["eval_top1"]) > 50.0  # 10 classes: chance is 10%
+    assert float(rows[-1]["train_top1"]) > float(rows[0]["train_top1"])
+    for name in ("config.yaml", "last.pt", "best.pt"):
+        assert (run_dir / name).is_file()
+    assert list(run_dir.glob("events.out.tfevents.*"))
+
+
+def test_same_seed_gives_identical_weights(two_epoch_run, tiny_root, tmp_path):
+    run_cli("--config", "smoke.yaml", "--output", tmp_path / "b", *tiny_overrides(tiny_root))
+    assert_same_weights(load_weights(two_epoch_run / "last.pt"), load_weights(tmp_path / "b" / "last.pt"))
+
+
+def test_resume_from_epoch_one_continues_exactly(two_epoch_run, tiny_root, tmp_path):
+    run_cli("--config", "smoke.yaml", "--output", tmp_path / "r", "--resume", two_epoch_run / "epoch-0001.pt",
+            *tiny_overrides(tiny_root))
+    assert_same_weights(load_weights(two_epoch_run / "last.pt"), load_weights(tmp_path / "r" / "last.pt"))
+
+
+def test_resume_auto_appends_to_summary_without_duplicates(two_epoch_run, tiny_root, tmp_path):
+    run_dir = tmp_path / "auto"
+    run_dir.mkdir()
+    shutil.copy(two_epoch_run / "epoch-0001.pt", run_dir / "last.pt")
+    shutil.copy(two_epoch_run / "summary.csv", run_dir / "summary.csv")  # as if killed after epoch 2 began
+    run_cli("--config", "smoke.yaml", "--output", run_dir, "--resume", "auto", *tiny_overrides(tiny_root))
+    assert [r["epoch"] for r in read_summary(run_dir)] == ["1", "2"]
+    assert (run_dir / "summary.csv").read_text().count("epoch,") == 1
+    assert_same_weights(load_weights(two_epoch_run / "last.pt"), load_weights(run_dir / "last.pt"))
+
+
+def test_validate_reports_the_run_s_numbers(two_epoch_run, capsys):
+    run_cli("validate", "--checkpoint", two_epoch_run / "last.pt")
+    last = read_summary(two_epoch_run)[-1]
+    assert f"top1 {float(last['eval_top1']):.2f}" in capsys.readouterr().out
+
+
+def test_dry_run_prints_lr_per_epoch_and_writes_nothing(tiny_root, tmp_path, capsys):
+    run_cli("--config", "smoke.yaml", "--output", tmp_path / "dry", "--dry-run", *tiny_overrides(tiny_root))
+    out = capsys.readouterr().out
+    assert "epoch    1 (step       0): 0.005" in out and "epoch    2 (step      10): 0.0375" in out  # cosine, 5 of 15 steps
+    assert "resnet10t" in out and "10 steps per epoch" in out
+    assert not (tmp_path / "dry").exists()
+
+
+@pytest.mark.parametrize("extra", [
+    ["--set", "amp=bf16", "--set", "channels_last=true"],
+    ["--set", "loss.pgt_alpha=0.25", "--set", "grad_clip.mode=agc", "--set", "grad_clip.value=0.01",
+     "--set", "model.name=resnet18_nobn", "--set", "loss.label_smoothing=0.1"],
+])
+def test_training_variants_run(tiny_root, tmp_path, extra):
+    run_cli("--config", "smoke.yaml", "--output", tmp_path / "v",
+            *tiny_overrides(tiny_root, **{"schedule.epochs": 1}), *extra)
+    row = read_summary(tmp_path / "v")[0]
+    assert float(row["train_loss"]) < 10 and float(row["eval_loss"]) < 10
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config", "smoke.yaml", "--set", "model.nmae=x"], "unknown config key 'model.nmae' (did you mean model.name?)"),
+    (["--config", "smoke.yaml", "--set", "schedule.epochs=many"], "schedule.epochs = 'many' must be a whole number"),
+    (["--config", "missing.yaml"], "recipe not found: 'missing.yaml'"),
+    (["--config", "smoke.yaml", "--set", "data.root=nowhere"], "data.root: folder 'nowhere' does not exist"),
+    (["--config", "smoke.yaml", "--resume", "nowhere.pt"], "--resume: checkpoint not found: nowhere.pt"),
+    (["validate", "--checkpoint", "config.yaml"], "config.yaml: not a readable checkpoint"),
+])
+def test_user_errors_are_one_line_exit_2(tmp_path, args, message):
+    (tmp_path / "config.yaml").write_text("not a checkpoint")
+    result = run_subprocess(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {message}"] or \
+        (result.stderr.count("\n") == 1 and message in result.stderr), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_existing_run_folder_is_not_overwritten(two_epoch_run, tiny_root, capsys):
+    before = (two_epoch_run / "last.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        run_cli("--config", "smoke.yaml", "--output", two_epoch_run, *tiny_overrides(tiny_root))
+    assert e.value.code == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (two_epoch_run / "last.pt").read_bytes() == before

@@ -1,0 +1,96 @@
+"""The schema: recipes, overrides, validation and the errors a user sees."""
+
+from pathlib import Path
+
+import pytest
+
+from powergrad_train.config import BUNDLED_RECIPES, KEYS, build_config, check_runtime, describe_keys
+from powergrad_train.errors import ConfigError
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_overrides():
+    cfg = build_config(None, ["schedule.epochs=2", "schedule.warmup_epochs=1", "schedule.cooldown_epochs=0",
+                              "loss.pgt_alpha=0.25", "optim.lr=1", "amp=bf16"])
+    assert cfg.schedule.epochs == 2 and cfg.loss.pgt_alpha == 0.25 and cfg.amp == "bf16"
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.model.name == "resnet50"  # untouched default
+
+
+def test_base_recipe_and_override_order(tmp_path):
+    write(tmp_path, "base.yaml", "model: {name: resnet18}\nschedule: {epochs: 90, name: step}\n")
+    child = write(tmp_path, "child.yaml", "base: base.yaml\nschedule: {epochs: 20}\nloss: {pgt_alpha: 0.3}\n")
+    cfg = build_config(str(child), ["loss.pgt_alpha=null"])
+    assert (cfg.model.name, cfg.schedule.name, cfg.schedule.epochs) == ("resnet18", "step", 20)
+    assert cfg.loss.pgt_alpha is None
+
+
+@pytest.mark.parametrize("text,message", [
+    ("model: {nmae: resnet18}", "unknown config key 'model.nmae' (did you mean model.name?)"),
+    ("optim: {lr: fast}", "optim.lr = 'fast' must be a number"),
+    ("schedule: {epochs: 2.5}", "schedule.epochs = 2.5 must be a whole number"),
+    ("loss: {pgt_alpha: 0}", "loss.pgt_alpha = 0 is out of range: must be in (0.0, 1.0]"),
+    ("amp: fp32", "amp = 'fp32' is not allowed: one of off, fp16, bf16"),
+    ("model: resnet18", "'model' is a section and needs keys under it"),
+    ("channels_last: 1", "channels_last = 1 must be true or false"),
+    ("grad_clip: {mode: agc}", "grad_clip.mode is 'agc' but grad_clip.value is not set"),
+    ("schedule: {epochs: 5, warmup_epochs: 3, cooldown_epochs: 3}", "exceed schedule.epochs (5)"),
+    ("schedule: {epochs: 5}", "schedule.warmup_epochs (5) + schedule.cooldown_epochs (10) exceed"),
+    ("optim: {momentum: 0}", "optim.nesterov needs optim.momentum > 0"),
+    ("- a\n- b", "a recipe must be a mapping"),
+    ("model: {name: [unclosed", "not valid YAML"),
+])
+def test_recipe_errors_say_what_and_where(tmp_path, text, message):
+    path = write(tmp_path, "bad.yaml", text)
+    with pytest.raises(ConfigError) as e:
+        build_config(str(path))
+    assert message in str(e.value)
+    assert str(path) in str(e.value)
+
+
+def test_override_errors_name_the_override():
+    with pytest.raises(ConfigError, match=r"--set optim\.lrr=1: unknown config key 'optim\.lrr' \(did you mean optim\.lr\?\)"):
+        build_config(None, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        build_config(None, ["optim.lr"])
+    with pytest.raises(ConfigError, match=r"--set data.batch_size=-4: data.batch_size = -4 is out of range: must be >= 1"):
+        build_config(None, ["data.batch_size=-4"])
+
+
+def test_recipe_not_found_and_base_loop(tmp_path):
+    with pytest.raises(ConfigError, match="recipe not found: 'nope.yaml'.*smoke.yaml"):
+        build_config("nope.yaml")
+    write(tmp_path, "a.yaml", "base: b.yaml\n")
+    write(tmp_path, "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        build_config(str(tmp_path / "a.yaml"))
+
+
+def test_bundled_recipes_resolve_by_name_and_validate():
+    recipes = sorted(BUNDLED_RECIPES.glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        assert build_config(path.name) is not None
+
+
+def test_runtime_checks():
+    cfg = build_config(None, ["data.batch_size=10", "train.accumulate_steps=2"])
+    check_runtime(cfg, world_size=1, cuda=False)
+    with pytest.raises(ConfigError, match="does not split evenly over 3 process"):
+        check_runtime(cfg, world_size=3, cuda=False)
+    with pytest.raises(ConfigError, match="does not split evenly over 2 process.*multiple of 4"):
+        check_runtime(cfg, world_size=2, cuda=False)
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        check_runtime(build_config(None, ["amp=fp16"]), world_size=1, cuda=False)
+
+
+def test_help_lists_every_key_with_type_default_and_range():
+    text = describe_keys()
+    for key in KEYS:
+        assert f"  {key} (" in text
+    assert "loss.pgt_alpha (float or null, default null; in (0.0, 1.0])" in text

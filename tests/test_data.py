@@ -1,0 +1,105 @@
+"""The ImageFolder backend: global reshuffling, sharding, per-sample seeds, bad folders and files."""
+
+import hashlib
+
+import pytest
+import torch
+
+from powergrad_train.config import build_config
+from powergrad_train.data import build_train_loader, build_val_loader, check_data
+from powergrad_train.data.demo import write_demo_dataset
+from powergrad_train.data.imagefolder import TrainSampler, ValSampler
+from powergrad_train.errors import DataError
+
+
+def epoch_indices(size, batch, world, epoch, seed=0):
+    per_rank = []
+    for rank in range(world):
+        sampler = TrainSampler(size, batch, rank, world, seed)
+        sampler.set_epoch(epoch)
+        per_rank.append([i for i, _ in sampler])
+    return per_rank
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_train_sampler_covers_each_sample_at_most_once_with_equal_lengths(world):
+    ranks = epoch_indices(103, 8, world, epoch=0)
+    assert len({len(r) for r in ranks}) == 1
+    flat = [i for r in ranks for i in r]
+    assert len(flat) == 96 == len(set(flat))  # 12 full global batches, ragged tail of 7 dropped
+
+
+def test_train_sampler_reshuffles_every_epoch_and_repeats_with_seed():
+    assert epoch_indices(64, 8, 2, epoch=0) != epoch_indices(64, 8, 2, epoch=1)
+    assert epoch_indices(64, 8, 2, epoch=3) == epoch_indices(64, 8, 2, epoch=3)
+    assert epoch_indices(64, 8, 2, epoch=3, seed=1) != epoch_indices(64, 8, 2, epoch=3)
+
+
+def test_global_batch_is_the_same_whatever_the_world_size():
+    one = epoch_indices(64, 8, 1, epoch=2)[0]
+    two = epoch_indices(64, 8, 2, epoch=2)
+    for k in range(8):
+        assert one[8 * k: 8 * k + 8] == two[0][4 * k: 4 * k + 4] + two[1][4 * k: 4 * k + 4]
+
+
+def test_start_batch_skips_exactly_the_batches_already_seen():
+    full = TrainSampler(64, 8, 0, 1, 0)
+    full.set_epoch(1)
+    rest = TrainSampler(64, 8, 0, 1, 0)
+    rest.set_epoch(1, start_batch=3)
+    assert list(rest) == list(full)[24:] and len(rest) == 40
+
+
+def test_val_sampler_covers_every_image_once():
+    for world in (1, 2, 3):
+        flat = sorted(i for r in range(world) for i, _ in ValSampler(10, r, world))
+        assert flat == list(range(10))
+
+
+def test_loader_batches_do_not_depend_on_workers(tiny_root):
+    batches = []
+    for workers in (0, 2):
+        cfg = build_config(None, [f"data.root={tiny_root}", "data.image_size=16", "data.batch_size=16",
+                                  f"data.workers={workers}"])
+        loader, classes = build_train_loader(cfg.data, seed=0, rank=0, world_size=1)
+        loader.sampler.set_epoch(1)
+        batches.append(next(iter(loader)))
+    assert classes == sorted(classes) and len(classes) == 10
+    assert batches[0][0].shape == (16, 3, 16, 16) and batches[0][0].dtype == torch.float32
+    assert torch.equal(batches[0][0], batches[1][0]) and torch.equal(batches[0][1], batches[1][1])
+
+
+def test_demo_dataset_is_deterministic(tmp_path):
+    digests = []
+    for name in ("a", "b"):
+        write_demo_dataset(tmp_path / name, {"train": 2, "val": 1})
+        files = sorted((tmp_path / name).rglob("*.jpg"))
+        digests.append([hashlib.sha256(f.read_bytes()).hexdigest() for f in files])
+    assert len(digests[0]) == 30 and digests[0] == digests[1]
+
+
+def test_bad_folders_are_clear_errors(tmp_path):
+    def check(root):
+        check_data(build_config(None, [f"data.root={root}"]).data)
+
+    with pytest.raises(DataError, match="does not exist"):
+        check(tmp_path / "missing")
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"train/cat: class folder holds no images"):
+        check(tmp_path)
+    (tmp_path / "train" / "cat" / "a.jpg").write_bytes(b"x")
+    with pytest.raises(DataError, match="has no 'val/' folder"):
+        check(tmp_path)
+    (tmp_path / "val").mkdir()
+    with pytest.raises(DataError, match=r"val: no class folders"):
+        check(tmp_path)
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    write_demo_dataset(tmp_path, {"train": 1, "val": 1})
+    bad = sorted((tmp_path / "val").rglob("*.jpg"))[0]
+    bad.write_bytes(b"garbage")
+    cfg = build_config(None, [f"data.root={tmp_path}", "data.image_size=16", "data.batch_size=2", "data.workers=0"])
+    loader, _ = build_val_loader(cfg.data, rank=0, world_size=1)
+    with pytest.raises(DataError, match=f"{bad}: cannot read image"):
+        list(loader)
