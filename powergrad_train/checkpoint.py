@@ -59,7 +59,7 @@ def load(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or not a checkpoint ({reason})") from None
@@ -74,6 +74,11 @@ class Checkpointer:
     def __init__(self, run_dir: Path, keep_last: int):
         self.run_dir, self.keep_last = Path(run_dir), keep_last
 
+    def remove_partial_files(self) -> None:
+        """Temporary files a killed run left behind (the checkpoints themselves are intact)."""
+        for tmp in self.run_dir.glob(".*.pt.tmp*"):
+            tmp.unlink(missing_ok=True)
+
     @property
     def last(self) -> Path:
         return self.run_dir / "last.pt"
@@ -82,8 +87,9 @@ class Checkpointer:
     def best(self) -> Path:
         return self.run_dir / "best.pt"
 
-    def save(self, state: dict, epoch: int, is_best: bool) -> None:
-        if self.keep_last == 0:
+    def save(self, state: dict, epoch: int, is_best: bool, numbered: bool = True) -> None:
+        """numbered=False (a checkpoint inside an epoch) writes last.pt only."""
+        if self.keep_last == 0 or not numbered:
             save_atomic(state, self.last)
         else:
             numbered = self.run_dir / f"epoch-{epoch:04d}.pt"

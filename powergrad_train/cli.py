@@ -14,13 +14,14 @@ from typing import Optional
 import torch
 
 from powergrad_train import __version__, checkpoint, dist
-from powergrad_train.config import Config, build_config, check_runtime, describe_keys, dump
+from powergrad_train.config import Config, build_config, check_runtime, describe_keys, dump, run_differences
 from powergrad_train.data import build_train_loader, build_val_loader, check_classes, check_data
 from powergrad_train.engine import Trainer, autocast_for, evaluate
 from powergrad_train.errors import CheckpointError, ConfigError, UserError
 from powergrad_train.metrics import format_eval
 from powergrad_train.models import build_model
 from powergrad_train.optim import lr_at_step
+from powergrad_train.preemption import Preempted
 
 COMMANDS = ("train", "validate")
 
@@ -40,6 +41,8 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="DIR", help="run folder (default: runs/<recipe name>)")
     p.add_argument("--resume", metavar="PATH|auto",
                    help="continue from a checkpoint; 'auto' = last.pt in the run folder, or a fresh start if none")
+    p.add_argument("--resume-force", action="store_true",
+                   help="resume even though the recipe changes keys marked [fixed on resume] below")
     p.add_argument("--dry-run", action="store_true",
                    help="validate, print the resolved config and LR per epoch, build model and data, then exit")
     p.add_argument("--version", action="version", version=f"powergrad-train {__version__}")
@@ -53,6 +56,13 @@ def _validate_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the checkpoint's config, e.g. --set data.root=/data/imagenet")
     return p
+
+
+def _check_resume_matches(path: Path, cfg: Config) -> None:
+    differences = run_differences(checkpoint.load(path)["config"], cfg)
+    if differences:
+        raise ConfigError(f"--resume {path}: the recipe changes keys that define the run: {'; '.join(differences)} "
+                          "(pass --resume-force to resume anyway)")
 
 
 def _resume_path(resume: Optional[str], run_dir: Path) -> Optional[Path]:
@@ -96,6 +106,8 @@ def train_command(argv: list[str]) -> None:
         return
     run_dir = Path(args.output or Path("runs") / Path(args.config).stem)
     resume_from = _resume_path(args.resume, run_dir)
+    if resume_from and not args.resume_force:
+        _check_resume_matches(resume_from, cfg)
     check_data(cfg.data)
 
     device = dist.device_for(env)
@@ -110,6 +122,10 @@ def train_command(argv: list[str]) -> None:
             print(f"resumed from {resume_from} at epoch {trainer.epoch}, step {trainer.step}", flush=True)
         try:
             trainer.fit()
+        except Preempted as stop:
+            if env.is_main:
+                print(str(stop), file=sys.stderr, flush=True)
+            sys.exit(stop.exit_code)
         finally:
             trainer.close()
     finally:

@@ -22,16 +22,20 @@ BUNDLED_RECIPES = Path(__file__).parent / "configs"
 DEMO_ROOT = "builtin:demo"
 
 
-def opt(default, help, *, choices=None, ge=None, gt=None, le=None, lt=None):
-    """A config field: default, help text and the allowed values."""
-    meta = dict(help=help, choices=choices, ge=ge, gt=gt, le=le, lt=lt)
+def opt(default, help, *, choices=None, ge=None, gt=None, le=None, lt=None, fixed=False):
+    """A config field: default, help text and the allowed values.
+
+    fixed=True: the key defines the run, so resuming with another value is refused
+    (unless --resume-force).
+    """
+    meta = dict(help=help, choices=choices, ge=ge, gt=gt, le=le, lt=lt, fixed=fixed)
     return field(default=default, metadata=meta)
 
 
 @dataclass
 class ModelConfig:
-    name: str = opt("resnet50", "timm model name (e.g. resnet18, seresnet50), or resnet18_nobn: ResNet-18 with every norm layer replaced by identity")
-    num_classes: int = opt(1000, "number of classes of the classifier head", ge=1)
+    name: str = opt("resnet50", "timm model name (e.g. resnet18, seresnet50), or resnet18_nobn: ResNet-18 with every norm layer replaced by identity", fixed=True)
+    num_classes: int = opt(1000, "number of classes of the classifier head", ge=1, fixed=True)
     sync_bn: bool = opt(False, "convert batch norm to SyncBatchNorm in distributed runs, so statistics cover the global batch")
 
 
@@ -39,55 +43,57 @@ class ModelConfig:
 class DataConfig:
     root: str = opt(DEMO_ROOT, f"ImageFolder root holding train/ and val/; '{DEMO_ROOT}' generates a small learnable demo set on first use")
     backend: str = opt("torchvision", "data pipeline", choices=("torchvision",))
-    image_size: int = opt(224, "train crop and val crop size in pixels", ge=8)
-    crop_pct: float = opt(0.875, "val: resize the shorter side to image_size / crop_pct, then center crop", gt=0.0, le=1.0)
-    crop_scale_min: float = opt(0.08, "train: smallest area fraction of the random resized crop (largest is 1)", gt=0.0, le=1.0)
-    batch_size: int = opt(256, "GLOBAL train batch size, split evenly over all processes", ge=1)
+    image_size: int = opt(224, "train crop and val crop size in pixels", ge=8, fixed=True)
+    crop_pct: float = opt(0.875, "val: resize the shorter side to image_size / crop_pct, then center crop", gt=0.0, le=1.0, fixed=True)
+    crop_scale_min: float = opt(0.08, "train: smallest area fraction of the random resized crop (largest is 1)", gt=0.0, le=1.0, fixed=True)
+    batch_size: int = opt(256, "GLOBAL train batch size, split evenly over all processes", ge=1, fixed=True)
     val_batch_size: Optional[int] = opt(None, "GLOBAL val batch size; null = batch_size", ge=1)
     workers: int = opt(4, "data loading worker processes per training process (0 = load in the main process)", ge=0)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = opt(0.1, "peak learning rate (reached at the end of warmup)", gt=0.0)
-    momentum: float = opt(0.9, "SGD momentum", ge=0.0, lt=1.0)
-    nesterov: bool = opt(True, "Nesterov momentum (needs momentum > 0)")
-    weight_decay: float = opt(5e-4, "L2 weight decay; never applied to biases and norm parameters", ge=0.0)
+    lr: float = opt(0.1, "peak learning rate (reached at the end of warmup)", gt=0.0, fixed=True)
+    momentum: float = opt(0.9, "SGD momentum", ge=0.0, lt=1.0, fixed=True)
+    nesterov: bool = opt(True, "Nesterov momentum (needs momentum > 0)", fixed=True)
+    weight_decay: float = opt(5e-4, "L2 weight decay; never applied to biases and norm parameters", ge=0.0, fixed=True)
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = opt("cosine", "LR decay after warmup", choices=("cosine", "step"))
-    epochs: int = opt(100, "total epochs trained, warmup and cooldown included", ge=1)
-    warmup_epochs: float = opt(5.0, "linear warmup from warmup_lr to optim.lr over this many epochs", ge=0.0)
-    warmup_lr: float = opt(1e-4, "LR at the first step of warmup", ge=0.0)
-    min_lr: float = opt(0.0, "cosine: LR at the end of the decay; both: LR during cooldown", ge=0.0)
-    cooldown_epochs: int = opt(10, "final epochs held at min_lr", ge=0)
-    decay_epochs: float = opt(30.0, "step: multiply the LR by decay_rate every this many epochs (counted from epoch 0)", gt=0.0)
-    decay_rate: float = opt(0.1, "step: LR factor at each decay", gt=0.0, le=1.0)
+    name: str = opt("cosine", "LR decay after warmup", choices=("cosine", "step"), fixed=True)
+    epochs: int = opt(100, "total epochs trained, warmup and cooldown included", ge=1, fixed=True)
+    warmup_epochs: float = opt(5.0, "linear warmup from warmup_lr to optim.lr over this many epochs", ge=0.0, fixed=True)
+    warmup_lr: float = opt(1e-4, "LR at the first step of warmup", ge=0.0, fixed=True)
+    min_lr: float = opt(0.0, "cosine: LR at the end of the decay; both: LR during cooldown", ge=0.0, fixed=True)
+    cooldown_epochs: int = opt(10, "final epochs held at min_lr", ge=0, fixed=True)
+    decay_epochs: float = opt(30.0, "step: multiply the LR by decay_rate every this many epochs (counted from epoch 0)", gt=0.0, fixed=True)
+    decay_rate: float = opt(0.1, "step: LR factor at each decay", gt=0.0, le=1.0, fixed=True)
 
 
 @dataclass
 class LossConfig:
-    pgt_alpha: Optional[float] = opt(None, "PowerGrad Transform exponent alpha in (0, 1]; null = plain cross-entropy gradient", gt=0.0, le=1.0)
-    label_smoothing: float = opt(0.0, "label smoothing epsilon", ge=0.0, lt=1.0)
+    pgt_alpha: Optional[float] = opt(None, "PowerGrad Transform exponent alpha in (0, 1]; null = plain cross-entropy gradient", gt=0.0, le=1.0, fixed=True)
+    label_smoothing: float = opt(0.0, "label smoothing epsilon", ge=0.0, lt=1.0, fixed=True)
 
 
 @dataclass
 class GradClipConfig:
-    mode: str = opt("none", "gradient stage: none | value (GC, clip each element) | norm (global L2 norm) | agc (adaptive, head excluded)", choices=("none", "value", "norm", "agc"))
-    value: Optional[float] = opt(None, "threshold: max |g| for value, max norm for norm, clipping factor lambda for agc", gt=0.0)
+    mode: str = opt("none", "gradient stage: none | value (GC, clip each element) | norm (global L2 norm) | agc (adaptive, head excluded)", choices=("none", "value", "norm", "agc"), fixed=True)
+    value: Optional[float] = opt(None, "threshold: max |g| for value, max norm for norm, clipping factor lambda for agc", gt=0.0, fixed=True)
 
 
 @dataclass
 class CheckpointConfig:
     keep_last: int = opt(2, "numbered epoch checkpoints kept besides last.pt and best.pt", ge=0)
+    every_steps: int = opt(0, "also write last.pt every this many optimizer steps inside an epoch (0 = only at epoch ends)", ge=0)
 
 
 @dataclass
 class TrainConfig:
     accumulate_steps: int = opt(1, "micro-batches per optimizer step (gradient accumulation)", ge=1)
     log_every_steps: int = opt(50, "progress/TensorBoard interval in optimizer steps (metrics are read from the device only then)", ge=1)
+    max_nonfinite_steps: int = opt(20, "stop the run when the loss (or, without fp16, the gradient) is non-finite this many steps in a row; such steps are skipped", ge=1)
 
 
 @dataclass
@@ -102,7 +108,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     amp: str = opt("off", "mixed precision: off | fp16 (GradScaler, CUDA only) | bf16", choices=("off", "fp16", "bf16"))
     channels_last: bool = opt(False, "channels_last memory format for model and images")
-    seed: int = opt(0, "seed for init, data order and augmentation: same seed, same run", ge=0)
+    seed: int = opt(0, "seed for init, data order and augmentation: same seed, same run", ge=0, fixed=True)
 
 
 # ----------------------------------------------------------------------------- schema walk
@@ -151,7 +157,8 @@ def describe_keys() -> str:
     for k in KEYS.values():
         allowed = _allowed_text(k.meta)
         extra = f"; {allowed}" if allowed else ""
-        lines.append(f"  {k.dotted} ({k.type_name()}, default {_yaml_scalar(k.default)}{extra})\n      {k.meta['help']}")
+        fixed = " [fixed on resume]" if k.meta["fixed"] else ""
+        lines.append(f"  {k.dotted} ({k.type_name()}, default {_yaml_scalar(k.default)}{extra}){fixed}\n      {k.meta['help']}")
     return "\n".join(lines)
 
 
@@ -364,6 +371,13 @@ def check_runtime(cfg: Config, world_size: int, cuda: bool) -> None:
         raise ConfigError(f"data.val_batch_size {val_batch} does not split evenly over {world_size} process(es)")
     if cfg.amp == "fp16" and not cuda:
         raise ConfigError("amp = fp16 needs a CUDA GPU (fp16 loss scaling); on the CPU use amp: bf16 or off")
+
+
+def run_differences(saved: dict, cfg: Config) -> list[str]:
+    """The fixed keys whose value differs between a checkpoint's config and this one."""
+    saved_cfg = build_config(None, start=("checkpoint config", saved))
+    return [f"{k.dotted}: {get(saved_cfg, k.dotted)!r} -> {get(cfg, k.dotted)!r}"
+            for k in KEYS.values() if k.meta["fixed"] and get(saved_cfg, k.dotted) != get(cfg, k.dotted)]
 
 
 def dump(cfg: Config) -> str:

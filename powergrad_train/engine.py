@@ -1,13 +1,14 @@
 """The Trainer: wires model, data, loss, optimizer, checkpoints and metrics together.
 
-fit() runs epochs and decides when to evaluate, log and checkpoint; train_step() is one
-optimizer step and nothing else.
+fit() runs epochs and decides when to log, evaluate, checkpoint and stop; train_step()
+is one optimizer step and nothing else.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -20,13 +21,20 @@ from powergrad_train import __version__, checkpoint, dist
 from powergrad_train.config import Config, to_dict
 from powergrad_train.data import build_train_loader, build_val_loader, check_classes
 from powergrad_train.dist import DistEnv
-from powergrad_train.errors import CheckpointError
+from powergrad_train.errors import CheckpointError, TrainingError
 from powergrad_train.metrics import EvalMeter, RunLog, TrainMeter
 from powergrad_train.models import build_model
 from powergrad_train.optim import build_grad_clipper, build_optimizer, lr_at_step, set_lr
 from powergrad_train.pgt import power_grad_cross_entropy
+from powergrad_train.preemption import Preempted, StopRequest
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def autocast_for(amp: str, device: torch.device):
@@ -45,12 +53,6 @@ def evaluate(model, loader, device, autocast, memory_format=torch.contiguous_for
             logits = model(images)
         meter.update(logits, targets)
     return meter.read()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -80,10 +82,14 @@ class Trainer:
         self.steps_per_epoch = self.train_loader.sampler.batches_per_epoch
         self.meter = TrainMeter(device)
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, cfg.checkpoint.keep_last)
+        if env.is_main:
+            self.checkpointer.remove_partial_files()
 
         self.epoch = 0  # epochs completed
+        self.batch_in_epoch = 0  # global batches of the current epoch already trained
         self.step = 0  # optimizer steps completed, over the whole run
         self.best_top1, self.best_epoch = float("-inf"), 0
+        self.epoch_elapsed = 0.0  # training seconds of the current epoch (kept across a resume)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         self.log = RunLog(self.run_dir, env.is_main, self.epoch, self.step)
@@ -91,10 +97,10 @@ class Trainer:
     # ------------------------------------------------------------------ the training step
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> None:
-        """One optimizer step over this process's share of one global batch."""
+        """One optimizer step over this process's share of one global batch. No host sync."""
         set_lr(self.optimizer, lr_at_step(self.cfg.schedule, self.cfg.optim.lr, self.step, self.steps_per_epoch))
-        micro_batches = list(zip(images.chunk(self.cfg.train.accumulate_steps),
-                                 targets.chunk(self.cfg.train.accumulate_steps)))
+        accumulate = self.cfg.train.accumulate_steps
+        micro_batches = list(zip(images.chunk(accumulate), targets.chunk(accumulate)))
         for i, (x, y) in enumerate(micro_batches):
             # DDP all-reduces gradients only on the last micro-batch.
             last = i == len(micro_batches) - 1
@@ -106,53 +112,96 @@ class Trainer:
                 # Dividing by the micro-batch count makes the gradient the mean over the whole batch.
                 self.scaler.scale(loss / len(micro_batches)).backward()
             self.meter.update(loss, logits, y)
-        self.scaler.unscale_(self.optimizer)  # clip true gradients, not scaled ones
+        self.scaler.unscale_(self.optimizer)  # clip and measure true gradients, not scaled ones
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         self.clip_gradients()
-        self.scaler.step(self.optimizer)  # skipped by the scaler if fp16 gradients overflowed
+        if self.scaler.is_enabled():
+            nonfinite = ~torch.isfinite(loss)  # fp16 overflow skips are the scaler's business, a bad loss is ours
+        else:
+            # Gradients are already all-reduced, so every rank skips the same steps. The fused
+            # optimizer reads found_inf on the device and skips the update without a host sync.
+            nonfinite = ~torch.isfinite(grad_norm)
+            self.optimizer.found_inf = nonfinite.float()
+        self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.meter.update_step(grad_norm, nonfinite)
         self.step += 1
 
     # ------------------------------------------------------------------ epochs
 
     def fit(self) -> None:
         cfg, log = self.cfg, self.log
-        while self.epoch < cfg.schedule.epochs:
-            epoch = self.epoch
-            self.train_loader.sampler.set_epoch(epoch)
-            self.train_model.train()
+        stop = StopRequest()
+        try:
+            while self.epoch < cfg.schedule.epochs:
+                self._train_epoch(stop)
+                val = self.evaluate()
+                is_best = val["top1"] > self.best_top1
+                if is_best:
+                    self.best_top1, self.best_epoch = val["top1"], self.epoch
+                self.save_checkpoint(is_best=is_best)
+                train = self.meter.read()
+                log.epoch_end({
+                    "epoch": self.epoch, "step": self.step, "train_loss": train["loss"], "train_top1": train["top1"],
+                    "eval_loss": val["loss"], "eval_top1": val["top1"], "eval_top5": val["top5"],
+                    "lr": self.optimizer.param_groups[0]["lr"], "images_per_sec": train["images"] / self.epoch_elapsed,
+                    "epoch_time_s": self.epoch_elapsed, "logit_norm": train["logit_norm"],
+                })
+            log.info(f"done: best val top1 {self.best_top1:.2f} at epoch {self.best_epoch}; run folder {self.run_dir}")
+        finally:
+            stop.close()
+
+    def _train_epoch(self, stop: StopRequest) -> None:
+        """Train the rest of the current epoch; afterwards self.epoch counts it as done."""
+        cfg = self.cfg
+        self.train_loader.sampler.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
+        if self.batch_in_epoch == 0:
             self.meter.reset()
-            start = time.perf_counter()
-            bar = log.progress(self.steps_per_epoch, epoch + 1, cfg.schedule.epochs)
-            for images, targets in self.train_loader:
-                images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-                targets = targets.to(self.device, non_blocking=True)
-                self.train_step(images, targets)
-                bar.update()
-                if self.step % cfg.train.log_every_steps == 0:
-                    self._log_progress(bar)
-            bar.close()
-            train = self.meter.read()
-            epoch_time = time.perf_counter() - start
-            val = self.evaluate()
-            self.epoch = epoch + 1
-            is_best = val["top1"] > self.best_top1
-            if is_best:
-                self.best_top1, self.best_epoch = val["top1"], self.epoch
-            self.save_checkpoint(is_best)
-            log.epoch_end({
-                "epoch": self.epoch, "step": self.step, "train_loss": train["loss"], "train_top1": train["top1"],
-                "eval_loss": val["loss"], "eval_top1": val["top1"], "eval_top5": val["top5"],
-                "lr": self.optimizer.param_groups[0]["lr"], "images_per_sec": train["images"] / epoch_time,
-                "epoch_time_s": epoch_time, "logit_norm": train["logit_norm"],
-            })
-        log.info(f"done: best val top1 {self.best_top1:.2f} at epoch {self.best_epoch}; run folder {self.run_dir}")
+            self.epoch_elapsed = 0.0
+        self.train_model.train()
+        start = time.perf_counter() - self.epoch_elapsed
+        bar = self.log.progress(self.steps_per_epoch, self.epoch + 1, cfg.schedule.epochs, self.batch_in_epoch)
+        for images, targets in self.train_loader:
+            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            targets = targets.to(self.device, non_blocking=True)
+            self.train_step(images, targets)
+            self.batch_in_epoch += 1
+            bar.update()
+            if self.step % cfg.train.log_every_steps == 0:
+                self._log_progress(bar)
+            self.epoch_elapsed = time.perf_counter() - start
+            signum = stop.requested()
+            if signum or (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0):
+                self.save_checkpoint(is_best=False)
+            if signum:
+                bar.close()
+                raise Preempted(signum, f"stopped by {signal.Signals(signum).name} in epoch {self.epoch + 1} "
+                                        f"after step {self.step}; checkpoint written to {self.checkpointer.last}; "
+                                        "continue with --resume auto")
+        bar.close()
+        self.epoch_elapsed = time.perf_counter() - start
+        self._check_finite()
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     def _log_progress(self, bar) -> None:
         values = self.meter.read()
+        self._check_finite(values)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.log.train_scalars(self.step, {"loss": values["loss"], "top1": values["top1"], "lr": lr})
+        self.log.train_scalars(self.step, {"loss": values["loss"], "top1": values["top1"], "lr": lr,
+                                           "grad_norm": values["grad_norm"]})
         bar.set_postfix(loss=f"{values['loss']:.4f}", top1=f"{values['top1']:.1f}", lr=f"{lr:.4g}")
+
+    def _check_finite(self, values: Optional[dict] = None) -> None:
+        """Stop when the loss stayed non-finite too long (checked at log time: no per-step sync)."""
+        values = values or self.meter.read()
+        limit = self.cfg.train.max_nonfinite_steps
+        if values["nonfinite_streak"] >= limit:
+            last = self.checkpointer.last if self.checkpointer.last.exists() else "none yet"
+            raise TrainingError(
+                f"the loss stayed non-finite for {int(values['nonfinite_streak'])} steps in a row "
+                f"(train.max_nonfinite_steps = {limit}) before step {self.step}; those steps were skipped. "
+                f"Last good checkpoint: {last}; lower optim.lr or set grad_clip")
 
     def evaluate(self) -> dict:
         return evaluate(self.model, self.val_loader, self.device, self.autocast, self.memory_format)
@@ -166,34 +215,44 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             # The LR is a pure function of the global step: the step is the scheduler's state.
             "schedule": {"step": self.step, "steps_per_epoch": self.steps_per_epoch},
-            "epoch": self.epoch, "step": self.step,
+            "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
+            "epoch_elapsed": self.epoch_elapsed, "train_meter": self.meter.reduced_sums(),
             "best_top1": self.best_top1, "best_epoch": self.best_epoch,
             "config": to_dict(self.cfg), "classes": list(self.classes),
         }
 
     def save_checkpoint(self, is_best: bool) -> None:
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise TrainingError(f"weights are not finite at step {self.step}: not saving a checkpoint; "
+                                f"last good checkpoint: {self.checkpointer.last}")
         state = self.state_dict()
         state["rng"] = dist.all_gather_objects(checkpoint.rng_state())  # one entry per rank
         if self.env.is_main:
-            self.checkpointer.save(state, self.epoch, is_best)
+            self.checkpointer.save(state, self.epoch, is_best, numbered=self.batch_in_epoch == 0)
         dist.barrier()
 
     def load_checkpoint(self, path: Path) -> None:
         state = checkpoint.load(path)
         if state.get("classes") and list(state["classes"]) != list(self.classes):
             raise CheckpointError(f"{path}: trained on other classes than data.root holds")
+        if state["schedule"]["steps_per_epoch"] != self.steps_per_epoch:
+            raise CheckpointError(f"{path}: saved with {state['schedule']['steps_per_epoch']} steps per epoch, "
+                                  f"this run has {self.steps_per_epoch} (another data set or batch size)")
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as e:
-            raise CheckpointError(f"{path}: weights do not fit model '{self.cfg.model.name}' ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(f"{path}: weights do not fit model '{self.cfg.model.name}' "
+                                  f"({str(e).splitlines()[0]})") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.step = state["epoch"], state["step"]
+        self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
+        self.epoch_elapsed = state["epoch_elapsed"]
         self.best_top1, self.best_epoch = state["best_top1"], state["best_epoch"]
+        if self.env.is_main:  # the epoch's running sums (already reduced over ranks), counted once
+            self.meter.load_sums(state["train_meter"])
         rng = state["rng"]
         if len(rng) == self.env.world_size:
             checkpoint.set_rng_state(rng[self.env.rank])
 
     def close(self) -> None:
         self.log.close()
-

@@ -14,9 +14,13 @@ from powergrad_train.models import classifier_parameters
 
 
 def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.SGD:
-    """SGD (Nesterov by default); biases and norm parameters (all 1-d tensors) get no weight decay."""
+    """SGD (Nesterov by default); biases and norm parameters (all 1-d tensors) get no weight decay.
+
+    The fused implementation is several times faster than foreach on the CPU, and it can skip
+    a step on the device (found_inf) without a host sync.
+    """
     groups = param_groups_weight_decay(model, cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
 
 
 def lr_at_step(cfg: ScheduleConfig, base_lr: float, step: int, steps_per_epoch: int) -> float:

@@ -1,0 +1,50 @@
+"""Stopping on SIGTERM / SIGINT (what schedulers send before preemption).
+
+The handler only records the signal; the trainer asks `requested()` after each step,
+finishes that step, writes a checkpoint with its exact position and exits. In a
+distributed run rank 0's answer is broadcast over a small gloo group, so every rank
+stops after the same step and none waits at a collective the others never reach.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Preempted(Exception):
+    """The run stopped on a signal after writing a checkpoint."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopRequest:
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {s: signal.signal(s, self._record) for s in SIGNALS}
+        # A CPU-side group, so the per-step check never touches the GPU stream.
+        self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+
+    def _record(self, signum, frame) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        self.signum = signum
+
+    def requested(self) -> Optional[int]:
+        """The signal every rank agrees to stop on (rank 0's), or None."""
+        if self._group is None:
+            return self.signum
+        flag = torch.tensor([self.signum or 0])
+        dist.broadcast(flag, src=0, group=self._group)
+        return int(flag.item()) or None
+
+    def close(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

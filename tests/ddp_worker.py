@@ -1,0 +1,29 @@
+"""Run the real Trainer under torchrun and save every rank's final weights (for tests).
+
+    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py RUN_DIR KEY=VALUE ...
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from powergrad_train import dist
+from powergrad_train.config import build_config, check_runtime
+from powergrad_train.engine import Trainer
+
+if __name__ == "__main__":
+    run_dir, overrides = Path(sys.argv[1]), sys.argv[2:]
+    cfg = build_config(None, overrides)
+    env = dist.env_from_torchrun()
+    check_runtime(cfg, env.world_size, cuda=False)
+    device = dist.device_for(env)
+    dist.init(env, device)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    trainer = Trainer(cfg, run_dir, env, device)
+    trainer.fit()
+    trainer.close()
+    torch.save(trainer.model.state_dict(), run_dir / f"weights-rank{env.rank}.pt")
+    dist.close()
