@@ -1,0 +1,136 @@
+"""Preemption (SIGTERM), kill -9, non-finite losses and resume checks, through real processes."""
+
+import csv
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from powergrad_train import checkpoint
+from powergrad_train.cli import main
+from powergrad_train.config import build_config
+from powergrad_train.dist import DistEnv
+from powergrad_train.engine import Trainer
+from powergrad_train.errors import TrainingError
+from tests.conftest import REPO, assert_same_weights, load_weights, tiny_overrides
+
+# 40 steps per epoch, so a signal lands inside an epoch.
+SMALL_BATCH = {"data.batch_size": 4, "schedule.epochs": 2, "train.log_every_steps": 10}
+
+
+def start(run_dir, overrides, *extra, nproc=1):
+    launcher = [sys.executable, "-m", "powergrad_train"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+         "powergrad_train"]
+    return subprocess.Popen([*launcher, "--config", "smoke.yaml", "--output", str(run_dir), *overrides, *extra],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def summary_rows(run_dir):
+    with open(run_dir / "summary.csv", newline="") as f:
+        return [{k: r[k] for k in ("epoch", "step", "train_loss", "train_top1", "eval_top1")} for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    main(["--config", "smoke.yaml", "--output", str(run_dir), *tiny_overrides(tiny_root, **SMALL_BATCH)])
+    return run_dir
+
+
+def test_sigterm_mid_epoch_then_resume_is_exact(straight_run, tiny_root, tmp_path):
+    run_dir = tmp_path / "preempted"
+    overrides = tiny_overrides(tiny_root, **SMALL_BATCH, **{"checkpoint.every_steps": 5})
+    proc = start(run_dir, overrides)
+    wait_for(run_dir / "last.pt", proc)  # training is under way
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "--resume auto" in err
+    state = checkpoint.load(run_dir / "last.pt")
+    assert 0 < state["batch_in_epoch"] < 40 or state["epoch"] > 0
+
+    main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *overrides])
+    assert_same_weights(load_weights(straight_run / "last.pt"), load_weights(run_dir / "last.pt"))
+    assert summary_rows(run_dir) == summary_rows(straight_run)  # train metrics of the cut epoch too
+
+
+def test_sigterm_under_torchrun_two_processes(tiny_root, tmp_path):
+    overrides = tiny_overrides(tiny_root, **{**SMALL_BATCH, "model.name": "resnet18_nobn", "schedule.epochs": 1})
+    straight = tmp_path / "straight"
+    assert start(straight, overrides, nproc=2).wait(timeout=300) == 0
+    run_dir = tmp_path / "preempted"
+    proc = start(run_dir, overrides, "--set=checkpoint.every_steps=5", nproc=2)
+    wait_for(run_dir / "last.pt", proc)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers
+    _, err = proc.communicate(timeout=120)
+    assert err.count("stopped by SIGTERM") == 1, err[-3000:]  # rank 0 speaks for both
+    state = checkpoint.load(run_dir / "last.pt")
+    assert 0 < state["batch_in_epoch"] < 40
+    resumed = start(run_dir, overrides, "--resume", "auto", nproc=2)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert_same_weights(load_weights(straight / "last.pt"), load_weights(run_dir / "last.pt"))
+
+
+def test_repeated_kill_9_never_corrupts_and_resume_is_exact(straight_run, tiny_root, tmp_path):
+    run_dir = tmp_path / "killed"
+    overrides = tiny_overrides(tiny_root, **SMALL_BATCH, **{"checkpoint.every_steps": 2})
+    rng = random.Random(0)
+    for _ in range(3):
+        proc = start(run_dir, overrides, "--resume", "auto")
+        wait_for(run_dir / "config.yaml", proc)
+        time.sleep(rng.uniform(3.0, 6.0))
+        proc.kill()
+        proc.communicate()
+        if (run_dir / "last.pt").exists():
+            checkpoint.load(run_dir / "last.pt")  # always readable
+    main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *overrides])
+    assert_same_weights(load_weights(straight_run / "last.pt"), load_weights(run_dir / "last.pt"))
+    assert not list(run_dir.glob(".*tmp*"))
+
+
+def test_nonfinite_loss_skips_steps_then_stops(tiny_root, tmp_path):
+    cfg = build_config("smoke.yaml", [o.removeprefix("--set=") for o in
+                                      tiny_overrides(tiny_root, **{"train.max_nonfinite_steps": 3})])
+    trainer = Trainer(cfg, tmp_path, DistEnv(), torch.device("cpu"))
+    images, targets = next(iter(trainer.train_loader))
+    trainer.train_step(images, targets)  # a good step, so momentum is non-zero
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    for _ in range(3):
+        trainer.train_step(torch.full_like(images, float("nan")), targets)
+    after = trainer.model.state_dict()
+    for k in before:
+        if "running" not in k and "num_batches" not in k:  # BN statistics see the NaN batch; weights must not
+            assert torch.equal(before[k], after[k]), k
+    with pytest.raises(TrainingError, match="non-finite for 3 steps in a row"):
+        trainer._check_finite()
+    trainer.close()
+
+
+def test_resume_with_a_changed_recipe_is_refused_unless_forced(straight_run, tiny_root, tmp_path, capsys):
+    run_dir = tmp_path / "changed"
+    run_dir.mkdir()
+    shutil.copy(straight_run / "epoch-0001.pt", run_dir / "last.pt")
+    overrides = tiny_overrides(tiny_root, **SMALL_BATCH, **{"optim.lr": 0.2, "data.workers": 1})
+    with pytest.raises(SystemExit):
+        main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *overrides])
+    err = capsys.readouterr().err
+    assert "the recipe changes keys that define the run: optim.lr: 0.05 -> 0.2 (pass --resume-force" in err
+    assert "data.workers" not in err
+    main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", "--resume-force", *overrides])
+    assert checkpoint.load(run_dir / "last.pt")["epoch"] == 2
