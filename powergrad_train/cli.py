@@ -87,9 +87,9 @@ def _dry_run(cfg: Config, env) -> None:
     train, classes = build_train_loader(cfg.data, cfg.seed, env.rank, env.world_size)
     val, val_classes = build_val_loader(cfg.data, env.rank, env.world_size)
     check_classes(classes, val_classes, cfg.model.num_classes)
-    steps = train.sampler.batches_per_epoch
+    steps = train.batches_per_epoch
     print(f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters")
-    print(f"data: {len(classes)} classes, {len(train.dataset)} train / {len(val.dataset)} val images, "
+    print(f"data: {len(classes)} classes, {train.num_samples} train / {val.num_samples} val images, "
           f"{steps} steps per epoch at global batch {cfg.data.batch_size}")
     print("LR at the first step of each epoch:")
     for epoch in range(cfg.schedule.epochs):

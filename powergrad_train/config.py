@@ -42,13 +42,17 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     root: str = opt(DEMO_ROOT, f"ImageFolder root holding train/ and val/; '{DEMO_ROOT}' generates a small learnable demo set on first use")
-    backend: str = opt("torchvision", "data pipeline", choices=("torchvision",))
+    backend: str = opt("torchvision", "data pipeline: torchvision (portable) or dali (NVIDIA DALI, pip install -e '.[dali]')",
+                       choices=("torchvision", "dali"))
+    dali_device: str = opt("auto", "dali: where to decode and augment; auto = gpu when CUDA is available",
+                           choices=("auto", "gpu", "cpu"))
     image_size: int = opt(224, "train crop and val crop size in pixels", ge=8, fixed=True)
     crop_pct: float = opt(0.875, "val: resize the shorter side to image_size / crop_pct, then center crop", gt=0.0, le=1.0, fixed=True)
     crop_scale_min: float = opt(0.08, "train: smallest area fraction of the random resized crop (largest is 1)", gt=0.0, le=1.0, fixed=True)
     batch_size: int = opt(256, "GLOBAL train batch size, split evenly over all processes", ge=1, fixed=True)
     val_batch_size: Optional[int] = opt(None, "GLOBAL val batch size; null = batch_size", ge=1)
-    workers: int = opt(4, "data loading worker processes per training process (0 = load in the main process)", ge=0)
+    workers: int = opt(4, "per training process: torchvision loader worker processes (0 = main process), "
+                          "or DALI threads (at least 1)", ge=0)
 
 
 @dataclass

@@ -79,7 +79,7 @@ class Trainer:
         self.train_loader, self.classes = build_train_loader(cfg.data, cfg.seed, env.rank, env.world_size, pin)
         self.val_loader, val_classes = build_val_loader(cfg.data, env.rank, env.world_size, pin)
         check_classes(self.classes, val_classes, cfg.model.num_classes)
-        self.steps_per_epoch = self.train_loader.sampler.batches_per_epoch
+        self.steps_per_epoch = self.train_loader.batches_per_epoch
         self.meter = TrainMeter(device)
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, cfg.checkpoint.keep_last)
         if env.is_main:
@@ -155,7 +155,7 @@ class Trainer:
     def _train_epoch(self, stop: StopRequest) -> None:
         """Train the rest of the current epoch; afterwards self.epoch counts it as done."""
         cfg = self.cfg
-        self.train_loader.sampler.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
+        self.train_loader.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
         if self.batch_in_epoch == 0:
             self.meter.reset()
             self.epoch_elapsed = 0.0
@@ -226,7 +226,9 @@ class Trainer:
             raise TrainingError(f"weights are not finite at step {self.step}: not saving a checkpoint; "
                                 f"last good checkpoint: {self.checkpointer.last}")
         state = self.state_dict()
-        state["rng"] = dist.all_gather_objects(checkpoint.rng_state())  # one entry per rank
+        # One entry per rank: RNG states, and the data pipeline's position inside the epoch.
+        state["rng"] = dist.all_gather_objects(checkpoint.rng_state())
+        state["data"] = dist.all_gather_objects(self.train_loader.state() if self.batch_in_epoch else None)
         if self.env.is_main:
             self.checkpointer.save(state, self.epoch, is_best, numbered=self.batch_in_epoch == 0)
         dist.barrier()
@@ -250,9 +252,13 @@ class Trainer:
         self.best_top1, self.best_epoch = state["best_top1"], state["best_epoch"]
         if self.env.is_main:  # the epoch's running sums (already reduced over ranks), counted once
             self.meter.load_sums(state["train_meter"])
-        rng = state["rng"]
-        if len(rng) == self.env.world_size:
-            checkpoint.set_rng_state(rng[self.env.rank])
+        if len(state["rng"]) == self.env.world_size:
+            checkpoint.set_rng_state(state["rng"][self.env.rank])
+        if state["data"][0] is not None:
+            if len(state["data"]) != self.env.world_size:
+                raise CheckpointError(f"{path}: saved inside an epoch by {len(state['data'])} process(es); "
+                                      f"resume it with the same number (this run has {self.env.world_size})")
+            self.train_loader.restore(state["data"][self.env.rank])
 
     def close(self) -> None:
         self.log.close()

@@ -8,7 +8,7 @@ import torch
 from powergrad_train.config import build_config
 from powergrad_train.data import build_train_loader, build_val_loader, check_data
 from powergrad_train.data.demo import write_demo_dataset
-from powergrad_train.data.imagefolder import TrainSampler, ValSampler
+from powergrad_train.data.sampling import TrainSampler, ValSampler
 from powergrad_train.errors import DataError
 
 
@@ -95,11 +95,28 @@ def test_bad_folders_are_clear_errors(tmp_path):
         check(tmp_path)
 
 
-def test_corrupt_image_names_the_file(tmp_path):
+def jpeg_without_tables() -> bytes:
+    """Markers that parse (so the scan keeps the file) but no Huffman tables: decoding fails."""
+    sof = b"\xff\xc0\x00\x11\x08\x00\x08\x00\x08\x03\x01\x11\x00\x02\x11\x00\x03\x11\x00"
+    sos = b"\xff\xda\x00\x0c\x03\x01\x00\x02\x00\x03\x00\x00\x3f\x00"
+    return b"\xff\xd8" + sof + sos + b"\x12\x34" * 20 + b"\xff\xd9"
+
+
+def test_image_that_fails_to_decode_names_the_file(tmp_path):
     write_demo_dataset(tmp_path, {"train": 1, "val": 1})
     bad = sorted((tmp_path / "val").rglob("*.jpg"))[0]
-    bad.write_bytes(b"garbage")
+    bad.write_bytes(jpeg_without_tables())
     cfg = build_config(None, [f"data.root={tmp_path}", "data.image_size=16", "data.batch_size=2", "data.workers=0"])
     loader, _ = build_val_loader(cfg.data, rank=0, world_size=1)
     with pytest.raises(DataError, match=f"{bad}: cannot read image"):
         list(loader)
+
+
+def test_unreadable_files_are_left_out_of_both_splits(tmp_path, capsys):
+    write_demo_dataset(tmp_path, {"train": 2, "val": 1})
+    (tmp_path / "train" / "ring" / "zero.jpg").write_bytes(b"")
+    (tmp_path / "train" / "ring" / "text.jpg").write_bytes(b"hello")
+    cfg = build_config(None, [f"data.root={tmp_path}", "data.image_size=16", "data.batch_size=4", "data.workers=0"])
+    loader, _ = build_train_loader(cfg.data, seed=0, rank=0, world_size=1)
+    assert loader.num_samples == 20
+    assert "skipped 2 unreadable file(s)" in capsys.readouterr().out

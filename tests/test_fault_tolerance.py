@@ -61,8 +61,7 @@ def test_sigterm_mid_epoch_then_resume_is_exact(straight_run, tiny_root, tmp_pat
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM" in err and "--resume auto" in err
-    state = checkpoint.load(run_dir / "last.pt")
-    assert 0 < state["batch_in_epoch"] < 40 or state["epoch"] > 0
+    assert checkpoint.load(run_dir / "last.pt")["batch_in_epoch"] > 0  # stopped inside an epoch
 
     main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *overrides])
     assert_same_weights(load_weights(straight_run / "last.pt"), load_weights(run_dir / "last.pt"))

@@ -1,7 +1,12 @@
 """Data pipelines: the builders below pick the backend named by `data.backend`.
 
-A train loader has `sampler.set_epoch(epoch, start_batch)` and `sampler.batches_per_epoch`,
-and yields (images, targets) batches of this process's share of the global batch.
+Both backends read the same file lists (files.py) in the same order (sampling.py).
+A train loader has:
+  set_epoch(epoch, start_batch)   position the next pass (start_batch global batches in)
+  batches_per_epoch, num_samples
+  iteration                       (images, targets) of this process's share of each global batch
+  state() / restore(state)        backend position inside an epoch for a checkpoint (or None)
+A val loader iterates (images, targets) and has num_samples.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from powergrad_train.config import DEMO_ROOT, DataConfig
+from powergrad_train.data.files import list_split
 from powergrad_train.errors import DataError
 
 
@@ -24,22 +30,33 @@ def resolve_root(cfg: DataConfig) -> Path:
 
 def check_data(cfg: DataConfig) -> None:
     """Fail early, before any process group exists, on a missing folder, split or empty class."""
-    from powergrad_train.data.imagefolder import check_split
     root = resolve_root(cfg)
     for split in ("train", "val"):
-        check_split(root, split)
+        list_split(root, split, verbose=False)
 
 
 def build_train_loader(cfg: DataConfig, seed: int, rank: int, world_size: int, pin_memory: bool = False):
     """(loader, class_names): this process's share of every global batch, reshuffled each epoch."""
+    root = resolve_root(cfg)
+    classes, samples = list_split(root, "train", verbose=rank == 0)
+    if len(samples) < cfg.batch_size:
+        raise DataError(f"data.root: {root}/train has {len(samples)} images, fewer than one batch "
+                        f"(data.batch_size = {cfg.batch_size})")
+    if cfg.backend == "dali":
+        from powergrad_train.data.dali import build_dali_train
+        return build_dali_train(cfg, samples, seed, rank, world_size), classes
     from powergrad_train.data.imagefolder import build_imagefolder_train
-    return build_imagefolder_train(cfg, resolve_root(cfg), seed, rank, world_size, pin_memory)
+    return build_imagefolder_train(cfg, samples, seed, rank, world_size, pin_memory), classes
 
 
 def build_val_loader(cfg: DataConfig, rank: int, world_size: int, pin_memory: bool = False):
     """(loader, class_names): this process's share of the val split, each image once over all ranks."""
+    classes, samples = list_split(resolve_root(cfg), "val", verbose=rank == 0)
+    if cfg.backend == "dali":
+        from powergrad_train.data.dali import build_dali_val
+        return build_dali_val(cfg, samples, rank, world_size), classes
     from powergrad_train.data.imagefolder import build_imagefolder_val
-    return build_imagefolder_val(cfg, resolve_root(cfg), rank, world_size, pin_memory)
+    return build_imagefolder_val(cfg, samples, rank, world_size, pin_memory), classes
 
 
 def check_classes(train_classes: list[str], val_classes: list[str], num_classes: int) -> None:

@@ -1,0 +1,55 @@
+"""Which samples each process reads, in which order, with which augmentation seed.
+
+Shared by both backends, so they read the same images in the same order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Sampler
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 2_147_483_659 + position) % (1 << 63)
+
+
+class TrainSampler(Sampler):
+    """One global shuffle per epoch (seeded by run seed and epoch); this rank takes its slice of
+    every global batch. The ragged tail is dropped so every rank has the same number of steps.
+    Yields (index, augmentation seed)."""
+
+    def __init__(self, size: int, global_batch: int, rank: int, world_size: int, seed: int):
+        self.size, self.global_batch, self.rank, self.seed = size, global_batch, rank, seed
+        self.local_batch = global_batch // world_size
+        self.batches_per_epoch = size // global_batch
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.local_batch
+
+    def epoch_order(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def __iter__(self):
+        order = self.epoch_order()
+        for batch in range(self.start_batch, self.batches_per_epoch):
+            first = batch * self.global_batch + self.rank * self.local_batch
+            for position in range(first, first + self.local_batch):
+                yield order[position], sample_seed(self.seed, self.epoch, position)
+
+
+class ValSampler(Sampler):
+    """Every image exactly once across ranks, no padding. Yields (index, 0)."""
+
+    def __init__(self, size: int, rank: int, world_size: int):
+        self.indices = range(rank, size, world_size)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return ((i, 0) for i in self.indices)
