@@ -166,6 +166,16 @@ def describe_keys() -> str:
     return "\n".join(lines)
 
 
+def describe_keys_markdown() -> str:
+    """The same, as the Markdown table in README.md."""
+    rows = ["| key | type | default | allowed | help |", "|---|---|---|---|---|"]
+    for k in KEYS.values():
+        fixed = " *(fixed on resume)*" if k.meta["fixed"] else ""
+        allowed = _allowed_text(k.meta).replace("|", "\\|")
+        rows.append(f"| `{k.dotted}` | {k.type_name()} | `{_yaml_scalar(k.default)}` | {allowed} | {k.meta['help']}{fixed} |")
+    return "\n".join(rows)
+
+
 def _yaml_scalar(v) -> str:
     return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
 

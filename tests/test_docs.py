@@ -1,0 +1,24 @@
+"""The README stays true: its key table is the schema's, its recipes exist, CI runs its test command."""
+
+import re
+
+from powergrad_train.config import BUNDLED_RECIPES, describe_keys_markdown
+from tests.conftest import REPO
+
+README = (REPO / "README.md").read_text()
+
+
+def test_readme_key_table_is_generated_from_the_schema():
+    table = README.split("<!-- config-keys:start -->\n")[1].split("<!-- config-keys:end -->")[0]
+    assert table.strip() == describe_keys_markdown().strip(), "run: python scripts/config_docs.py"
+
+
+def test_every_recipe_the_readme_names_is_bundled():
+    named = set(re.findall(r"`([a-z0-9_]+\.yaml)`", README)) - {"config.yaml"}  # the run folder's file
+    assert named and named <= {p.name for p in BUNDLED_RECIPES.glob("*.yaml")}
+
+
+def test_ci_runs_the_readme_test_command():
+    command = README.split("Run the tests:\n\n```bash\n")[1].split("\n```")[0].strip()
+    ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert command in ci_lines
