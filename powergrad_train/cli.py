@@ -23,15 +23,15 @@ from powergrad_train.models import build_model
 from powergrad_train.optim import lr_at_step
 from powergrad_train.preemption import Preempted
 
-COMMANDS = ("train", "validate")
+COMMANDS = ("train", "validate", "bench")
 
 
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="powergrad-train",
         description="Train an ImageNet classifier from a YAML recipe, with the PowerGrad Transform, "
-                    "label smoothing and GC/AGC. Subcommands: train (default), validate "
-                    "(see 'powergrad-train validate --help').",
+                    "label smoothing and GC/AGC. Subcommands: train (default), validate, bench "
+                    "(see 'powergrad-train validate --help', 'powergrad-train bench --help').",
         epilog="config keys (set in a recipe, or with --set KEY=VALUE):\n" + describe_keys(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, metavar="RECIPE",
@@ -63,6 +63,19 @@ def _check_resume_matches(path: Path, cfg: Config) -> None:
     if differences:
         raise ConfigError(f"--resume {path}: the recipe changes keys that define the run: {'; '.join(differences)} "
                           "(pass --resume-force to resume anyway)")
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="powergrad-train bench",
+                                description="Images/s of the full training step and of data loading alone "
+                                            "(warm-up excluded), for a recipe on this machine.")
+    p.add_argument("--config", required=True, metavar="RECIPE")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--steps", type=int, default=50, help="timed steps (default 50)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
+    p.add_argument("--data", choices=("synthetic", "real"), default="synthetic",
+                   help="synthetic: one random batch on the device (the step alone); real: the recipe's data")
+    return p
 
 
 def _resume_path(resume: Optional[str], run_dir: Path) -> Optional[Path]:
@@ -144,12 +157,47 @@ def validate_command(argv: list[str]) -> None:
         model = build_model(cfg.model)
         model.load_state_dict(state["model"])
         model.to(device)
-        loader, classes = build_val_loader(cfg.data, env.rank, env.world_size, pin_memory=device.type == "cuda")
+        loader, classes = build_val_loader(cfg.data, env.rank, env.world_size, device)
         if state.get("classes") and list(state["classes"]) != list(classes):
             raise CheckpointError(f"{args.checkpoint}: trained on other classes than {cfg.data.root}/val holds")
         values = evaluate(model, loader, device, autocast_for(cfg.amp, device))
         if env.is_main:
             print(f"{args.checkpoint}: {format_eval(values)}")
+    finally:
+        dist.close()
+
+
+def bench_command(argv: list[str]) -> None:
+    import tempfile
+
+    from powergrad_train.bench import data_images_per_sec, step_images_per_sec, thread_count
+
+    args = _bench_parser().parse_args(argv)
+    overrides = args.set + (["data.backend=synthetic"] if args.data == "synthetic" else [])
+    cfg = build_config(args.config, overrides)
+    env = dist.env_from_torchrun()
+    check_runtime(cfg, env.world_size, torch.cuda.is_available())
+    check_data(cfg.data)
+    device = dist.device_for(env)
+    dist.init(env, device)
+    try:
+        with tempfile.TemporaryDirectory(prefix="powergrad-bench-") as run_dir:
+            trainer = Trainer(cfg, Path(run_dir), env, device)
+            name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+            header = (f"bench: {name}; {env.world_size} process(es); model {cfg.model.name}; global batch "
+                      f"{cfg.data.batch_size}; {cfg.data.image_size} px; amp {cfg.amp}; channels_last "
+                      f"{cfg.channels_last}; compile {cfg.model.compile}; data {cfg.data.backend}; "
+                      f"pgt_alpha {cfg.loss.pgt_alpha}; grad_clip {cfg.grad_clip.mode}; "
+                      f"{args.warmup} warm-up + {args.steps} timed steps")
+            data = data_images_per_sec(trainer, args.steps, args.warmup)
+            step = step_images_per_sec(trainer, args.steps, args.warmup)
+            threads = thread_count()
+            trainer.close()
+        if env.is_main:
+            print(header)
+            print(f"data loading alone: {data:.1f} images/s")
+            print(f"threads in this process: {threads}")
+            print(f"training step with data: {step:.1f} images/s")
     finally:
         dist.close()
 
@@ -168,7 +216,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if argv and argv[0] in COMMANDS:
         argv = argv[1:]
     try:
-        {"train": train_command, "validate": validate_command}[command](argv)
+        {"train": train_command, "validate": validate_command, "bench": bench_command}[command](argv)
     except UserError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -37,13 +37,15 @@ class ModelConfig:
     name: str = opt("resnet50", "timm model name (e.g. resnet18, seresnet50), or resnet18_nobn: ResNet-18 with every norm layer replaced by identity", fixed=True)
     num_classes: int = opt(1000, "number of classes of the classifier head", ge=1, fixed=True)
     sync_bn: bool = opt(False, "convert batch norm to SyncBatchNorm in distributed runs, so statistics cover the global batch")
+    compile: bool = opt(False, "torch.compile the model (and the loss with it) for speed; first steps compile")
 
 
 @dataclass
 class DataConfig:
     root: str = opt(DEMO_ROOT, f"ImageFolder root holding train/ and val/; '{DEMO_ROOT}' generates a small learnable demo set on first use")
-    backend: str = opt("torchvision", "data pipeline: torchvision (portable) or dali (NVIDIA DALI, pip install -e '.[dali]')",
-                       choices=("torchvision", "dali"))
+    backend: str = opt("torchvision", "data pipeline: torchvision (portable), dali (NVIDIA DALI, pip install -e "
+                                      "'.[dali]'), or synthetic (one random batch on the device, for benchmarks)",
+                       choices=("torchvision", "dali", "synthetic"))
     dali_device: str = opt("auto", "dali: where to decode and augment; auto = gpu when CUDA is available",
                            choices=("auto", "gpu", "cpu"))
     image_size: int = opt(224, "train crop and val crop size in pixels", ge=8, fixed=True)
@@ -97,7 +99,7 @@ class CheckpointConfig:
 class TrainConfig:
     accumulate_steps: int = opt(1, "micro-batches per optimizer step (gradient accumulation)", ge=1)
     log_every_steps: int = opt(50, "progress/TensorBoard interval in optimizer steps (metrics are read from the device only then)", ge=1)
-    max_nonfinite_steps: int = opt(20, "stop the run when the loss (or, without fp16, the gradient) is non-finite this many steps in a row; such steps are skipped", ge=1)
+    max_nonfinite_steps: int = opt(20, "stop the run when the loss is non-finite this many steps in a row (such steps are skipped)", ge=1)
 
 
 @dataclass
@@ -218,6 +220,8 @@ def _coerce(key: Key, value, where: str):
             raise bad("must be a number")
         value = float(value)
     elif key.type is str:
+        if isinstance(value, bool) and key.meta["choices"] and "off" in key.meta["choices"]:
+            value = "off" if value is False else "on"  # YAML 1.1 reads a bare off / on as a boolean
         if not isinstance(value, str):
             raise bad("must be a string")
     m = key.meta

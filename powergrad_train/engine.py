@@ -68,16 +68,17 @@ class Trainer:
         self.model.to(device, memory_format=self.memory_format)
         self.optimizer = build_optimizer(cfg.optim, self.model)
         self.clip_gradients = build_grad_clipper(cfg.grad_clip, self.model)
+        self.head_parameters = list(self.model.get_classifier().parameters())
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.autocast = autocast_for(cfg.amp, device)
         # DDP broadcasts rank 0's initial weights; evaluation uses the unwrapped self.model.
         self.train_model = DistributedDataParallel(
             self.model, device_ids=[device.index] if device.type == "cuda" else None,
         ) if env.distributed else self.model
+        self.forward_loss = torch.compile(self._forward_loss) if cfg.model.compile else self._forward_loss
 
-        pin = device.type == "cuda"
-        self.train_loader, self.classes = build_train_loader(cfg.data, cfg.seed, env.rank, env.world_size, pin)
-        self.val_loader, val_classes = build_val_loader(cfg.data, env.rank, env.world_size, pin)
+        self.train_loader, self.classes = build_train_loader(cfg.data, cfg.seed, env.rank, env.world_size, device)
+        self.val_loader, val_classes = build_val_loader(cfg.data, env.rank, env.world_size, device)
         check_classes(self.classes, val_classes, cfg.model.num_classes)
         self.steps_per_epoch = self.train_loader.batches_per_epoch
         self.meter = TrainMeter(device)
@@ -96,6 +97,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ the training step
 
+    def _forward_loss(self, images: torch.Tensor, targets: torch.Tensor):
+        """Logits under autocast, and the loss stage: PGT and label smoothing (pgt.py)."""
+        with self.autocast():
+            logits = self.train_model(images)
+        return logits, power_grad_cross_entropy(logits, targets, self.cfg.loss.pgt_alpha, self.cfg.loss.label_smoothing)
+
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> None:
         """One optimizer step over this process's share of one global batch. No host sync."""
         set_lr(self.optimizer, lr_at_step(self.cfg.schedule, self.cfg.optim.lr, self.step, self.steps_per_epoch))
@@ -106,26 +113,24 @@ class Trainer:
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or not self.env.distributed else self.train_model.no_sync()
             with sync:
-                with self.autocast():
-                    logits = self.train_model(x)
-                loss = power_grad_cross_entropy(logits, y, self.cfg.loss.pgt_alpha, self.cfg.loss.label_smoothing)
+                logits, loss = self.forward_loss(x, y)
                 # Dividing by the micro-batch count makes the gradient the mean over the whole batch.
                 self.scaler.scale(loss / len(micro_batches)).backward()
             self.meter.update(loss, logits, y)
-        self.scaler.unscale_(self.optimizer)  # clip and measure true gradients, not scaled ones
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        self.scaler.unscale_(self.optimizer)  # clip true gradients, not scaled ones
         self.clip_gradients()
         if self.scaler.is_enabled():
             nonfinite = ~torch.isfinite(loss)  # fp16 overflow skips are the scaler's business, a bad loss is ours
         else:
-            # Gradients are already all-reduced, so every rank skips the same steps. The fused
-            # optimizer reads found_inf on the device and skips the update without a host sync.
-            nonfinite = ~torch.isfinite(grad_norm)
+            # A non-finite loss on any rank leaves the classifier head's all-reduced gradient non-finite
+            # on every rank: checking the small head is enough, and all ranks skip the same steps. The
+            # fused optimizer reads found_inf on the device and skips the update without a host sync.
+            nonfinite = ~torch.isfinite(torch.stack([p.grad.sum() for p in self.head_parameters]).sum())
             self.optimizer.found_inf = nonfinite.float()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.meter.update_step(grad_norm, nonfinite)
+        self.meter.count_nonfinite(nonfinite)
         self.step += 1
 
     # ------------------------------------------------------------------ epochs
@@ -188,8 +193,7 @@ class Trainer:
         values = self.meter.read()
         self._check_finite(values)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.log.train_scalars(self.step, {"loss": values["loss"], "top1": values["top1"], "lr": lr,
-                                           "grad_norm": values["grad_norm"]})
+        self.log.train_scalars(self.step, {"loss": values["loss"], "top1": values["top1"], "lr": lr})
         bar.set_postfix(loss=f"{values['loss']:.4f}", top1=f"{values['top1']:.1f}", lr=f"{lr:.4g}")
 
     def _check_finite(self, values: Optional[dict] = None) -> None:

@@ -16,12 +16,12 @@ SUMMARY_COLUMNS = ("epoch", "step", "train_loss", "train_top1", "eval_loss", "ev
 
 
 class TrainMeter:
-    """Running sums of the epoch (loss, correct predictions, samples, logit L2 norms, gradient
-    norms, steps) and the run of non-finite steps, kept on the device so the training step
-    never waits for the host; read (and reduced over ranks) at log time."""
+    """Running sums of the epoch (loss, correct predictions, samples, logit L2 norms) and the
+    run of non-finite steps, kept on the device so the training step never waits for the host;
+    read (and reduced over ranks) at log time."""
 
     def __init__(self, device: torch.device):
-        self.sums = torch.zeros(6, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
         self.streak = torch.zeros(2, dtype=torch.float64, device=device)  # current, longest
 
     def reset(self) -> None:
@@ -31,15 +31,13 @@ class TrainMeter:
     def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         n = targets.shape[0]
         logits = logits.detach().float()
-        self.sums[:4] += torch.stack([loss.detach().double() * n,
+        self.sums += torch.stack([loss.detach().double() * n,
                                       (logits.argmax(1) == targets).sum().double(),
                                       torch.tensor(n, dtype=torch.float64, device=logits.device),
                                       logits.norm(dim=1).sum().double()])
 
     @torch.no_grad()
-    def update_step(self, grad_norm: torch.Tensor, nonfinite: torch.Tensor) -> None:
-        finite_norm = torch.where(nonfinite, 0.0, grad_norm.double())
-        self.sums[4:] += torch.stack([finite_norm, (~nonfinite).double()])
+    def count_nonfinite(self, nonfinite: torch.Tensor) -> None:
         self.streak[0] = (self.streak[0] + 1) * nonfinite  # back to 0 on a good step
         self.streak[1] = torch.maximum(self.streak[1], self.streak[0])
 
@@ -50,13 +48,13 @@ class TrainMeter:
         self.sums.copy_(sums)
 
     def read(self) -> dict:
-        loss, correct, count, norm, grad_norm, good_steps = self.reduced_sums().tolist()
+        loss, correct, count, norm = self.reduced_sums().tolist()
         streak = self.streak[1:].clone()
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(streak, op=torch.distributed.ReduceOp.MAX)
         count = max(count, 1.0)
         return {"loss": loss / count, "top1": 100 * correct / count, "images": count, "logit_norm": norm / count,
-                "grad_norm": grad_norm / max(good_steps, 1.0), "nonfinite_streak": streak.item()}
+                "nonfinite_streak": streak.item()}
 
 
 class EvalMeter:

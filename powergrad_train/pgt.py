@@ -26,28 +26,34 @@ import torch.nn.functional as F
 class _PowerGradCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, alpha: float, label_smoothing: float):
-        z = logits.float()
-        num_classes = z.shape[1]
-        # CE = logsumexp(z) - sum_i q_i z_i, with q = (1 - eps) * onehot + eps / C.
-        loss = torch.logsumexp(z, dim=1) - (1.0 - label_smoothing) * z.gather(1, target[:, None]).squeeze(1)
-        if label_smoothing:
-            loss = loss - (label_smoothing / num_classes) * z.sum(dim=1)
-        ctx.save_for_backward(logits, target)
-        ctx.alpha, ctx.label_smoothing = alpha, label_smoothing
-        return loss.mean()
+        log_p = torch.log_softmax(logits.float(), dim=1)  # fp16/bf16 logits are upcast to float32
+        loss = F.nll_loss(log_p, target)
+        if label_smoothing:  # torch's definition: (1 - eps) * nll + eps * mean over classes of -log p
+            loss = (1.0 - label_smoothing) * loss - label_smoothing * log_p.mean()
+        # Cross-entropy keeps log_p for its backward too: PGT needs no extra memory, and the
+        # backward turns this buffer into the gradient in place.
+        ctx.save_for_backward(target, log_p)
+        ctx.alpha, ctx.label_smoothing, ctx.dtype, ctx.buffer_used = alpha, label_smoothing, logits.dtype, False
+        return loss
 
     @staticmethod
     def backward(ctx, upstream: torch.Tensor):
-        logits, target = ctx.saved_tensors
-        n, num_classes = logits.shape
-        eps = ctx.label_smoothing
-        # softmax(alpha * z) in float32, from the logits (never from the incoming gradient).
-        grad = torch.softmax(logits.to(torch.float32, copy=True).mul_(ctx.alpha), dim=1)
-        grad.scatter_add_(1, target[:, None], grad.new_full((n, 1), -(1.0 - eps)))
+        target, log_p = ctx.saved_tensors
+        n, num_classes = log_p.shape
+        eps, scale = ctx.label_smoothing, upstream / n
+        # softmax(alpha * z) = exp(alpha * log_p) / sum, since log_p = z - logsumexp(z): computed
+        # from the logits' own log-probabilities, never from the incoming gradient. alpha * log_p <= 0,
+        # so exp cannot overflow, and the largest term is >= C^-alpha, so the sum cannot vanish.
+        if ctx.buffer_used:  # a second backward (retain_graph): the first gradient owns the buffer
+            grad = log_p.mul(ctx.alpha).exp_()
+        else:
+            grad = log_p.mul_(ctx.alpha).exp_()
+        ctx.buffer_used = True
+        grad.mul_(scale / grad.sum(dim=1, keepdim=True))  # normalise and scale in one pass
+        grad.scatter_add_(1, target[:, None], (scale * (eps - 1.0)).expand(n, 1))  # - q, no one-hot
         if eps:
-            grad.sub_(eps / num_classes)
-        grad.mul_(upstream / n)
-        return grad.to(logits.dtype), None, None, None
+            grad.sub_(scale * (eps / num_classes))
+        return grad.to(ctx.dtype), None, None, None
 
 
 def power_grad_cross_entropy(logits: torch.Tensor, target: torch.Tensor, alpha: Optional[float],

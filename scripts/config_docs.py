@@ -1,10 +1,23 @@
-"""Print the config key table (Markdown) that README.md carries, generated from the schema.
+"""The config key table (Markdown) in README.md, generated from the schema.
 
-    python scripts/config_docs.py
+    python scripts/config_docs.py            # print it
+    python scripts/config_docs.py --write    # replace the table in README.md
 tests/test_docs.py checks that README.md holds exactly this table.
 """
 
+import sys
+from pathlib import Path
+
 from powergrad_train.config import describe_keys_markdown
 
+START, END = "<!-- config-keys:start -->\n", "<!-- config-keys:end -->"
+
 if __name__ == "__main__":
-    print(describe_keys_markdown())
+    table = describe_keys_markdown()
+    if "--write" in sys.argv[1:]:
+        readme = Path(__file__).resolve().parent.parent / "README.md"
+        text = readme.read_text()
+        head, rest = text.split(START)
+        readme.write_text(head + START + table + "\n" + END + rest.split(END)[1])
+    else:
+        print(table)

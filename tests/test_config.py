@@ -22,6 +22,13 @@ def test_defaults_and_overrides():
     assert cfg.model.name == "resnet50"  # untouched default
 
 
+def test_amp_off_unquoted(tmp_path):
+    assert build_config(str(write(tmp_path, "r.yaml", "amp: off\n"))).amp == "off"
+    assert build_config(None, ["amp=off"]).amp == "off"
+    with pytest.raises(ConfigError, match="amp = True is not allowed"):  # YAML's reading of a bare on
+        build_config(None, ["amp=on"])
+
+
 def test_base_recipe_and_override_order(tmp_path):
     write(tmp_path, "base.yaml", "model: {name: resnet18}\nschedule: {epochs: 90, name: step}\n")
     child = write(tmp_path, "child.yaml", "base: base.yaml\nschedule: {epochs: 20}\nloss: {pgt_alpha: 0.3}\n")

@@ -10,7 +10,7 @@ README = (REPO / "README.md").read_text()
 
 def test_readme_key_table_is_generated_from_the_schema():
     table = README.split("<!-- config-keys:start -->\n")[1].split("<!-- config-keys:end -->")[0]
-    assert table.strip() == describe_keys_markdown().strip(), "run: python scripts/config_docs.py"
+    assert table.strip() == describe_keys_markdown().strip(), "run: python scripts/config_docs.py --write"
 
 
 def test_every_recipe_the_readme_names_is_bundled():

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from powergrad_train.config import DEMO_ROOT, DataConfig
 from powergrad_train.data.files import list_split
 from powergrad_train.errors import DataError
@@ -30,13 +32,19 @@ def resolve_root(cfg: DataConfig) -> Path:
 
 def check_data(cfg: DataConfig) -> None:
     """Fail early, before any process group exists, on a missing folder, split or empty class."""
+    if cfg.backend == "synthetic":
+        return
     root = resolve_root(cfg)
     for split in ("train", "val"):
         list_split(root, split, verbose=False)
 
 
-def build_train_loader(cfg: DataConfig, seed: int, rank: int, world_size: int, pin_memory: bool = False):
+def build_train_loader(cfg: DataConfig, seed: int, rank: int, world_size: int,
+                       device: torch.device = torch.device("cpu")):
     """(loader, class_names): this process's share of every global batch, reshuffled each epoch."""
+    if cfg.backend == "synthetic":
+        from powergrad_train.data.synthetic import CLASSES, build_synthetic_train
+        return build_synthetic_train(cfg, rank, world_size, device), CLASSES
     root = resolve_root(cfg)
     classes, samples = list_split(root, "train", verbose=rank == 0)
     if len(samples) < cfg.batch_size:
@@ -46,17 +54,20 @@ def build_train_loader(cfg: DataConfig, seed: int, rank: int, world_size: int, p
         from powergrad_train.data.dali import build_dali_train
         return build_dali_train(cfg, samples, seed, rank, world_size), classes
     from powergrad_train.data.imagefolder import build_imagefolder_train
-    return build_imagefolder_train(cfg, samples, seed, rank, world_size, pin_memory), classes
+    return build_imagefolder_train(cfg, samples, seed, rank, world_size, device.type == "cuda"), classes
 
 
-def build_val_loader(cfg: DataConfig, rank: int, world_size: int, pin_memory: bool = False):
+def build_val_loader(cfg: DataConfig, rank: int, world_size: int, device: torch.device = torch.device("cpu")):
     """(loader, class_names): this process's share of the val split, each image once over all ranks."""
+    if cfg.backend == "synthetic":
+        from powergrad_train.data.synthetic import CLASSES, build_synthetic_val
+        return build_synthetic_val(cfg, rank, world_size, device), CLASSES
     classes, samples = list_split(resolve_root(cfg), "val", verbose=rank == 0)
     if cfg.backend == "dali":
         from powergrad_train.data.dali import build_dali_val
         return build_dali_val(cfg, samples, rank, world_size), classes
     from powergrad_train.data.imagefolder import build_imagefolder_val
-    return build_imagefolder_val(cfg, samples, rank, world_size, pin_memory), classes
+    return build_imagefolder_val(cfg, samples, rank, world_size, device.type == "cuda"), classes
 
 
 def check_classes(train_classes: list[str], val_classes: list[str], num_classes: int) -> None:
