@@ -60,6 +60,8 @@ class Trainer:
                  resume_from: Optional[Path] = None):
         self.cfg, self.run_dir, self.env, self.device = cfg, Path(run_dir), env, device
         seed_everything(cfg.seed)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # shapes are fixed: let cuDNN pick its fastest kernels
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
         self.model = build_model(cfg.model)

@@ -33,7 +33,7 @@ class _PowerGradCrossEntropy(torch.autograd.Function):
         # Cross-entropy keeps log_p for its backward too: PGT needs no extra memory, and the
         # backward turns this buffer into the gradient in place.
         ctx.save_for_backward(target, log_p)
-        ctx.alpha, ctx.label_smoothing, ctx.dtype, ctx.buffer_used = alpha, label_smoothing, logits.dtype, False
+        ctx.alpha, ctx.label_smoothing, ctx.dtype = alpha, label_smoothing, logits.dtype
         return loss
 
     @staticmethod
@@ -44,11 +44,8 @@ class _PowerGradCrossEntropy(torch.autograd.Function):
         # softmax(alpha * z) = exp(alpha * log_p) / sum, since log_p = z - logsumexp(z): computed
         # from the logits' own log-probabilities, never from the incoming gradient. alpha * log_p <= 0,
         # so exp cannot overflow, and the largest term is >= C^-alpha, so the sum cannot vanish.
-        if ctx.buffer_used:  # a second backward (retain_graph): the first gradient owns the buffer
-            grad = log_p.mul(ctx.alpha).exp_()
-        else:
-            grad = log_p.mul_(ctx.alpha).exp_()
-        ctx.buffer_used = True
+        # In place: a second backward through the same graph (retain_graph) fails loudly in autograd.
+        grad = log_p.mul_(ctx.alpha).exp_()
         grad.mul_(scale / grad.sum(dim=1, keepdim=True))  # normalise and scale in one pass
         grad.scatter_add_(1, target[:, None], (scale * (eps - 1.0)).expand(n, 1))  # - q, no one-hot
         if eps:

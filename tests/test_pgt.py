@@ -104,3 +104,22 @@ def test_rejects_bad_alpha_and_shapes():
         power_grad_cross_entropy(logits, target, 1.5)
     with pytest.raises(ValueError):
         power_grad_cross_entropy(logits[0], target, 0.5)
+
+
+def test_compiled_loss_gives_the_same_gradients():
+    logits, target = make(64, 100)
+    eager = logits.detach().clone().requires_grad_()
+    (power_grad_cross_entropy(eager, target, 0.3, 0.1) * 5.0).backward()
+    compiled_fn = torch.compile(lambda x, t: power_grad_cross_entropy(x, t, 0.3, 0.1) * 5.0)
+    compiled = logits.detach().clone().requires_grad_()
+    compiled_fn(compiled, target).backward()
+    torch.testing.assert_close(compiled.grad, eager.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_second_backward_fails_loudly_instead_of_silently_wrong():
+    """The backward reuses the saved log-probabilities in place: autograd refuses a second pass."""
+    logits, target = make(8, 10)
+    loss = power_grad_cross_entropy(logits, target, 0.5)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
