@@ -29,12 +29,12 @@ class TrainMeter:
 
     @torch.no_grad()
     def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        n = targets.shape[0]
+        # In-place adds of device values and Python numbers: no host-to-device copy, so no sync.
         logits = logits.detach().float()
-        self.sums += torch.stack([loss.detach().double() * n,
-                                      (logits.argmax(1) == targets).sum().double(),
-                                      torch.tensor(n, dtype=torch.float64, device=logits.device),
-                                      logits.norm(dim=1).sum().double()])
+        self.sums[0] += loss.detach() * targets.shape[0]
+        self.sums[1] += (logits.argmax(1) == targets).sum()
+        self.sums[2] += targets.shape[0]
+        self.sums[3] += logits.norm(dim=1).sum()
 
     @torch.no_grad()
     def count_nonfinite(self, nonfinite: torch.Tensor) -> None:
@@ -66,9 +66,10 @@ class EvalMeter:
         logits = logits.float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == targets[:, None]
-        loss_sum = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-        self.sums += torch.stack([loss_sum.double(), hits[:, 0].sum().double(), hits.any(1).sum().double(),
-                                  torch.tensor(targets.shape[0], dtype=torch.float64, device=logits.device)])
+        self.sums[0] += torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        self.sums[1] += hits[:, 0].sum()
+        self.sums[2] += hits.any(1).sum()
+        self.sums[3] += targets.shape[0]
 
     def read(self) -> dict:
         loss, top1, top5, count = dist.all_reduce_sum(self.sums.clone()).tolist()

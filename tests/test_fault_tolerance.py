@@ -121,6 +121,23 @@ def test_nonfinite_loss_skips_steps_then_stops(tiny_root, tmp_path):
     trainer.close()
 
 
+def test_nonfinite_gradient_inside_the_network_skips_the_step(tiny_root, tmp_path):
+    """A finite loss but an overflow in the backward (seen with oneDNN's bf16 channels_last kernels)."""
+    cfg = build_config("smoke.yaml", [o.removeprefix("--set=") for o in tiny_overrides(tiny_root)])
+    trainer = Trainer(cfg, tmp_path, DistEnv(), torch.device("cpu"))
+    images, targets = next(iter(trainer.train_loader))
+    trainer.train_step(images, targets)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    hook = trainer.model.conv1[0].weight.register_hook(lambda g: g * float("inf"))
+    trainer.train_step(images, targets)
+    hook.remove()
+    for a, p in zip(before, trainer.model.parameters()):
+        assert torch.equal(a, p)
+    trainer.train_step(images, targets)  # and training goes on
+    assert not all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+    trainer.close()
+
+
 def test_resume_with_a_changed_recipe_is_refused_unless_forced(straight_run, tiny_root, tmp_path, capsys):
     run_dir = tmp_path / "changed"
     run_dir.mkdir()
