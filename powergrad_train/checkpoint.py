@@ -68,6 +68,13 @@ def load(path: Path) -> dict:
     return state
 
 
+def load_model_weights(model: torch.nn.Module, state: dict, path: Path, model_name: str) -> None:
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit model '{model_name}' ({str(e).splitlines()[0]})") from None
+
+
 class Checkpointer:
     """Writes a run's checkpoints (rank 0 only) and finds them again."""
 

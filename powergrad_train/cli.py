@@ -1,4 +1,4 @@
-"""Command line: `powergrad-train [train] ...` and `powergrad-train validate ...`.
+"""Command line: `powergrad-train [train] ...`, `powergrad-train validate ...`, `powergrad-train bench ...`.
 
 The only place that prints a user error and exits: a UserError becomes one
 `error: ...` line on stderr and exit status 2; real bugs keep their tracebacks.
@@ -94,7 +94,6 @@ def _resume_path(resume: Optional[str], run_dir: Path) -> Optional[Path]:
 
 
 def _dry_run(cfg: Config, env) -> None:
-
     print(dump(cfg), end="")
     model = build_model(cfg.model)
     train, classes = build_train_loader(cfg.data, cfg.seed, env.rank, env.world_size)
@@ -106,7 +105,8 @@ def _dry_run(cfg: Config, env) -> None:
           f"{steps} steps per epoch at global batch {cfg.data.batch_size}")
     print("LR at the first step of each epoch:")
     for epoch in range(cfg.schedule.epochs):
-        print(f"  epoch {epoch + 1:4d} (step {epoch * steps:7d}): {lr_at_step(cfg.schedule, cfg.optim.lr, epoch * steps, steps):.6g}")
+        lr = lr_at_step(cfg.schedule, cfg.optim.lr, epoch * steps, steps)
+        print(f"  epoch {epoch + 1:4d} (step {epoch * steps:7d}): {lr:.6g}")
 
 
 def train_command(argv: list[str]) -> None:
@@ -155,7 +155,7 @@ def validate_command(argv: list[str]) -> None:
     dist.init(env, device)
     try:
         model = build_model(cfg.model)
-        model.load_state_dict(state["model"])
+        checkpoint.load_model_weights(model, state, Path(args.checkpoint), cfg.model.name)
         model.to(device)
         loader, classes = build_val_loader(cfg.data, env.rank, env.world_size, device)
         if state.get("classes") and list(state["classes"]) != list(classes):

@@ -36,7 +36,7 @@ def opt(default, help, *, choices=None, ge=None, gt=None, le=None, lt=None, fixe
 class ModelConfig:
     name: str = opt("resnet50", "timm model name (e.g. resnet18, seresnet50), or resnet18_nobn: ResNet-18 with every norm layer replaced by identity", fixed=True)
     num_classes: int = opt(1000, "number of classes of the classifier head", ge=1, fixed=True)
-    sync_bn: bool = opt(False, "convert batch norm to SyncBatchNorm in distributed runs, so statistics cover the global batch")
+    sync_bn: bool = opt(False, "convert batch norm to SyncBatchNorm in distributed GPU runs, so statistics cover the global batch")
     compile: bool = opt(False, "torch.compile the model (and the loss with it) for speed; first steps compile")
 
 
@@ -387,6 +387,9 @@ def check_runtime(cfg: Config, world_size: int, cuda: bool) -> None:
     val_batch = cfg.data.val_batch_size or cfg.data.batch_size
     if val_batch % world_size:
         raise ConfigError(f"data.val_batch_size {val_batch} does not split evenly over {world_size} process(es)")
+    if cfg.model.sync_bn and world_size > 1 and not cuda:
+        raise ConfigError("model.sync_bn needs CUDA GPUs (torch's SyncBatchNorm runs on GPUs only); "
+                          "set model.sync_bn: false on the CPU")
     if cfg.amp == "fp16" and not cuda:
         raise ConfigError("amp = fp16 needs a CUDA GPU (fp16 loss scaling); on the CPU use amp: bf16 or off")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -77,3 +78,14 @@ def broadcast_object(obj, src: int = 0):
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Rank 0 runs the block first, then the other ranks (e.g. to reuse a cache it fills)."""
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    if not main:
+        dist.barrier()
+    yield
+    if main:
+        barrier()

@@ -78,8 +78,9 @@ class Trainer:
         ) if env.distributed else self.model
         self.forward_loss = torch.compile(self._forward_loss) if cfg.model.compile else self._forward_loss
 
-        self.train_loader, self.classes = build_train_loader(cfg.data, cfg.seed, env.rank, env.world_size, device)
-        self.val_loader, val_classes = build_val_loader(cfg.data, env.rank, env.world_size, device)
+        with dist.main_process_first():  # rank 0 scans the files; the others then read its cache
+            self.train_loader, self.classes = build_train_loader(cfg.data, cfg.seed, env.rank, env.world_size, device)
+            self.val_loader, val_classes = build_val_loader(cfg.data, env.rank, env.world_size, device)
         check_classes(self.classes, val_classes, cfg.model.num_classes)
         self.steps_per_epoch = self.train_loader.batches_per_epoch
         self.meter = TrainMeter(device)
@@ -109,6 +110,7 @@ class Trainer:
         set_lr(self.optimizer, lr_at_step(self.cfg.schedule, self.cfg.optim.lr, self.step, self.steps_per_epoch))
         accumulate = self.cfg.train.accumulate_steps
         micro_batches = list(zip(images.chunk(accumulate), targets.chunk(accumulate)))
+        loss_sum = 0.0
         for i, (x, y) in enumerate(micro_batches):
             # DDP all-reduces gradients only on the last micro-batch.
             last = i == len(micro_batches) - 1
@@ -118,10 +120,11 @@ class Trainer:
                 # Dividing by the micro-batch count makes the gradient the mean over the whole batch.
                 self.scaler.scale(loss / len(micro_batches)).backward()
             self.meter.update(loss, logits, y)
+            loss_sum = loss_sum + loss.detach()
         self.scaler.unscale_(self.optimizer)  # clip true gradients, not scaled ones
         self.clip_gradients()
         if self.scaler.is_enabled():
-            nonfinite = ~torch.isfinite(loss)  # fp16 overflow skips are the scaler's business, a bad loss is ours
+            nonfinite = ~torch.isfinite(loss_sum)  # fp16 overflow skips are the scaler's business, a bad loss ours
         else:
             # Any non-finite gradient (a bad loss, or an overflow inside the backward) skips the step.
             # Gradients are already all-reduced, so every rank decides alike. The fused optimizer reads
@@ -246,11 +249,7 @@ class Trainer:
         if state["schedule"]["steps_per_epoch"] != self.steps_per_epoch:
             raise CheckpointError(f"{path}: saved with {state['schedule']['steps_per_epoch']} steps per epoch, "
                                   f"this run has {self.steps_per_epoch} (another data set or batch size)")
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise CheckpointError(f"{path}: weights do not fit model '{self.cfg.model.name}' "
-                                  f"({str(e).splitlines()[0]})") from None
+        checkpoint.load_model_weights(self.model, state, path, self.cfg.model.name)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]

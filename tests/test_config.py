@@ -92,6 +92,9 @@ def test_runtime_checks():
         check_runtime(cfg, world_size=3, cuda=False)
     with pytest.raises(ConfigError, match="does not split evenly over 2 process.*multiple of 4"):
         check_runtime(cfg, world_size=2, cuda=False)
+    with pytest.raises(ConfigError, match="model.sync_bn needs CUDA GPUs"):
+        check_runtime(build_config(None, ["model.sync_bn=true"]), world_size=2, cuda=False)
+    check_runtime(build_config(None, ["model.sync_bn=true"]), world_size=1, cuda=False)  # no-op alone
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         check_runtime(build_config(None, ["amp=fp16"]), world_size=1, cuda=False)
 

@@ -56,3 +56,4 @@ def test_accumulation_matches_more_processes(two_process_run, tiny_root, tmp_pat
     acc = tmp_path / "acc"
     torchrun(1, acc, tiny_overrides(tiny_root, **NOBN, **{"train.accumulate_steps": 2}))
     assert_close_weights(weights(two_process_run[0]), weights(acc))
+

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from powergrad_train.config import DEMO_ROOT, DataConfig
-from powergrad_train.data.files import list_split
+from powergrad_train.data.files import check_split, list_split
 from powergrad_train.errors import DataError
 
 
@@ -36,7 +36,7 @@ def check_data(cfg: DataConfig) -> None:
         return
     root = resolve_root(cfg)
     for split in ("train", "val"):
-        list_split(root, split, verbose=False)
+        check_split(root, split)
 
 
 def build_train_loader(cfg: DataConfig, seed: int, rank: int, world_size: int,

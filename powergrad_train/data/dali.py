@@ -31,7 +31,9 @@ def _dali():
         import nvidia.dali as dali
         import nvidia.dali.plugin.pytorch as dali_torch
     except ImportError:
-        raise ConfigError("data.backend = dali needs NVIDIA DALI: pip install -e '.[dali]' "
+        # DALI wheels are built per CUDA major version; name the one that matches this torch.
+        extra = "dali-cuda12" if (torch.version.cuda or "").startswith("12.") else "dali"
+        raise ConfigError(f"data.backend = dali needs NVIDIA DALI: pip install -e '.[{extra}]' "
                           "(or use data.backend: torchvision)") from None
     return dali, dali_torch
 

@@ -87,22 +87,30 @@ def _scan(paths: list[str], cache_file: Path) -> set[str]:
     return {path for path, _, ok in results if not ok}
 
 
-def list_split(root: Path, split: str, verbose: bool) -> tuple[list[str], list[tuple[str, int]]]:
-    """(classes, [(path, label), ...]) of root/split, unreadable files left out."""
+def check_split(root: Path, split: str) -> list[str]:
+    """The class names of root/split, after cheap checks: the folder, its classes, an image in each."""
     folder = root / split
     if not folder.is_dir():
         raise DataError(f"data.root: {root} has no '{split}/' folder (expected an ImageFolder root with train/ and val/)")
     classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
     if not classes:
         raise DataError(f"{folder}: no class folders (expected one sub-folder of images per class)")
+    for name in classes:
+        if not any(f.lower().endswith(IMG_EXTENSIONS) for _, _, names in os.walk(folder / name, followlinks=True)
+                   for f in names):
+            raise DataError(f"{folder / name}: class folder holds no images")
+    return classes
+
+
+def list_split(root: Path, split: str, verbose: bool) -> tuple[list[str], list[tuple[str, int]]]:
+    """(classes, [(path, label), ...]) of root/split, unreadable files left out."""
+    folder = root / split
+    classes = check_split(root, split)
     samples = []
     for label, name in enumerate(classes):
-        found = [(os.path.join(dirpath, f), label)
-                 for dirpath, _, names in sorted(os.walk(folder / name, followlinks=True))
-                 for f in sorted(names) if f.lower().endswith(IMG_EXTENSIONS)]
-        if not found:
-            raise DataError(f"{folder / name}: class folder holds no images")
-        samples += found
+        samples += [(os.path.join(dirpath, f), label)
+                    for dirpath, _, names in sorted(os.walk(folder / name, followlinks=True))
+                    for f in sorted(names) if f.lower().endswith(IMG_EXTENSIONS)]
     key = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:16]
     scan_dir = cache_dir() / "scans" / key
     bad = _scan([p for p, _ in samples], scan_dir / "checked.json")
