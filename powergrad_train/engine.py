@@ -150,14 +150,16 @@ class Trainer:
                 is_best = val["top1"] > self.best_top1
                 if is_best:
                     self.best_top1, self.best_epoch = val["top1"], self.epoch
-                self.save_checkpoint(is_best=is_best)
                 train = self.meter.read()
+                # Log before the checkpoint: a run killed in between resumes from the previous
+                # checkpoint, which trims summary.csv and TensorBoard back to it.
                 log.epoch_end({
                     "epoch": self.epoch, "step": self.step, "train_loss": train["loss"], "train_top1": train["top1"],
                     "eval_loss": val["loss"], "eval_top1": val["top1"], "eval_top5": val["top5"],
                     "lr": self.optimizer.param_groups[0]["lr"], "images_per_sec": train["images"] / self.epoch_elapsed,
                     "epoch_time_s": self.epoch_elapsed, "logit_norm": train["logit_norm"],
                 })
+                self.save_checkpoint(is_best=is_best)
             log.info(f"done: best val top1 {self.best_top1:.2f} at epoch {self.best_epoch}; run folder {self.run_dir}")
         finally:
             stop.close()
@@ -182,7 +184,10 @@ class Trainer:
                 self._log_progress(bar)
             self.epoch_elapsed = time.perf_counter() - start
             signum = stop.requested()
-            if signum or (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0):
+            # Periodic saves skip the epoch's last step: the epoch-end checkpoint follows it.
+            periodic = (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
+                        and self.batch_in_epoch < self.steps_per_epoch)
+            if signum or periodic:
                 self.save_checkpoint(is_best=False)
             if signum:
                 bar.close()
@@ -234,6 +239,7 @@ class Trainer:
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise TrainingError(f"weights are not finite at step {self.step}: not saving a checkpoint; "
                                 f"last good checkpoint: {self.checkpointer.last}")
+        self.log.flush()  # every event up to this checkpoint is on disk before it
         state = self.state_dict()
         # One entry per rank: RNG states, and the data pipeline's position inside the epoch.
         state["rng"] = dist.all_gather_objects(checkpoint.rng_state())

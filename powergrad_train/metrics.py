@@ -87,8 +87,9 @@ class RunLog:
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
-        # purge_step drops events a killed run wrote after its last checkpoint.
-        self.tb = SummaryWriter(str(run_dir), purge_step=start_step if start_step else None)
+        # Events up to a checkpoint's step are written before it; purge_step drops those a killed
+        # run wrote after its last checkpoint.
+        self.tb = SummaryWriter(str(run_dir), purge_step=start_step + 1 if start_step else None)
         self._trim_csv(start_epoch)
 
     def _trim_csv(self, start_epoch: int) -> None:
@@ -128,6 +129,10 @@ class RunLog:
         print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f} | "
               f"val loss {row['eval_loss']:.4f} top1 {row['eval_top1']:.2f} top5 {row['eval_top5']:.2f} | "
               f"lr {row['lr']:.4g} | {row['images_per_sec']:.0f} img/s | {row['epoch_time_s']:.1f}s", flush=True)
+
+    def flush(self) -> None:
+        if self.tb:
+            self.tb.flush()
 
     def info(self, message: str) -> None:
         if self.enabled:

@@ -66,6 +66,14 @@ def test_sigterm_mid_epoch_then_resume_is_exact(straight_run, tiny_root, tmp_pat
     main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *overrides])
     assert_same_weights(load_weights(straight_run / "last.pt"), load_weights(run_dir / "last.pt"))
     assert summary_rows(run_dir) == summary_rows(straight_run)  # train metrics of the cut epoch too
+    assert tensorboard_steps(run_dir) == tensorboard_steps(straight_run)  # no gaps, no repeats
+
+
+def tensorboard_steps(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [e.step for e in events.Scalars("train/loss")], [e.step for e in events.Scalars("epoch/eval_top1")]
 
 
 def test_sigterm_under_torchrun_two_processes(tiny_root, tmp_path):
@@ -101,6 +109,8 @@ def test_repeated_kill_9_never_corrupts_and_resume_is_exact(straight_run, tiny_r
     main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *overrides])
     assert_same_weights(load_weights(straight_run / "last.pt"), load_weights(run_dir / "last.pt"))
     assert not list(run_dir.glob(".*tmp*"))
+    assert summary_rows(run_dir) == summary_rows(straight_run)
+    assert tensorboard_steps(run_dir) == tensorboard_steps(straight_run)
 
 
 def test_nonfinite_loss_skips_steps_then_stops(tiny_root, tmp_path):
