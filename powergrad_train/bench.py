@@ -14,44 +14,43 @@ import torch
 from powergrad_train.engine import Trainer
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _batches(trainer: Trainer):
+def device_batches(trainer: Trainer):
     """Training batches on the device, epoch after epoch."""
     for epoch in itertools.count():
         trainer.train_loader.set_epoch(epoch)
-        for images, targets in trainer.train_loader:
-            yield (images.to(trainer.device, non_blocking=True, memory_format=trainer.memory_format),
-                   targets.to(trainer.device, non_blocking=True))
+        for batch in trainer.train_loader:
+            yield trainer.to_device(*batch)
 
 
 def data_images_per_sec(trainer: Trainer, steps: int, warmup: int) -> float:
-    batches = _batches(trainer)
+    batches = device_batches(trainer)
     for _ in range(warmup):
         next(batches)
-    _sync(trainer.device)
+    synchronize(trainer.device)
     start = time.perf_counter()
     count = sum(next(batches)[1].shape[0] for _ in range(steps))
-    _sync(trainer.device)
+    synchronize(trainer.device)
     return count * trainer.env.world_size / (time.perf_counter() - start)
 
 
 def step_images_per_sec(trainer: Trainer, steps: int, warmup: int) -> float:
     trainer.train_model.train()
-    batches = _batches(trainer)
+    batches = device_batches(trainer)
     for _ in range(warmup):
         trainer.train_step(*next(batches))
-    _sync(trainer.device)
+    synchronize(trainer.device)
     start = time.perf_counter()
     count = 0
     for _ in range(steps):
         images, targets = next(batches)
         trainer.train_step(images, targets)
         count += targets.shape[0]
-    _sync(trainer.device)
+    synchronize(trainer.device)
     return count * trainer.env.world_size / (time.perf_counter() - start)
 
 

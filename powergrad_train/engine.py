@@ -99,6 +99,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ the training step
 
+    def to_device(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (images.to(self.device, non_blocking=True, memory_format=self.memory_format),
+                targets.to(self.device, non_blocking=True))
+
     def _forward_loss(self, images: torch.Tensor, targets: torch.Tensor):
         """Logits under autocast, and the loss stage: PGT and label smoothing (pgt.py)."""
         with self.autocast():
@@ -174,10 +178,8 @@ class Trainer:
         self.train_model.train()
         start = time.perf_counter() - self.epoch_elapsed
         bar = self.log.progress(self.steps_per_epoch, self.epoch + 1, cfg.schedule.epochs, self.batch_in_epoch)
-        for images, targets in self.train_loader:
-            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-            targets = targets.to(self.device, non_blocking=True)
-            self.train_step(images, targets)
+        for batch in self.train_loader:
+            self.train_step(*self.to_device(*batch))
             self.batch_in_epoch += 1
             bar.update()
             if self.step % cfg.train.log_every_steps == 0:

@@ -4,6 +4,7 @@ summary.csv, TensorBoard)."""
 from __future__ import annotations
 
 import csv
+import os
 import sys
 from pathlib import Path
 
@@ -98,10 +99,12 @@ class RunLog:
             return
         with open(self.csv_path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if r.get("epoch", "").isdigit() and int(r["epoch"]) <= start_epoch]
-        with open(self.csv_path, "w", newline="") as f:
+        tmp = self.csv_path.with_name(f".{self.csv_path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, SUMMARY_COLUMNS, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
+        os.replace(tmp, self.csv_path)  # a kill now leaves the old file or the new one
 
     def progress(self, total: int, epoch: int, epochs: int, initial: int = 0):
         from tqdm import tqdm

@@ -23,7 +23,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from powergrad_train.bench import _batches, _sync, thread_count
+from powergrad_train.bench import device_batches, synchronize, thread_count
 from powergrad_train.config import build_config
 from powergrad_train.dist import DistEnv
 from powergrad_train.engine import AMP_DTYPES, Trainer
@@ -61,16 +61,16 @@ def trainer_loop(args, device, run_dir):
                       f"data.workers={args.workers}"]
     trainer = Trainer(build_config("smoke.yaml", overrides), run_dir, DistEnv(), device)
     trainer.train_model.train()
-    batches = _batches(trainer)
+    batches = device_batches(trainer)
     return trainer, lambda: trainer.train_step(*next(batches))
 
 
 def images_per_sec(step, steps, batch, device):
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    synchronize(device)
     return steps * batch / (time.perf_counter() - start)
 
 
