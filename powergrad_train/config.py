@@ -274,10 +274,6 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def flat_dict(cfg: Config) -> dict[str, Any]:
-    return {k: get(cfg, k) for k in KEYS}
-
-
 # ----------------------------------------------------------------------------- recipes
 
 def resolve_recipe(name: str, relative_to: Optional[Path] = None) -> Path:

@@ -1,7 +1,6 @@
 """Preemption (SIGTERM), kill -9, non-finite losses and resume checks, through real processes."""
 
 import csv
-import os
 import random
 import shutil
 import signal
