@@ -86,6 +86,8 @@ def main_process_first():
     main = not dist.is_initialized() or dist.get_rank() == 0
     if not main:
         dist.barrier()
-    yield
-    if main:
-        barrier()
+    try:
+        yield
+    finally:  # also when rank 0 fails: the others then run the block and fail the same way
+        if main:
+            barrier()

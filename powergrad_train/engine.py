@@ -23,7 +23,7 @@ from powergrad_train.data import build_train_loader, build_val_loader, check_cla
 from powergrad_train.dist import DistEnv
 from powergrad_train.errors import CheckpointError, TrainingError
 from powergrad_train.metrics import EvalMeter, RunLog, TrainMeter
-from powergrad_train.models import build_model
+from powergrad_train.models import build_model, classifier_parameters
 from powergrad_train.optim import build_grad_clipper, build_optimizer, lr_at_step, set_lr
 from powergrad_train.pgt import power_grad_cross_entropy
 from powergrad_train.preemption import Preempted, StopRequest
@@ -70,7 +70,7 @@ class Trainer:
         self.model.to(device, memory_format=self.memory_format)
         self.optimizer = build_optimizer(cfg.optim, self.model)
         self.clip_gradients = build_grad_clipper(cfg.grad_clip, self.model)
-        self.head_parameters = list(self.model.get_classifier().parameters())
+        self.head_parameters = classifier_parameters(self.model)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.autocast = autocast_for(cfg.amp, device)
         # DDP broadcasts rank 0's initial weights; evaluation uses the unwrapped self.model.

@@ -25,6 +25,6 @@ def build_model(cfg: ModelConfig) -> torch.nn.Module:
     return timm.create_model(cfg.name, num_classes=cfg.num_classes)
 
 
-def classifier_parameters(model: torch.nn.Module) -> set[int]:
-    """ids of the classifier head's parameters (AGC leaves them alone, as in NFNets)."""
-    return {id(p) for p in model.get_classifier().parameters()}
+def classifier_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The classifier head's parameters (AGC leaves them alone; the non-finite check reads them)."""
+    return list(model.get_classifier().parameters())

@@ -59,6 +59,6 @@ def build_grad_clipper(cfg: GradClipConfig, model: torch.nn.Module) -> Callable[
     """
     if cfg.mode == "none":
         return lambda: None
-    head = classifier_parameters(model) if cfg.mode == "agc" else set()
+    head = {id(p) for p in classifier_parameters(model)} if cfg.mode == "agc" else set()
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in head]
     return lambda: dispatch_clip_grad(params, cfg.value, mode=cfg.mode)
