@@ -1,26 +1,90 @@
-"""Checkpoints: atomic writes, loading with clear errors, and every RNG state for exact resume.
+"""Checkpoints: what a run's state is, atomic writes, and every check a resume needs.
+
+The state of a run is a set of named parts, each with state_dict() / load_state_dict():
+shared parts (model, optimizer, scaler, meters, the TrainState record) saved from rank 0,
+and per-rank parts (RNG states, the data pipeline's position) gathered from every rank.
+Adding a part (say an EMA of the weights) is one more entry in the Trainer's dict.
 
 Files in the run folder: `epoch-NNNN.pt` (the last `keep_last` epochs), `last.pt` and
-`best.pt`. Each file is written to a temporary name, fsynced and renamed, so a kill at
-any moment leaves the previous file intact; last.pt and best.pt are hard links to the
+`best.pt`, and `nonfinite.pt` for a state whose steps had non-finite losses (never
+last.pt). Each file is written to a temporary name, fsynced and renamed, so a kill at any
+moment leaves the previous file intact; last.pt and best.pt are hard links to the
 numbered file when the filesystem allows, so an epoch costs one write.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import math
 import os
 import random
 import re
 import shutil
 from pathlib import Path
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
 
+from powergrad_train.config import KEYS, Config, build_config, get
 from powergrad_train.errors import CheckpointError
 
-FORMAT = "powergrad-train-checkpoint/1"
+FORMAT = "powergrad-train-checkpoint/2"
+FORMAT_1 = "powergrad-train-checkpoint/1"
 
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where the run stands; everything else about it lives in the other parts."""
+
+    epoch: int = 0  # epochs completed
+    batch_in_epoch: int = 0  # global batches of the current epoch already trained
+    step: int = 0  # optimizer steps completed, over the whole run (the LR is a function of it)
+    epoch_elapsed: float = 0.0  # training seconds of the current epoch (kept across a resume)
+    best_top1: float = -math.inf
+    best_epoch: int = 0
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, state[f.name])
+
+
+class RngState:
+    """Every RNG the run draws from, in a form torch.load(weights_only=True) accepts."""
+
+    def state_dict(self) -> dict:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state = {
+            "python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        random.setstate(state["python"])
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- files
 
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
@@ -30,14 +94,53 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def state_bytes(state) -> int:
+    """The bytes of the tensors in a state: about the size of its file."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+class _WriteRecorder:
+    """A file for torch.save that keeps the OSError of a failed write: torch's zip writer turns it
+    into a RuntimeError ('unexpected pos') that no longer says why."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def save_atomic(state: dict, path: Path) -> None:
+    """Write `state` to `path` completely or not at all; a failed write leaves no temporary file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    recorder = None
+    try:
+        with open(tmp, "wb") as f:
+            recorder = _WriteRecorder(f)
+            torch.save(state, recorder)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as e:  # no space, quota, permission, a vanished mount
+        tmp.unlink(missing_ok=True)
+        error = recorder.error if recorder and recorder.error else e
+        reason = os.strerror(error.errno) if isinstance(error, OSError) and error.errno else _first_line(error)
+        raise CheckpointError(f"cannot write checkpoint {path} ({reason}; it needs about "
+                              f"{state_bytes(state) / 2**20:.0f} MiB)") from None
 
 
 def _link_atomic(src: Path, dst: Path) -> None:
@@ -45,16 +148,23 @@ def _link_atomic(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
-    except OSError:  # no hard links here: copy
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
+        try:
+            os.link(src, tmp)
+        except OSError as e:  # no hard links here: copy
+            if e.errno == errno.ENOSPC:
+                raise
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dst)
+        _fsync_dir(dst.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint {dst} ({os.strerror(e.errno) if e.errno else e})") from None
 
 
 def load(path: Path) -> dict:
+    """A checkpoint file as a dict in the current format (older formats are converted)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -63,28 +173,81 @@ def load(path: Path) -> dict:
     except Exception as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or not a checkpoint ({reason})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in (FORMAT, FORMAT_1):
         raise CheckpointError(f"{path}: not a powergrad-train checkpoint")
+    return _from_format_1(state) if state["format"] == FORMAT_1 else state
+
+
+def _from_format_1(old: dict) -> dict:
+    """Format 1 kept the train-state fields at the top level and steps per epoch under 'schedule'."""
+    fields = [f.name for f in dataclasses.fields(TrainState)]
+    state = {k: v for k, v in old.items() if k not in fields and k != "schedule"}
+    state.update(format=FORMAT, train_state={k: old[k] for k in fields},
+                 steps_per_epoch=old["schedule"]["steps_per_epoch"], world_size=len(old["rng"]))
     return state
+
+
+def nonfinite_tensors(state, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a state that hold a NaN or inf."""
+    if isinstance(state, torch.Tensor):
+        return [prefix] if state.is_floating_point() and not torch.isfinite(state).all() else []
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    return [name for k, v in items for name in nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+
+
+def config_of(state: dict, path: Path) -> Config:
+    """The run's config as stored; keys renamed or removed since then are ignored with a warning."""
+    return build_config(None, start=(f"{path} (its config)", state["config"]), lenient=True)
+
+
+def _first_line(error: Exception) -> str:
+    """The first line that says something: torch's load_state_dict puts the mismatch on line 2."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith("Error(s) in loading")]
+    return (useful or lines or [type(error).__name__])[0]
 
 
 def load_model_weights(model: torch.nn.Module, state: dict, path: Path, model_name: str) -> None:
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit model '{model_name}' ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: weights do not fit model '{model_name}' ({_first_line(e)})") from None
 
+
+def check_compatible(state: dict, path: Path, cfg: Config, *, classes: list[str], steps_per_epoch: int,
+                     world_size: int, force: bool) -> None:
+    """Every reason a checkpoint cannot continue this run, as one kind of error."""
+    if not force:
+        saved = config_of(state, path)
+        changed = [f"{k.dotted}: {get(saved, k.dotted)!r} -> {get(cfg, k.dotted)!r}"
+                   for k in KEYS.values() if k.meta["fixed"] and get(saved, k.dotted) != get(cfg, k.dotted)]
+        if changed:
+            raise CheckpointError(f"--resume {path}: the recipe changes keys that define the run: "
+                                  f"{'; '.join(changed)} (pass --resume-force to resume anyway)")
+    if state.get("classes") and list(state["classes"]) != list(classes):
+        raise CheckpointError(f"{path}: trained on other classes than data.root holds")
+    if state["steps_per_epoch"] != steps_per_epoch:
+        raise CheckpointError(f"{path}: saved with {state['steps_per_epoch']} steps per epoch, "
+                              f"this run has {steps_per_epoch} (another data set or batch size)")
+    if state["train_state"]["batch_in_epoch"] and state["world_size"] != world_size:
+        raise CheckpointError(f"{path}: saved inside an epoch by {state['world_size']} process(es); "
+                              f"resume it with the same number (this run has {world_size})")
+
+
+# ----------------------------------------------------------------------------- the run's checkpoints
 
 class Checkpointer:
-    """Writes a run's checkpoints (rank 0 only) and finds them again."""
+    """Saves and restores a run's parts; rank 0 writes the files.
 
-    def __init__(self, run_dir: Path, keep_last: int):
+    parts: saved once (from rank 0), restored on every rank.
+    per_rank: gathered from every rank, each rank restores its own entry when the world
+    size is unchanged (an epoch-boundary checkpoint may resume on another world size).
+    """
+
+    def __init__(self, run_dir: Path, keep_last: int, parts: dict[str, Stateful], per_rank: dict[str, Stateful],
+                 meta: dict):
         self.run_dir, self.keep_last = Path(run_dir), keep_last
-
-    def remove_partial_files(self) -> None:
-        """Temporary files a killed run left behind (the checkpoints themselves are intact)."""
-        for tmp in self.run_dir.glob(".*.pt.tmp*"):
-            tmp.unlink(missing_ok=True)
+        self.parts, self.per_rank, self.meta = parts, per_rank, meta
 
     @property
     def last(self) -> Path:
@@ -94,43 +257,79 @@ class Checkpointer:
     def best(self) -> Path:
         return self.run_dir / "best.pt"
 
-    def save(self, state: dict, epoch: int, is_best: bool, numbered: bool = True) -> None:
-        """numbered=False (a checkpoint inside an epoch) writes last.pt only."""
+    @property
+    def nonfinite(self) -> Path:
+        return self.run_dir / "nonfinite.pt"
+
+    def remove_partial_files(self) -> None:
+        """Temporary files a killed run left behind (the checkpoints themselves are intact)."""
+        for tmp in self.run_dir.glob(".*.pt.tmp*"):
+            tmp.unlink(missing_ok=True)
+
+    def state_dict(self, gather) -> dict:
+        """The whole state; `gather(obj)` returns the list of every rank's obj."""
+        state = {"format": FORMAT, **self.meta}
+        state.update({name: part.state_dict() for name, part in self.parts.items()})
+        state.update({name: gather(part.state_dict()) for name, part in self.per_rank.items()})
+        return state
+
+    def restore(self, state: dict, path: Path, rank: int, world_size: int) -> None:
+        """Load every part of `state` (checked by check_compatible) into this run."""
+        for name, part in self.parts.items():
+            try:
+                part.load_state_dict(state[name])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise CheckpointError(f"{path}: its {name} does not fit this run ({_first_line(e)})") from None
+        if state["world_size"] == world_size:
+            for name, part in self.per_rank.items():
+                part.load_state_dict(state[name][rank])
+
+    def write(self, state: dict, epoch: int, is_best: bool, numbered: bool) -> Path:
+        """Rank 0: write `state` as last.pt (and the numbered file at epoch ends, best.pt if best)."""
         if self.keep_last == 0 or not numbered:
             save_atomic(state, self.last)
         else:
-            numbered = self.run_dir / f"epoch-{epoch:04d}.pt"
-            save_atomic(state, numbered)
-            _link_atomic(numbered, self.last)
+            path = self.run_dir / f"epoch-{epoch:04d}.pt"
+            save_atomic(state, path)
+            _link_atomic(path, self.last)
         if is_best:
             _link_atomic(self.last, self.best)
+        self.nonfinite.unlink(missing_ok=True)  # superseded by a good state
         self._prune()
+        return self.last
+
+    def write_nonfinite(self, state: dict) -> Path:
+        """A state whose steps had non-finite losses: kept apart, so last.pt stays good."""
+        save_atomic(state, self.nonfinite)
+        return self.nonfinite
 
     def _prune(self) -> None:
         numbered = sorted(p for p in self.run_dir.glob("epoch-*.pt") if re.fullmatch(r"epoch-\d+\.pt", p.name))
         for old in numbered[:max(0, len(numbered) - self.keep_last)]:
             old.unlink()
 
+    def space_warning(self, state_size: int) -> Optional[str]:
+        """A line when the run folder has less free space than the checkpoints this run keeps."""
+        files = self.keep_last + 2  # the numbered files, best.pt once it stops being one of them, a temp file
+        needed = files * state_size
+        try:
+            free = shutil.disk_usage(self.run_dir).free
+        except OSError:
+            return None
+        if free >= needed:
+            return None
+        return (f"warning: {self.run_dir} has {free / 2**20:.0f} MiB free; this run's checkpoints need about "
+                f"{needed / 2**20:.0f} MiB ({files} files of {state_size / 2**20:.0f} MiB: checkpoint.keep_last "
+                f"= {self.keep_last}, best.pt, a temporary file)")
 
-def rng_state() -> dict:
-    """Every RNG the run draws from, in a form torch.load(weights_only=True) accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
 
+def describe(path: Path) -> str:
+    """`path (epoch E, step S)` for messages, or 'none yet'."""
+    if not path.exists():
+        return "none yet"
+    try:
+        s = load(path)["train_state"]
+    except CheckpointError:
+        return f"{path} (unreadable)"
+    return f"{path} (epoch {s['epoch']}, step {s['step']})"
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -11,17 +11,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import torch
-
-from powergrad_train import __version__, checkpoint, dist
-from powergrad_train.config import Config, build_config, check_runtime, describe_keys, dump, run_differences
-from powergrad_train.data import build_train_loader, build_val_loader, check_classes, check_data
-from powergrad_train.engine import Trainer, autocast_for, evaluate
+# Only light imports here: `--help` and config errors answer without loading torch.
+from powergrad_train import __version__
+from powergrad_train.config import Config, build_config, check_runtime, check_schedule, describe_keys, dump
 from powergrad_train.errors import CheckpointError, ConfigError, UserError
-from powergrad_train.metrics import format_eval
-from powergrad_train.models import build_model
-from powergrad_train.optim import lr_at_step
-from powergrad_train.preemption import Preempted
 
 COMMANDS = ("train", "validate", "bench")
 
@@ -58,13 +51,6 @@ def _validate_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_resume_matches(path: Path, cfg: Config) -> None:
-    differences = run_differences(checkpoint.load(path)["config"], cfg)
-    if differences:
-        raise ConfigError(f"--resume {path}: the recipe changes keys that define the run: {'; '.join(differences)} "
-                          "(pass --resume-force to resume anyway)")
-
-
 def _bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="powergrad-train bench",
                                 description="Images/s of the full training step and of data loading alone "
@@ -93,13 +79,23 @@ def _resume_path(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     return None
 
 
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 def _dry_run(cfg: Config, env) -> None:
+    from powergrad_train.data import build_train_loader, build_val_loader, check_classes
+    from powergrad_train.models import build_model
+    from powergrad_train.optim import lr_at_step
+
     print(dump(cfg), end="")
     model = build_model(cfg.model)
     train, classes = build_train_loader(cfg.data, cfg.seed, env.rank, env.world_size)
     val, val_classes = build_val_loader(cfg.data, env.rank, env.world_size)
     check_classes(classes, val_classes, cfg.model.num_classes)
     steps = train.batches_per_epoch
+    check_schedule(cfg, steps)
     print(f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters")
     print(f"data: {len(classes)} classes, {train.num_samples} train / {val.num_samples} val images, "
           f"{steps} steps per epoch at global batch {cfg.data.batch_size}")
@@ -112,15 +108,18 @@ def _dry_run(cfg: Config, env) -> None:
 def train_command(argv: list[str]) -> None:
     args = _train_parser().parse_args(argv)
     cfg = build_config(args.config, args.set)
+    from powergrad_train import dist
     env = dist.env_from_torchrun()
-    check_runtime(cfg, env.world_size, torch.cuda.is_available())
+    check_runtime(cfg, env.world_size, _cuda_available())
     if args.dry_run:
         _dry_run(cfg, env)
         return
+    from powergrad_train.data import check_data
+    from powergrad_train.engine import Trainer
+    from powergrad_train.preemption import Preempted
+
     run_dir = Path(args.output or Path("runs") / Path(args.config).stem)
     resume_from = _resume_path(args.resume, run_dir)
-    if resume_from and not args.resume_force:
-        _check_resume_matches(resume_from, cfg)
     check_data(cfg.data)
 
     device = dist.device_for(env)
@@ -128,11 +127,12 @@ def train_command(argv: list[str]) -> None:
     try:
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(dump(cfg))
         dist.barrier()
-        trainer = Trainer(cfg, run_dir, env, device, resume_from)
-        if resume_from and env.is_main:
-            print(f"resumed from {resume_from} at epoch {trainer.epoch}, step {trainer.step}", flush=True)
+        # Every check (data, classes, checkpoint compatibility) runs in here, before anything is written.
+        trainer = Trainer(cfg, run_dir, env, device, resume_from, resume_force=args.resume_force)
+        if env.is_main:
+            (run_dir / "config.yaml").write_text(dump(cfg))
+        trainer.announce(resume_from)
         try:
             trainer.fit()
         except Preempted as stop:
@@ -147,22 +147,29 @@ def train_command(argv: list[str]) -> None:
 
 def validate_command(argv: list[str]) -> None:
     args = _validate_parser().parse_args(argv)
-    state = checkpoint.load(Path(args.checkpoint))
-    cfg = build_config(None, args.set, start=(f"{args.checkpoint} (its config)", state["config"]))
+    from powergrad_train import checkpoint, dist
+    from powergrad_train.data import build_val_loader
+    from powergrad_train.engine import autocast_for, evaluate_model
+    from powergrad_train.metrics import format_eval
+    from powergrad_train.models import build_model
+
+    path = Path(args.checkpoint)
+    state = checkpoint.load(path)
+    cfg = build_config(None, args.set, start=(f"{path} (its config)", state["config"]), lenient=True)
     env = dist.env_from_torchrun()
-    check_runtime(cfg, env.world_size, torch.cuda.is_available())
+    check_runtime(cfg, env.world_size, _cuda_available())
     device = dist.device_for(env)
     dist.init(env, device)
     try:
         model = build_model(cfg.model)
-        checkpoint.load_model_weights(model, state, Path(args.checkpoint), cfg.model.name)
+        checkpoint.load_model_weights(model, state, path, cfg.model.name)
         model.to(device)
         loader, classes = build_val_loader(cfg.data, env.rank, env.world_size, device)
         if state.get("classes") and list(state["classes"]) != list(classes):
-            raise CheckpointError(f"{args.checkpoint}: trained on other classes than {cfg.data.root}/val holds")
-        values = evaluate(model, loader, device, autocast_for(cfg.amp, device))
+            raise CheckpointError(f"{path}: trained on other classes than {cfg.data.root}/val holds")
+        values = evaluate_model(model, loader, device, autocast_for(cfg.amp, device))
         if env.is_main:
-            print(f"{args.checkpoint}: {format_eval(values)}")
+            print(f"{path}: {format_eval(values)}")
     finally:
         dist.close()
 
@@ -170,7 +177,12 @@ def validate_command(argv: list[str]) -> None:
 def bench_command(argv: list[str]) -> None:
     import tempfile
 
+    import torch
+
+    from powergrad_train import dist
     from powergrad_train.bench import data_images_per_sec, step_images_per_sec, thread_count
+    from powergrad_train.data import check_data
+    from powergrad_train.engine import Trainer
 
     args = _bench_parser().parse_args(argv)
     overrides = args.set + (["data.backend=synthetic"] if args.data == "synthetic" else [])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +100,7 @@ class CheckpointConfig:
 class TrainConfig:
     accumulate_steps: int = opt(1, "micro-batches per optimizer step (gradient accumulation)", ge=1)
     log_every_steps: int = opt(50, "progress/TensorBoard interval in optimizer steps (metrics are read from the device only then)", ge=1)
-    max_nonfinite_steps: int = opt(20, "stop the run when the loss is non-finite this many steps in a row (such steps are skipped)", ge=1)
+    max_nonfinite_steps: int = opt(20, "stop the run when this many steps in a row had non-finite gradients (such steps are skipped completely)", ge=1)
 
 
 @dataclass
@@ -239,7 +240,9 @@ def _unknown_key(dotted: str, where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown config key '{dotted}'{hint}")
 
 
-def _flatten(raw: dict, where: str, prefix: str = "") -> dict[str, Any]:
+def _flatten(raw: dict, where: str, prefix: str = "", lenient: bool = False) -> dict[str, Any]:
+    """Nested sections to dotted keys. lenient: an unknown key is dropped with a warning (a stored
+    config from an older version), not an error."""
     flat = {}
     for name, value in raw.items():
         dotted = f"{prefix}{name}"
@@ -247,9 +250,12 @@ def _flatten(raw: dict, where: str, prefix: str = "") -> dict[str, Any]:
         if is_section:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: '{dotted}' is a section and needs keys under it, got {value!r}")
-            flat.update(_flatten(value, where, dotted + "."))
+            flat.update(_flatten(value, where, dotted + ".", lenient))
         elif dotted in KEYS:
             flat[dotted] = value
+        elif lenient:
+            print(f"warning: {where}: ignoring config key '{dotted}' that this version does not know "
+                  "(renamed or removed since it was saved)", file=sys.stderr, flush=True)
         else:
             raise _unknown_key(dotted, where)
     return flat
@@ -335,14 +341,16 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def build_config(recipe: Optional[str], overrides: list[str] = (), start: Optional[tuple[str, dict]] = None) -> Config:
+def build_config(recipe: Optional[str], overrides: list[str] = (), start: Optional[tuple[str, dict]] = None,
+                 lenient: bool = False) -> Config:
     """Recipe (with its bases), then --set overrides, each value checked where it came from.
 
-    `start` = (source, nested dict) is a config to start from (a checkpoint's) instead of a recipe.
+    `start` = (source, nested dict) is a config to start from (a checkpoint's) instead of a recipe;
+    lenient: unknown keys in it only warn.
     """
     layers = load_recipe(recipe) if recipe else []
     if start is not None:
-        layers.insert(0, (start[0], _flatten(start[1], start[0])))
+        layers.insert(0, (start[0], _flatten(start[1], start[0], lenient=lenient)))
     for text in overrides:
         key, value = parse_override(text)
         layers.append((f"--set {text}", {key: value}))
@@ -388,13 +396,18 @@ def check_runtime(cfg: Config, world_size: int, cuda: bool) -> None:
                           "set model.sync_bn: false on the CPU")
     if cfg.amp == "fp16" and not cuda:
         raise ConfigError("amp = fp16 needs a CUDA GPU (fp16 loss scaling); on the CPU use amp: bf16 or off")
+    if cfg.amp == "bf16" and cfg.channels_last and not cuda:
+        raise ConfigError("amp = bf16 with channels_last = true is refused on the CPU: oneDNN's bf16 channels_last "
+                          "convolution backward returns non-finite weight gradients for 1x1 feature maps; "
+                          "set channels_last: false (or amp: off) on the CPU")
 
 
-def run_differences(saved: dict, cfg: Config) -> list[str]:
-    """The fixed keys whose value differs between a checkpoint's config and this one."""
-    saved_cfg = build_config(None, start=("checkpoint config", saved))
-    return [f"{k.dotted}: {get(saved_cfg, k.dotted)!r} -> {get(cfg, k.dotted)!r}"
-            for k in KEYS.values() if k.meta["fixed"] and get(saved_cfg, k.dotted) != get(cfg, k.dotted)]
+def check_schedule(cfg: Config, steps_per_epoch: int) -> None:
+    """Rules that need the number of steps per epoch (known once the data is listed)."""
+    s = cfg.schedule
+    if s.name == "step" and round(s.decay_epochs * steps_per_epoch) == 0:
+        raise ConfigError(f"schedule.decay_epochs = {s.decay_epochs:g} is less than one step at "
+                          f"{steps_per_epoch} steps per epoch; use at least {1 / steps_per_epoch:.3g}")
 
 
 def dump(cfg: Config) -> str:

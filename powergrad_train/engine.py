@@ -15,20 +15,24 @@ from typing import Optional
 
 import numpy as np
 import torch
+from timm.utils import distribute_bn
 from torch.nn.parallel import DistributedDataParallel
 
 from powergrad_train import __version__, checkpoint, dist
-from powergrad_train.config import Config, to_dict
+from powergrad_train.checkpoint import Checkpointer, RngState, TrainState
+from powergrad_train.config import Config, check_schedule, to_dict
 from powergrad_train.data import build_train_loader, build_val_loader, check_classes
 from powergrad_train.dist import DistEnv
 from powergrad_train.errors import CheckpointError, TrainingError
 from powergrad_train.metrics import EvalMeter, RunLog, TrainMeter
-from powergrad_train.models import build_model, classifier_parameters
+from powergrad_train.models import build_model
 from powergrad_train.optim import build_grad_clipper, build_optimizer, lr_at_step, set_lr
 from powergrad_train.pgt import power_grad_cross_entropy
 from powergrad_train.preemption import Preempted, StopRequest
+from powergrad_train.step_guard import BufferSnapshot, nonfinite_gradients, zero_momentum_buffers
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DIVERGENCE_ADVICE = "lower optim.lr, lengthen schedule.warmup_epochs or set grad_clip"
 
 
 def seed_everything(seed: int) -> None:
@@ -42,7 +46,7 @@ def autocast_for(amp: str, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, autocast, memory_format=torch.contiguous_format) -> dict:
+def evaluate_model(model, loader, device, autocast, memory_format=torch.contiguous_format) -> dict:
     """Top-1/top-5/loss over the whole val split; every image counted once across ranks."""
     model.eval()
     meter = EvalMeter(device)
@@ -55,9 +59,31 @@ def evaluate(model, loader, device, autocast, memory_format=torch.contiguous_for
     return meter.read()
 
 
+def precision_in_use(amp: str, device: torch.device) -> str:
+    if amp == "fp16":
+        return "fp16 autocast with loss scaling (GradScaler), float32 weights"
+    if amp == "bf16":
+        return "bf16 autocast, float32 weights"
+    return "float32"
+
+
+class DataPosition:
+    """The train loader's position inside an epoch, as a checkpoint part (None at an epoch's end)."""
+
+    def __init__(self, loader, state: TrainState):
+        self.loader, self.state = loader, state
+
+    def state_dict(self):
+        return self.loader.state() if self.state.batch_in_epoch else None
+
+    def load_state_dict(self, position) -> None:
+        if position is not None:
+            self.loader.restore(position)
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, env: DistEnv, device: torch.device,
-                 resume_from: Optional[Path] = None):
+                 resume_from: Optional[Path] = None, resume_force: bool = False):
         self.cfg, self.run_dir, self.env, self.device = cfg, Path(run_dir), env, device
         seed_everything(cfg.seed)
         if device.type == "cuda":
@@ -69,8 +95,9 @@ class Trainer:
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model.to(device, memory_format=self.memory_format)
         self.optimizer = build_optimizer(cfg.optim, self.model)
+        zero_momentum_buffers(self.optimizer)
         self.clip_gradients = build_grad_clipper(cfg.grad_clip, self.model)
-        self.head_parameters = classifier_parameters(self.model)
+        self.buffers = BufferSnapshot(self.model)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.autocast = autocast_for(cfg.amp, device)
         # DDP broadcasts rank 0's initial weights; evaluation uses the unwrapped self.model.
@@ -84,19 +111,31 @@ class Trainer:
             self.val_loader, val_classes = build_val_loader(cfg.data, env.rank, env.world_size, device)
         check_classes(self.classes, val_classes, cfg.model.num_classes)
         self.steps_per_epoch = self.train_loader.batches_per_epoch
-        self.meter = TrainMeter(device)
-        self.checkpointer = checkpoint.Checkpointer(self.run_dir, cfg.checkpoint.keep_last)
+        check_schedule(cfg, self.steps_per_epoch)
+
+        self.state = TrainState()
+        self.meter = TrainMeter(device, env.is_main)
+        self.checkpointer = Checkpointer(
+            self.run_dir, cfg.checkpoint.keep_last,
+            parts={"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler,
+                   "train_meter": self.meter, "train_state": self.state},
+            per_rank={"rng": RngState(), "data": DataPosition(self.train_loader, self.state)},
+            meta={"version": __version__, "config": to_dict(cfg), "classes": list(self.classes),
+                  "steps_per_epoch": self.steps_per_epoch, "world_size": env.world_size})
+        if resume_from is not None:
+            self.load_checkpoint(resume_from, resume_force)
+        # Only now, with every check passed, does the run folder change.
         if env.is_main:
             self.checkpointer.remove_partial_files()
+        self.log = RunLog(self.run_dir, env.is_main, self.state.epoch, self.state.step)
 
-        self.epoch = 0  # epochs completed
-        self.batch_in_epoch = 0  # global batches of the current epoch already trained
-        self.step = 0  # optimizer steps completed, over the whole run
-        self.best_top1, self.best_epoch = float("-inf"), 0
-        self.epoch_elapsed = 0.0  # training seconds of the current epoch (kept across a resume)
-        if resume_from is not None:
-            self.load_checkpoint(resume_from)
-        self.log = RunLog(self.run_dir, env.is_main, self.epoch, self.step)
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
 
     # ------------------------------------------------------------------ the training step
 
@@ -112,7 +151,8 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> None:
         """One optimizer step over this process's share of one global batch. No host sync."""
-        set_lr(self.optimizer, lr_at_step(self.cfg.schedule, self.cfg.optim.lr, self.step, self.steps_per_epoch))
+        set_lr(self.optimizer, lr_at_step(self.cfg.schedule, self.cfg.optim.lr, self.state.step, self.steps_per_epoch))
+        self.buffers.take()  # the forward updates batch-norm statistics; a skipped step puts them back
         accumulate = self.cfg.train.accumulate_steps
         micro_batches = list(zip(images.chunk(accumulate), targets.chunk(accumulate)))
         loss_sum = 0.0
@@ -126,153 +166,175 @@ class Trainer:
                 self.scaler.scale(loss / len(micro_batches)).backward()
             self.meter.update(loss, logits, y)
             loss_sum = loss_sum + loss.detach()
+        # Decide before the gradient stage: clipping by value would make an inf gradient finite.
+        # A bad loss on any rank reaches every rank's gradients through the all-reduce, so all
+        # ranks skip alike. Under fp16 this is also the GradScaler's own overflow test.
+        skipped = nonfinite_gradients(self.model.parameters())
         self.scaler.unscale_(self.optimizer)  # clip true gradients, not scaled ones
         self.clip_gradients()
-        if self.scaler.is_enabled():
-            nonfinite = ~torch.isfinite(loss_sum)  # fp16 overflow skips are the scaler's business, a bad loss ours
-        else:
-            # A non-finite loss on any rank makes the classifier head's all-reduced gradient non-finite
-            # on every rank, so every rank skips the same steps; checking the small head keeps this
-            # cheap (a norm over all gradients would cost ~4% of a CPU step). The fused optimizer
-            # reads found_inf on the device and skips the update without a host sync.
-            nonfinite = ~torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in self.head_parameters]))
-            self.optimizer.found_inf = nonfinite.float()
+        if not self.scaler.is_enabled():
+            self.optimizer.found_inf = skipped  # fused SGD skips the update on the device, no host sync
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.meter.count_nonfinite(nonfinite)
-        self.step += 1
+        self.buffers.restore_if(skipped)
+        self.meter.count_step(skipped, ~torch.isfinite(loss_sum))
+        self.state.step += 1
 
     # ------------------------------------------------------------------ epochs
 
     def fit(self) -> None:
-        cfg, log = self.cfg, self.log
+        cfg, log, s = self.cfg, self.log, self.state
         stop = StopRequest()
         try:
-            while self.epoch < cfg.schedule.epochs:
+            while s.epoch < cfg.schedule.epochs:
                 self._train_epoch(stop)
                 val = self.evaluate()
-                is_best = val["top1"] > self.best_top1
-                if is_best:
-                    self.best_top1, self.best_epoch = val["top1"], self.epoch
                 train = self.meter.read()
                 # Log before the checkpoint: a run killed in between resumes from the previous
                 # checkpoint, which trims summary.csv and TensorBoard back to it.
                 log.epoch_end({
-                    "epoch": self.epoch, "step": self.step, "train_loss": train["loss"], "train_top1": train["top1"],
+                    "epoch": s.epoch, "step": s.step, "train_loss": train["loss"], "train_top1": train["top1"],
                     "eval_loss": val["loss"], "eval_top1": val["top1"], "eval_top5": val["top5"],
-                    "lr": self.optimizer.param_groups[0]["lr"], "images_per_sec": train["images"] / self.epoch_elapsed,
-                    "epoch_time_s": self.epoch_elapsed, "logit_norm": train["logit_norm"],
+                    "lr": self.optimizer.param_groups[0]["lr"], "images_per_sec": train["images"] / s.epoch_elapsed,
+                    "epoch_time_s": s.epoch_elapsed, "logit_norm": train["logit_norm"],
                 })
-                self.save_checkpoint(is_best=is_best)
-            log.info(f"done: best val top1 {self.best_top1:.2f} at epoch {self.best_epoch}; run folder {self.run_dir}")
+                self.save_checkpoint(val_top1=val["top1"])
+            log.info(f"done: best val top1 {s.best_top1:.2f} at epoch {s.best_epoch}; run folder {self.run_dir}")
         finally:
             stop.close()
 
     def _train_epoch(self, stop: StopRequest) -> None:
-        """Train the rest of the current epoch; afterwards self.epoch counts it as done."""
-        cfg = self.cfg
-        self.train_loader.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
-        if self.batch_in_epoch == 0:
+        """Train the rest of the current epoch; afterwards the state counts it as done."""
+        cfg, s = self.cfg, self.state
+        self.train_loader.set_epoch(s.epoch, start_batch=s.batch_in_epoch)
+        if s.batch_in_epoch == 0:
             self.meter.reset()
-            self.epoch_elapsed = 0.0
+            s.epoch_elapsed = 0.0
         self.train_model.train()
-        start = time.perf_counter() - self.epoch_elapsed
-        bar = self.log.progress(self.steps_per_epoch, self.epoch + 1, cfg.schedule.epochs, self.batch_in_epoch)
+        start = time.perf_counter() - s.epoch_elapsed  # training time only: checkpoint writes are taken out
+        bar = self.log.progress(self.steps_per_epoch, s.epoch + 1, cfg.schedule.epochs, s.batch_in_epoch)
         for batch in self.train_loader:
             self.train_step(*self.to_device(*batch))
-            self.batch_in_epoch += 1
+            s.batch_in_epoch += 1
+            s.epoch_elapsed = time.perf_counter() - start
             bar.update()
-            if self.step % cfg.train.log_every_steps == 0:
+            if s.step % cfg.train.log_every_steps == 0:
                 self._log_progress(bar)
-            self.epoch_elapsed = time.perf_counter() - start
             signum = stop.requested()
             # Periodic saves skip the epoch's last step: the epoch-end checkpoint follows it.
-            periodic = (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
-                        and self.batch_in_epoch < self.steps_per_epoch)
+            periodic = (cfg.checkpoint.every_steps and s.step % cfg.checkpoint.every_steps == 0
+                        and s.batch_in_epoch < self.steps_per_epoch)
             if signum or periodic:
-                self.save_checkpoint(is_best=False)
+                saved = self.save_checkpoint()
+                start = time.perf_counter() - s.epoch_elapsed
             if signum:
                 bar.close()
-                raise Preempted(signum, f"stopped by {signal.Signals(signum).name} in epoch {self.epoch + 1} "
-                                        f"after step {self.step}; checkpoint written to {self.checkpointer.last}; "
-                                        "continue with --resume auto")
+                raise Preempted(signum, f"stopped by {signal.Signals(signum).name} in epoch {s.epoch + 1} "
+                                        f"after step {s.step}; checkpoint written to {saved}; "
+                                        f"continue with --resume auto (from {self.checkpointer.last})")
         bar.close()
-        self.epoch_elapsed = time.perf_counter() - start
+        s.epoch_elapsed = time.perf_counter() - start
         self._check_finite()
-        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        s.epoch, s.batch_in_epoch = s.epoch + 1, 0
 
     def _log_progress(self, bar) -> None:
-        values = self.meter.read()
+        s, values = self.state, self.meter.read()
         self._check_finite(values)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.log.train_scalars(self.step, {"loss": values["loss"], "top1": values["top1"], "lr": lr})
+        self.log.train_scalars(s.step, {"loss": values["loss"], "top1": values["top1"], "lr": lr})
         bar.set_postfix(loss=f"{values['loss']:.4f}", top1=f"{values['top1']:.1f}", lr=f"{lr:.4g}")
+        per_step = s.epoch_elapsed / max(s.batch_in_epoch, 1)
+        self.log.progress_line({
+            "epoch": s.epoch + 1, "epochs": self.cfg.schedule.epochs, "batch": s.batch_in_epoch,
+            "batches": self.steps_per_epoch, "loss": values["loss"], "top1": values["top1"], "lr": lr,
+            "images_per_sec": values["images"] / max(s.epoch_elapsed, 1e-9),
+            "eta_epoch_s": per_step * (self.steps_per_epoch - s.batch_in_epoch),
+            "eta_run_s": per_step * (self.cfg.schedule.epochs * self.steps_per_epoch - s.step),
+        })
 
     def _check_finite(self, values: Optional[dict] = None) -> None:
-        """Stop when the loss stayed non-finite too long (checked at log time: no per-step sync)."""
+        """Stop when steps kept being skipped (checked at log time: no per-step sync)."""
         values = values or self.meter.read()
         limit = self.cfg.train.max_nonfinite_steps
-        if values["nonfinite_streak"] >= limit:
-            last = self.checkpointer.last if self.checkpointer.last.exists() else "none yet"
+        if values["skip_streak"] >= limit:
             raise TrainingError(
-                f"the loss stayed non-finite for {int(values['nonfinite_streak'])} steps in a row "
-                f"(train.max_nonfinite_steps = {limit}) before step {self.step}; those steps were skipped. "
-                f"Last good checkpoint: {last}; lower optim.lr or set grad_clip")
+                f"{int(values['skip_streak'])} steps in a row had non-finite gradients (train.max_nonfinite_steps "
+                f"= {limit}) before step {self.state.step}; those steps were skipped. Last good checkpoint: "
+                f"{checkpoint.describe(self.checkpointer.last)}; {DIVERGENCE_ADVICE}")
 
     def evaluate(self) -> dict:
-        return evaluate(self.model, self.val_loader, self.device, self.autocast, self.memory_format)
+        if self.env.distributed:
+            # Each rank's running statistics saw only its own batches: average them, so every rank
+            # evaluates, and rank 0 saves, the same model.
+            distribute_bn(self.model, self.env.world_size, reduce=True)
+        return evaluate_model(self.model, self.val_loader, self.device, self.autocast, self.memory_format)
 
     # ------------------------------------------------------------------ checkpoints
 
-    def state_dict(self) -> dict:
-        return {
-            "format": checkpoint.FORMAT, "version": __version__,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            # The LR is a pure function of the global step: the step is the scheduler's state.
-            "schedule": {"step": self.step, "steps_per_epoch": self.steps_per_epoch},
-            "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
-            "epoch_elapsed": self.epoch_elapsed, "train_meter": self.meter.reduced_sums(),
-            "best_top1": self.best_top1, "best_epoch": self.best_epoch,
-            "config": to_dict(self.cfg), "classes": list(self.classes),
-        }
+    def save_checkpoint(self, val_top1: Optional[float] = None) -> Path:
+        """Save the state (every rank takes part) and return the file written.
 
-    def save_checkpoint(self, is_best: bool) -> None:
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
-            raise TrainingError(f"weights are not finite at step {self.step}: not saving a checkpoint; "
-                                f"last good checkpoint: {self.checkpointer.last}")
+        A state whose steps since the last checkpoint had non-finite losses goes to nonfinite.pt,
+        never to last.pt or best.pt; a state with a non-finite tensor is not saved at all.
+        """
+        s, ckpt = self.state, self.checkpointer
+        bad_losses = self.meter.bad_losses_since_checkpoint()
+        is_best = not bad_losses and val_top1 is not None and val_top1 > s.best_top1
+        if is_best:
+            s.best_top1, s.best_epoch = val_top1, s.epoch
         self.log.flush()  # every event up to this checkpoint is on disk before it
-        state = self.state_dict()
-        # One entry per rank: RNG states, and the data pipeline's position inside the epoch.
-        state["rng"] = dist.all_gather_objects(checkpoint.rng_state())
-        state["data"] = dist.all_gather_objects(self.train_loader.state() if self.batch_in_epoch else None)
+        state = ckpt.state_dict(dist.all_gather_objects)
+        broken = dist.broadcast_object(checkpoint.nonfinite_tensors(
+            {k: state[k] for k in ("model", "optimizer", "scaler")}) if self.env.is_main else None)
+        if broken:
+            raise TrainingError(f"{broken[0]} is not finite at step {s.step}: not saving a checkpoint. Last good "
+                                f"checkpoint: {checkpoint.describe(ckpt.last)}; {DIVERGENCE_ADVICE}")
+        path, failure = ckpt.nonfinite if bad_losses else ckpt.last, None
         if self.env.is_main:
-            self.checkpointer.save(state, self.epoch, is_best, numbered=self.batch_in_epoch == 0)
-        dist.barrier()
+            try:
+                if bad_losses:
+                    ckpt.write_nonfinite(state)
+                    self.log.info(f"warning: {bad_losses} step(s) since the last checkpoint had non-finite losses "
+                                  f"(skipped); this state went to {path}, not last.pt, which stays at "
+                                  f"{checkpoint.describe(ckpt.last)}")
+                else:
+                    ckpt.write(state, s.epoch, is_best, numbered=s.batch_in_epoch == 0)
+            except CheckpointError as e:  # a full disk, a quota, a vanished mount
+                failure = f"{e}; last good checkpoint: {checkpoint.describe(ckpt.last)}"
+        failure = dist.broadcast_object(failure)  # every rank stops alike, none waits at a barrier
+        if failure:
+            raise CheckpointError(failure)
+        return path
 
-    def load_checkpoint(self, path: Path) -> None:
+    def load_checkpoint(self, path: Path, force: bool = False) -> None:
         state = checkpoint.load(path)
-        if state.get("classes") and list(state["classes"]) != list(self.classes):
-            raise CheckpointError(f"{path}: trained on other classes than data.root holds")
-        if state["schedule"]["steps_per_epoch"] != self.steps_per_epoch:
-            raise CheckpointError(f"{path}: saved with {state['schedule']['steps_per_epoch']} steps per epoch, "
-                                  f"this run has {self.steps_per_epoch} (another data set or batch size)")
-        checkpoint.load_model_weights(self.model, state, path, self.cfg.model.name)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
-        self.epoch_elapsed = state["epoch_elapsed"]
-        self.best_top1, self.best_epoch = state["best_top1"], state["best_epoch"]
-        if self.env.is_main:  # the epoch's running sums (already reduced over ranks), counted once
-            self.meter.load_sums(state["train_meter"])
-        if len(state["rng"]) == self.env.world_size:
-            checkpoint.set_rng_state(state["rng"][self.env.rank])
-        if state["data"][0] is not None:
-            if len(state["data"]) != self.env.world_size:
-                raise CheckpointError(f"{path}: saved inside an epoch by {len(state['data'])} process(es); "
-                                      f"resume it with the same number (this run has {self.env.world_size})")
-            self.train_loader.restore(state["data"][self.env.rank])
+        checkpoint.check_compatible(state, path, self.cfg, classes=self.classes, steps_per_epoch=self.steps_per_epoch,
+                                    world_size=self.env.world_size, force=force)
+        self.checkpointer.restore(state, path, self.env.rank, self.env.world_size)
+
+    def announce(self, resumed_from: Optional[Path]) -> None:
+        """The start-up block: what is being trained, on what, where, and from where."""
+        cfg, env, s = self.cfg, self.env, self.state
+        params = sum(p.numel() for p in self.model.parameters())
+        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else \
+            f"cpu ({torch.get_num_threads()} threads per process)"
+        start = (f"resumed from {resumed_from} at epoch {s.epoch}, step {s.step}" if resumed_from
+                 else "fresh start")
+        lines = [
+            f"model: {cfg.model.name}, {params:,} parameters, {cfg.model.num_classes} classes",
+            f"data: {cfg.data.root} ({cfg.data.backend}), {len(self.classes)} classes, "
+            f"{self.train_loader.num_samples} train / {self.val_loader.num_samples} val images, "
+            f"{self.steps_per_epoch} steps per epoch, batch {cfg.data.batch_size} global = "
+            f"{cfg.data.batch_size // env.world_size} per process",
+            f"device: {device}; {env.world_size} process(es); precision: {precision_in_use(cfg.amp, self.device)}",
+            f"run folder: {self.run_dir}; {start}",
+        ]
+        self.log.info("\n".join(lines))
+        size = checkpoint.state_bytes(self.model.state_dict()) + checkpoint.state_bytes(self.optimizer.state_dict())
+        warning = self.checkpointer.space_warning(size)
+        if warning:
+            self.log.info(warning)
 
     def close(self) -> None:
         self.log.close()

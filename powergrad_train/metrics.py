@@ -17,13 +17,20 @@ SUMMARY_COLUMNS = ("epoch", "step", "train_loss", "train_top1", "eval_loss", "ev
 
 
 class TrainMeter:
-    """Running sums of the epoch (loss, correct predictions, samples, logit L2 norms) and the
-    run of non-finite steps, kept on the device so the training step never waits for the host;
-    read (and reduced over ranks) at log time."""
+    """Running sums of the epoch and counters of non-finite steps, kept on the device so the
+    training step never waits for the host; read (and reduced over ranks) at log time.
 
-    def __init__(self, device: torch.device):
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
-        self.streak = torch.zeros(2, dtype=torch.float64, device=device)  # current, longest
+    Its state for a checkpoint is the epoch's sums already reduced over ranks: restored on
+    rank 0 only, so they are counted once.
+    """
+
+    SUMS = ("loss", "correct", "images", "logit_norm")
+
+    def __init__(self, device: torch.device, is_main: bool):
+        self.is_main = is_main
+        self.sums = torch.zeros(len(self.SUMS), dtype=torch.float64, device=device)
+        self.skip_streak = torch.zeros(2, dtype=torch.float64, device=device)  # current, longest
+        self.bad_losses = torch.zeros(1, dtype=torch.float64, device=device)  # since the last checkpoint
 
     def reset(self) -> None:
         self.sums.zero_()
@@ -32,30 +39,43 @@ class TrainMeter:
     def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         # In-place adds of device values and Python numbers: no host-to-device copy, so no sync.
         logits = logits.detach().float()
-        self.sums[0] += loss.detach() * targets.shape[0]
+        n = targets.shape[0]
+        self.sums[0] += loss.detach() * n
         self.sums[1] += (logits.argmax(1) == targets).sum()
-        self.sums[2] += targets.shape[0]
+        self.sums[2] += n
         self.sums[3] += logits.norm(dim=1).sum()
 
     @torch.no_grad()
-    def count_nonfinite(self, nonfinite: torch.Tensor) -> None:
-        self.streak[0] = (self.streak[0] + 1) * nonfinite  # back to 0 on a good step
-        self.streak[1] = torch.maximum(self.streak[1], self.streak[0])
+    def count_step(self, skipped: torch.Tensor, bad_loss: torch.Tensor) -> None:
+        """skipped: the step was not applied; bad_loss: its loss was not finite (device scalars)."""
+        self.skip_streak[0] = (self.skip_streak[0] + 1) * skipped  # back to 0 on an applied step
+        self.skip_streak[1] = torch.maximum(self.skip_streak[1], self.skip_streak[0])
+        self.bad_losses += bad_loss
+
+    def bad_losses_since_checkpoint(self) -> int:
+        """Steps with a non-finite loss on any rank since the last call (which resets the count)."""
+        count = dist.all_reduce_sum(self.bad_losses.clone()).item()
+        self.bad_losses.zero_()
+        return int(count)
 
     def reduced_sums(self) -> torch.Tensor:
         return dist.all_reduce_sum(self.sums.clone()).cpu()
 
-    def load_sums(self, sums: torch.Tensor) -> None:
-        self.sums.copy_(sums)
+    def state_dict(self) -> torch.Tensor:
+        return self.reduced_sums()
+
+    def load_state_dict(self, sums: torch.Tensor) -> None:
+        if self.is_main:
+            self.sums.copy_(sums)
 
     def read(self) -> dict:
-        loss, correct, count, norm = self.reduced_sums().tolist()
-        streak = self.streak[1:].clone()
+        values = dict(zip(self.SUMS, self.reduced_sums().tolist()))
+        streak = self.skip_streak[1:].clone()
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(streak, op=torch.distributed.ReduceOp.MAX)
-        count = max(count, 1.0)
-        return {"loss": loss / count, "top1": 100 * correct / count, "images": count, "logit_norm": norm / count,
-                "nonfinite_streak": streak.item()}
+        count = max(values["images"], 1.0)
+        return {"loss": values["loss"] / count, "top1": 100 * values["correct"] / count, "images": values["images"],
+                "logit_norm": values["logit_norm"] / count, "skip_streak": streak.item()}
 
 
 class EvalMeter:
@@ -85,13 +105,18 @@ class RunLog:
         self.enabled = enabled
         self.csv_path = Path(run_dir) / "summary.csv"
         self.tb = None
+        self.terminal = False
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
+        if not start_step:  # a fresh start: events of an earlier try that left no checkpoint are stale
+            for stale in Path(run_dir).glob("events.out.tfevents.*"):
+                stale.unlink()
         # Events up to a checkpoint's step are written before it; purge_step drops those a killed
         # run wrote after its last checkpoint.
         self.tb = SummaryWriter(str(run_dir), purge_step=start_step + 1 if start_step else None)
         self._trim_csv(start_epoch)
+        self.terminal = sys.stderr.isatty()
 
     def _trim_csv(self, start_epoch: int) -> None:
         """Keep the rows of epochs already in the checkpoint, so a resumed run appends cleanly."""
@@ -107,9 +132,17 @@ class RunLog:
         os.replace(tmp, self.csv_path)  # a kill now leaves the old file or the new one
 
     def progress(self, total: int, epoch: int, epochs: int, initial: int = 0):
+        """A progress bar on a terminal; elsewhere (SLURM, nohup) progress_line() speaks instead."""
         from tqdm import tqdm
         return tqdm(total=total, initial=initial, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False,
-                    disable=not (self.enabled and sys.stderr.isatty()), dynamic_ncols=True)
+                    disable=not (self.enabled and self.terminal), dynamic_ncols=True)
+
+    def progress_line(self, p: dict) -> None:
+        """One compact line every train.log_every_steps when stdout is a log file, not a terminal."""
+        if self.enabled and not self.terminal:
+            print(f"epoch {p['epoch']}/{p['epochs']} step {p['batch']}/{p['batches']} | loss {p['loss']:.4f} "
+                  f"top1 {p['top1']:.2f} | lr {p['lr']:.4g} | {p['images_per_sec']:.0f} img/s | "
+                  f"ETA epoch {_duration(p['eta_epoch_s'])}, run {_duration(p['eta_run_s'])}", flush=True)
 
     def train_scalars(self, step: int, values: dict) -> None:
         if self.tb:
@@ -151,3 +184,6 @@ def format_eval(values: dict) -> str:
             f"({int(values['images'])} images)")
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

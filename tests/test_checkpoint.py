@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from powergrad_train import checkpoint
-from powergrad_train.checkpoint import Checkpointer, load, rng_state, save_atomic, set_rng_state
+from powergrad_train.checkpoint import Checkpointer, RngState, load, save_atomic
 from powergrad_train.errors import CheckpointError
 
 
@@ -15,10 +15,14 @@ def state(value: float) -> dict:
     return {"format": checkpoint.FORMAT, "model": {"w": torch.full((3,), value)}}
 
 
+def checkpointer(run_dir, keep_last):
+    return Checkpointer(run_dir, keep_last, parts={}, per_rank={}, meta={})
+
+
 def test_save_load_and_keep_last(tmp_path):
-    ckpt = Checkpointer(tmp_path, keep_last=2)
+    ckpt = checkpointer(tmp_path, keep_last=2)
     for epoch in range(1, 5):
-        ckpt.save(state(epoch), epoch, is_best=epoch == 2)
+        ckpt.write(state(epoch), epoch, is_best=epoch == 2, numbered=True)
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["best.pt", "epoch-0003.pt", "epoch-0004.pt", "last.pt"]
     assert load(ckpt.last)["model"]["w"][0] == 4
     assert load(ckpt.best)["model"]["w"][0] == 2
@@ -26,8 +30,8 @@ def test_save_load_and_keep_last(tmp_path):
 
 
 def test_keep_last_zero_writes_only_last(tmp_path):
-    ckpt = Checkpointer(tmp_path, keep_last=0)
-    ckpt.save(state(1), 1, is_best=True)
+    ckpt = checkpointer(tmp_path, keep_last=0)
+    ckpt.write(state(1), 1, is_best=True, numbered=True)
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["best.pt", "last.pt"]
 
 
@@ -67,9 +71,9 @@ def test_foreign_torch_file_and_missing_file(tmp_path):
 
 def test_rng_states_round_trip_through_a_file(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    save_atomic({"format": checkpoint.FORMAT, "rng": rng_state()}, tmp_path / "r.pt")
+    save_atomic({"format": checkpoint.FORMAT, "rng": RngState().state_dict()}, tmp_path / "r.pt")
     expected = (random.random(), np.random.rand(), torch.rand(1))
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    set_rng_state(load(tmp_path / "r.pt")["rng"])
+    RngState().load_state_dict(load(tmp_path / "r.pt")["rng"])
     assert (random.random(), np.random.rand()) == expected[:2]
     assert torch.equal(torch.rand(1), expected[2])

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
+from powergrad_train import checkpoint
 from powergrad_train.cli import main
 from tests.conftest import assert_same_weights, load_weights, tiny_overrides
 
@@ -65,7 +65,7 @@ def test_resume_auto_appends_to_summary_without_duplicates(two_epoch_run, tiny_r
     shutil.copy(two_epoch_run / "summary.csv", run_dir / "summary.csv")  # as if killed after epoch 2 began
     run_cli("--config", "smoke.yaml", "--output", run_dir, "--resume", "auto", *tiny_overrides(tiny_root))
     assert [r["epoch"] for r in read_summary(run_dir)] == ["1", "2"]
-    best = lambda d: torch.load(d / "best.pt", weights_only=True)["best_epoch"]  # noqa: E731
+    best = lambda d: checkpoint.load(d / "best.pt")["train_state"]["best_epoch"]  # noqa: E731
     assert best(run_dir) == best(two_epoch_run)  # replaced only if epoch 2 really beat epoch 1
     assert (run_dir / "summary.csv").read_text().count("epoch,") == 1
     assert_same_weights(load_weights(two_epoch_run / "last.pt"), load_weights(run_dir / "last.pt"))

@@ -78,11 +78,18 @@ def test_recipe_not_found_and_base_loop(tmp_path):
         build_config(str(tmp_path / "a.yaml"))
 
 
-def test_bundled_recipes_resolve_by_name_and_validate():
-    recipes = sorted(BUNDLED_RECIPES.glob("*.yaml"))
-    assert recipes
-    for path in recipes:
-        assert build_config(path.name) is not None
+def test_bundled_recipes_resolve_by_name_and_train_what_their_names_say():
+    rows = [p for p in sorted(BUNDLED_RECIPES.glob("*.yaml")) if p.stem not in ("smoke", "imagenet", "imagenet_step")]
+    assert len(rows) == 28  # one recipe per row of Tables 1-3 (Table 3's rows shared with Table 1)
+    for path in rows:
+        cfg, name = build_config(path.name), path.stem
+        model = "resnet18_nobn" if name.startswith("nobn") else name.split("_")[0]
+        assert cfg.model.name == model, name
+        assert (cfg.loss.pgt_alpha is not None) == ("pgt" in name), name
+        assert (cfg.loss.label_smoothing == 0.1) == ("_ls" in name), name
+        assert cfg.schedule.name == ("step" if "_step" in name else "cosine"), name
+        assert cfg.grad_clip.mode == ("agc" if "_agc" in name else "value" if "_gc" in name else "none"), name
+        assert cfg.data.root == "/data/imagenet" and cfg.model.num_classes == 1000, name
 
 
 def test_runtime_checks():

@@ -16,7 +16,9 @@ from powergrad_train.config import build_config
 from powergrad_train.data import build_train_loader, build_val_loader
 from powergrad_train.data.demo import write_demo_dataset
 from powergrad_train.errors import ConfigError
+from powergrad_train.data.files import list_split
 from tests.conftest import assert_same_weights, load_weights, tiny_overrides
+from tests.test_data import IMAGE_FORMATS, write_image_formats
 from tests.test_fault_tolerance import start, wait_for
 
 
@@ -124,11 +126,30 @@ def test_corrupt_files_are_skipped_and_listed(tmp_path, capsys):
                                                          ("garbage.jpg", "empty.jpg", "truncated.jpg"))
 
 
-def test_gpu_placement_without_cuda_and_missing_dali_are_clear_errors(tiny_root, monkeypatch):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA: the gpu placement is valid here")
+def test_every_format_the_scan_keeps_is_decoded(tmp_path, capsys):
+    """BMP, TIFF, WebP, PNM and a JPEG with fill bytes before a marker: kept by the scan, read by DALI
+    in both splits, with the same pixels as the torchvision backend."""
+    write_image_formats(tmp_path)
+    for split in ("train", "val"):
+        _, samples = list_split(tmp_path, split, verbose=True)
+        assert len(samples) == 2 * len(IMAGE_FORMATS)
+    assert "skipped" not in capsys.readouterr().out
+    train, _ = build_train_loader(dali_cfg(tmp_path, "data.batch_size=2"), seed=0, rank=0, world_size=1)
+    assert sum(len(y) for _, y in train) == 2 * len(IMAGE_FORMATS)
+    dali_loader, _ = build_val_loader(dali_cfg(tmp_path), rank=0, world_size=1)
+    torch_loader, _ = build_val_loader(dali_cfg(tmp_path, "data.backend=torchvision"), rank=0, world_size=1)
+    for (a, ya), (b, yb) in zip(torch_loader, dali_loader):
+        assert torch.equal(ya, yb)
+        assert (a - b).abs().mean() < 0.02
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the gpu placement is valid here")
+def test_gpu_placement_without_cuda_is_a_clear_error(tiny_root):
     with pytest.raises(ConfigError, match="data.dali_device = gpu needs a CUDA GPU"):
         build_train_loader(dali_cfg(tiny_root, "data.dali_device=gpu"), seed=0, rank=0, world_size=1)
+
+
+def test_missing_dali_is_a_clear_error(tiny_root, monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     with pytest.raises(ConfigError, match=r"needs NVIDIA DALI: pip install -e '\.\[dali\]'"):
         build_val_loader(dali_cfg(tiny_root), rank=0, world_size=1)
@@ -148,7 +169,7 @@ def test_training_through_dali_and_exact_resume_after_sigterm(tiny_root, tmp_pat
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     state = checkpoint.load(run_dir / "last.pt")
-    assert state["batch_in_epoch"] > 0 and state["data"][0]["pipeline"]  # DALI's own position was saved
+    assert state["train_state"]["batch_in_epoch"] > 0 and state["data"][0]["pipeline"]  # DALI's own position was saved
     main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *overrides])
     assert_same_weights(load_weights(straight / "last.pt"), load_weights(run_dir / "last.pt"))
     shutil.rmtree(straight)

@@ -2,8 +2,10 @@
 
 import hashlib
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from powergrad_train.config import build_config
 from powergrad_train.data import build_train_loader, build_val_loader, check_data
@@ -120,3 +122,33 @@ def test_unreadable_files_are_left_out_of_both_splits(tmp_path, capsys):
     loader, _ = build_train_loader(cfg.data, seed=0, rank=0, world_size=1)
     assert loader.num_samples == 20
     assert "skipped 2 unreadable file(s)" in capsys.readouterr().out
+
+
+IMAGE_FORMATS = {"bmp": {}, "tif": {}, "tiff": {"compression": "tiff_lzw"}, "webp": {"lossless": True}, "ppm": {},
+                 "png": {}, "jpg": {}}
+
+
+def write_image_formats(root):
+    """Two classes in train/ and val/, each holding one image of every format, plus a JPEG whose
+    second marker is preceded by 0xFF fill bytes (allowed by the standard) under the .jpg name."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c, name in enumerate(("a", "b")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            pixels = np.full((40, 48, 3), 60 + 120 * c, dtype=np.uint8) + rng.integers(0, 20, (40, 48, 3), dtype=np.uint8)
+            for ext, options in IMAGE_FORMATS.items():
+                Image.fromarray(pixels).save(folder / f"img.{ext}", **options)
+            jpeg = (folder / "img.jpg").read_bytes()
+            (folder / "img.jpg").write_bytes(jpeg[:2] + b"\xff\xff\xff" + jpeg[2:])
+
+
+def test_the_scan_keeps_every_format_torchvision_decodes(tmp_path, capsys):
+    write_image_formats(tmp_path)
+    (tmp_path / "val" / "a" / "broken.bmp").write_bytes(b"BM" + bytes(60))
+    cfg = build_config(None, [f"data.root={tmp_path}", "data.image_size=16", "data.batch_size=2", "data.workers=0"])
+    loader, _ = build_val_loader(cfg.data, rank=0, world_size=1)
+    images = torch.cat([x for x, _ in loader])
+    assert images.shape[0] == 2 * len(IMAGE_FORMATS) and torch.isfinite(images).all()
+    out = capsys.readouterr().out
+    assert "skipped 1 unreadable file(s)" in out and "(a/broken.bmp)" in out  # named, not just counted

@@ -1,5 +1,7 @@
-"""The training step itself: compiled equals eager, the bench command measures it."""
+"""The training step itself: each variant changes what it should, compiled equals eager, the bench
+command measures it."""
 
+import pytest
 import torch
 
 from powergrad_train.cli import main
@@ -14,17 +16,94 @@ def trainer(root, tmp_path, *extra):
     return Trainer(build_config("smoke.yaml", overrides + list(extra)), tmp_path, DistEnv(), torch.device("cpu"))
 
 
-def test_compiled_step_matches_eager(tiny_root, tmp_path):
+def snapshot(t):
+    return {n: p.detach().clone() for n, p in t.model.named_parameters()}
+
+
+def test_compiled_step_makes_the_same_update_as_eager(tiny_root, tmp_path):
     eager = trainer(tiny_root, tmp_path / "e")
     compiled = trainer(tiny_root, tmp_path / "c", "model.compile=true")
     images, targets = next(iter(eager.train_loader))
+    before = snapshot(eager)
+    updates = []
     for t in (eager, compiled):
         t.train_model.train()
         t.train_step(images, targets)
-    for (name, a), b in zip(eager.model.named_parameters(), compiled.model.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        updates.append({n: p.detach() - before[n] for n, p in t.model.named_parameters()})
+    moved = [name for name in before if updates[0][name].abs().max() > 0]
+    assert len(moved) > len(before) // 2  # (zero-initialised last BN scales leave some convs still)
+    for name in before:
+        # Relative to the update itself, not to the weights: a wrong step cannot hide behind them.
+        torch.testing.assert_close(updates[1][name], updates[0][name], rtol=1e-3,
+                                   atol=1e-4 * updates[0][name].abs().max().item(), msg=lambda m: f"{name}: {m}")
     eager.close()
     compiled.close()
+
+
+def head_bias_gradient(t, images, targets):
+    """The classifier bias gradient of one forward/backward, and the logits it came from."""
+    t.train_model.train()
+    logits, loss = t.forward_loss(images, targets)
+    loss.backward()
+    return t.model.get_classifier().bias.grad.clone(), logits.detach().float()
+
+
+@pytest.mark.parametrize("variant,expected_probabilities", [
+    ([], lambda z: z.softmax(1)),
+    (["loss.pgt_alpha=0.25"], lambda z: (0.25 * z).softmax(1)),
+    (["loss.label_smoothing=0.1"], lambda z: z.softmax(1) - 0.1 / z.shape[1]),
+    (["loss.pgt_alpha=0.25", "loss.label_smoothing=0.1"], lambda z: (0.25 * z).softmax(1) - 0.1 / z.shape[1]),
+])
+def test_loss_variants_reach_the_gradient(tiny_root, tmp_path, variant, expected_probabilities):
+    """d loss / d bias = mean over the batch of (p~ - q): PGT changes p~, label smoothing q."""
+    t = trainer(tiny_root, tmp_path, "loss.pgt_alpha=null", *variant)
+    images, targets = next(iter(t.train_loader))
+    grad, logits = head_bias_gradient(t, images, targets)
+    eps = t.cfg.loss.label_smoothing
+    one_hot = torch.nn.functional.one_hot(targets, logits.shape[1]).float() * (1 - eps)
+    expected = (expected_probabilities(logits) - one_hot).mean(0)
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+    t.close()
+
+
+def test_agc_changes_the_body_update_and_leaves_the_head_alone(tiny_root, tmp_path):
+    plain = trainer(tiny_root, tmp_path / "p")
+    agc = trainer(tiny_root, tmp_path / "a", "grad_clip.mode=agc", "grad_clip.value=0.001")
+    images, targets = next(iter(plain.train_loader))
+    before = snapshot(plain)
+    for t in (plain, agc):
+        t.train_model.train()
+        t.train_step(images, targets)
+    head = {n for n, _ in plain.model.named_parameters() if n.startswith(plain.model.default_cfg["classifier"])}
+    assert head
+    for name, p in agc.model.named_parameters():
+        q = dict(plain.model.named_parameters())[name]
+        if name in head:
+            assert torch.equal(p, q), f"AGC touched the head parameter {name}"
+    clipped = [n for n in before if n not in head and
+               (agc.model.get_parameter(n) - before[n]).norm() < 0.99 * (plain.model.get_parameter(n) - before[n]).norm()]
+    assert len(clipped) > len(before) // 4, clipped  # a small clipping factor shrinks many body updates
+    plain.close()
+    agc.close()
+
+
+def test_bf16_runs_the_forward_in_bf16_and_stays_close_to_float32(tiny_root, tmp_path):
+    fp32 = trainer(tiny_root, tmp_path / "f")
+    bf16 = trainer(tiny_root, tmp_path / "b", "amp=bf16")
+    images, targets = next(iter(fp32.train_loader))
+    assert bf16.forward_loss(images, targets)[0].dtype == torch.bfloat16
+    assert fp32.forward_loss(images, targets)[0].dtype == torch.float32
+    before = snapshot(fp32)
+    for t in (fp32, bf16):
+        t.optimizer.zero_grad(set_to_none=True)
+        t.train_step(images, targets)
+    name = f"{fp32.model.default_cfg['classifier']}.weight"
+    update32 = fp32.model.get_parameter(name).detach() - before[name]
+    update16 = bf16.model.get_parameter(name).detach() - before[name]
+    assert not torch.equal(update16, update32)  # bf16 really ran
+    assert torch.nn.functional.cosine_similarity(update16.flatten(), update32.flatten(), dim=0) > 0.9
+    fp32.close()
+    bf16.close()
 
 
 def test_bench_command_prints_its_figures(tiny_root, capsys):

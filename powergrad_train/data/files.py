@@ -15,6 +15,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from powergrad_train.data.demo import cache_dir
@@ -26,10 +27,14 @@ def _jpeg_header_ok(f) -> bool:
     f.seek(2)
     frame = False
     while True:
-        marker = f.read(2)
-        if len(marker) < 2 or marker[0] != 0xFF:
+        if f.read(1) != b"\xff":
             return False
-        kind = marker[1]
+        kind = 0xFF
+        while kind == 0xFF:  # a marker may be preceded by any number of 0xFF fill bytes
+            byte = f.read(1)
+            if not byte:
+                return False
+            kind = byte[0]
         if kind == 0xDA:  # start of scan: entropy-coded data follows
             return frame
         length = int.from_bytes(f.read(2), "big")
@@ -43,9 +48,24 @@ def _jpeg_header_ok(f) -> bool:
             frame = height > 0 and width > 0 and components in (1, 3, 4)
 
 
+def _decodes(path: str) -> bool:
+    """Other formats (BMP, TIFF, WebP, PNM) are rare in image sets: decode them fully with PIL."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except Exception:  # PIL raises many types for a bad file
+        return False
+
+
 def looks_like_image(path: str) -> bool:
-    """A JPEG whose markers parse up to the scan and that ends with its end marker, or a PNG with
-    its header and IEND chunk: what a garbage, empty, truncated or foreign file lacks."""
+    """True for a file both backends can decode.
+
+    JPEG (nearly every file) and PNG get a fast structural check: a JPEG whose markers parse
+    up to the scan and that ends with its end marker, a PNG with its header and IEND chunk,
+    which is what a garbage, empty, truncated or foreign file lacks. Any other file is decoded
+    with PIL; DALI's CPU and GPU decoders read the same formats (BMP, TIFF, WebP, PNM).
+    """
     try:
         with open(path, "rb") as f:
             head = f.read(24)
@@ -59,7 +79,7 @@ def looks_like_image(path: str) -> bool:
         return False
     if head[:8] == b"\x89PNG\r\n\x1a\n":
         return head[12:16] == b"IHDR" and int.from_bytes(head[16:20], "big") > 0 and b"IEND" in tail
-    return False
+    return _decodes(path)
 
 
 def _scan(paths: list[str], cache_file: Path) -> set[str]:
@@ -113,11 +133,12 @@ def list_split(root: Path, split: str, verbose: bool) -> tuple[list[str], list[t
                     for f in sorted(names) if f.lower().endswith(IMG_EXTENSIONS)]
     key = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:16]
     scan_dir = cache_dir() / "scans" / key
-    bad = _scan([p for p, _ in samples], scan_dir / "checked.json")
+    bad = _scan([p for p, _ in samples], scan_dir / "checked-v2.json")  # v2: formats beyond JPEG/PNG
     if bad:
         report = scan_dir / "skipped.txt"
         report.write_text("".join(f"{p}\n" for p in sorted(bad)))
         samples = [(p, label) for p, label in samples if p not in bad]
         if verbose:
-            print(f"data: skipped {len(bad)} unreadable file(s) in {folder}; list in {report}", flush=True)
+            names = ", ".join(os.path.relpath(p, folder) for p in sorted(bad)[:3]) + (", ..." if len(bad) > 3 else "")
+            print(f"data: skipped {len(bad)} unreadable file(s) in {folder} ({names}); list in {report}", flush=True)
     return classes, samples
