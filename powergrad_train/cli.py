@@ -14,17 +14,17 @@ from typing import Optional
 # Only light imports here: `--help` and config errors answer without loading torch.
 from powergrad_train import __version__
 from powergrad_train.config import Config, build_config, check_runtime, check_schedule, describe_keys, dump
-from powergrad_train.errors import CheckpointError, ConfigError, UserError
+from powergrad_train.errors import CheckpointError, ConfigError, InstallError, UserError
 
-COMMANDS = ("train", "validate", "bench")
+COMMANDS = ("train", "validate", "bench", "env")
 
 
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="powergrad-train",
         description="Train an ImageNet classifier from a YAML recipe, with the PowerGrad Transform, "
-                    "label smoothing and GC/AGC. Subcommands: train (default), validate, bench "
-                    "(see 'powergrad-train validate --help', 'powergrad-train bench --help').",
+                    "label smoothing and GC/AGC. Subcommands: train (default), validate, bench, env "
+                    "(see 'powergrad-train validate --help' and so on).",
         epilog="config keys (set in a recipe, or with --set KEY=VALUE):\n" + describe_keys(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, metavar="RECIPE",
@@ -79,9 +79,11 @@ def _resume_path(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     return None
 
 
-def _cuda_available() -> bool:
-    import torch
-    return torch.cuda.is_available()
+def _check_machine(cfg: Config, world_size: int) -> None:
+    """Before any CUDA work: can the installed builds drive these GPUs, and does the recipe suit them?"""
+    from powergrad_train import hardware
+    gpus = hardware.check_gpus(dali_on_gpu=cfg.data.backend == "dali" and cfg.data.dali_device != "cpu")
+    check_runtime(cfg, world_size, cuda=bool(gpus), capability=min((g.capability for g in gpus), default=None))
 
 
 def _dry_run(cfg: Config, env) -> None:
@@ -110,7 +112,7 @@ def train_command(argv: list[str]) -> None:
     cfg = build_config(args.config, args.set)
     from powergrad_train import dist
     env = dist.env_from_torchrun()
-    check_runtime(cfg, env.world_size, _cuda_available())
+    _check_machine(cfg, env.world_size)
     if args.dry_run:
         _dry_run(cfg, env)
         return
@@ -157,7 +159,7 @@ def validate_command(argv: list[str]) -> None:
     state = checkpoint.load(path)
     cfg = build_config(None, args.set, start=(f"{path} (its config)", state["config"]), lenient=True)
     env = dist.env_from_torchrun()
-    check_runtime(cfg, env.world_size, _cuda_available())
+    _check_machine(cfg, env.world_size)
     device = dist.device_for(env)
     dist.init(env, device)
     try:
@@ -188,7 +190,7 @@ def bench_command(argv: list[str]) -> None:
     overrides = args.set + (["data.backend=synthetic"] if args.data == "synthetic" else [])
     cfg = build_config(args.config, overrides)
     env = dist.env_from_torchrun()
-    check_runtime(cfg, env.world_size, torch.cuda.is_available())
+    _check_machine(cfg, env.world_size)
     check_data(cfg.data)
     device = dist.device_for(env)
     dist.init(env, device)
@@ -214,6 +216,23 @@ def bench_command(argv: list[str]) -> None:
         dist.close()
 
 
+def _env_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog="powergrad-train env",
+                                   description="Print the torch, CUDA, cuDNN, NCCL and DALI builds and the GPUs "
+                                               "with their compute capability; exit 2 when the builds cannot "
+                                               "drive a GPU (with the install that can).")
+
+
+def env_command(argv: list[str]) -> None:
+    _env_parser().parse_args(argv)
+    from powergrad_train import hardware
+    lines, problems = hardware.report()
+    print("\n".join(lines + [f"problem: {p}" for p in problems]))
+    if problems:
+        raise InstallError(f"{len(problems)} GPU problem(s) with this install (listed above)")
+    print("supported: yes")
+
+
 def _one_line(error: Exception) -> str:
     """A UserError re-raised from a DataLoader worker carries the worker's traceback: keep its last line."""
     lines = [line for line in str(error).splitlines() if line.strip()]
@@ -228,7 +247,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if argv and argv[0] in COMMANDS:
         argv = argv[1:]
     try:
-        {"train": train_command, "validate": validate_command, "bench": bench_command}[command](argv)
+        {"train": train_command, "validate": validate_command, "bench": bench_command, "env": env_command}[command](argv)
     except UserError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)

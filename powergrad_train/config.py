@@ -115,6 +115,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     amp: str = opt("off", "mixed precision: off | fp16 (GradScaler, CUDA only) | bf16", choices=("off", "fp16", "bf16"))
     channels_last: bool = opt(False, "channels_last memory format for model and images")
+    tf32: bool = opt(True, "Ampere and newer GPUs: float32 convolutions and matmuls use TF32 tensor cores (torch's "
+                           "own default does so for convolutions only); false = full float32. No effect on older "
+                           "GPUs, the CPU, or the ops autocast runs in fp16/bf16")
     seed: int = opt(0, "seed for init, data order and augmentation: same seed, same run", ge=0, fixed=True)
 
 
@@ -382,8 +385,11 @@ def check(cfg: Config, sources: dict[str, str]) -> None:
         raise ConfigError(f"{where('optim.nesterov', 'optim.momentum')}: optim.nesterov needs optim.momentum > 0")
 
 
-def check_runtime(cfg: Config, world_size: int, cuda: bool) -> None:
-    """Rules that depend on the machine and launcher; run before any process group exists."""
+def check_runtime(cfg: Config, world_size: int, cuda: bool, capability: Optional[tuple[int, int]] = None) -> None:
+    """Rules that depend on the machine and launcher; run before any process group exists.
+
+    capability: the oldest visible GPU's compute capability, when there are GPUs.
+    """
     acc = cfg.train.accumulate_steps
     if cfg.data.batch_size % (world_size * acc):
         raise ConfigError(f"data.batch_size {cfg.data.batch_size} does not split evenly over {world_size} "
@@ -396,6 +402,9 @@ def check_runtime(cfg: Config, world_size: int, cuda: bool) -> None:
                           "set model.sync_bn: false on the CPU")
     if cfg.amp == "fp16" and not cuda:
         raise ConfigError("amp = fp16 needs a CUDA GPU (fp16 loss scaling); on the CPU use amp: bf16 or off")
+    if cfg.amp == "bf16" and capability is not None and capability < (8, 0):
+        raise ConfigError(f"amp = bf16 needs a GPU of compute capability 8.0 or newer (Ampere); this one is "
+                          f"{capability[0]}.{capability[1]} (a V100 is 7.0): use amp: fp16")
     if cfg.amp == "bf16" and cfg.channels_last and not cuda:
         raise ConfigError("amp = bf16 with channels_last = true is refused on the CPU: oneDNN's bf16 channels_last "
                           "convolution backward returns non-finite weight gradients for 1x1 feature maps; "

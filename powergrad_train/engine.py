@@ -24,6 +24,7 @@ from powergrad_train.config import Config, check_schedule, to_dict
 from powergrad_train.data import build_train_loader, build_val_loader, check_classes
 from powergrad_train.dist import DistEnv
 from powergrad_train.errors import CheckpointError, TrainingError
+from powergrad_train.hardware import precision_in_use
 from powergrad_train.metrics import EvalMeter, RunLog, TrainMeter
 from powergrad_train.models import build_model
 from powergrad_train.optim import build_grad_clipper, build_optimizer, lr_at_step, set_lr
@@ -59,14 +60,6 @@ def evaluate_model(model, loader, device, autocast, memory_format=torch.contiguo
     return meter.read()
 
 
-def precision_in_use(amp: str, device: torch.device) -> str:
-    if amp == "fp16":
-        return "fp16 autocast with loss scaling (GradScaler), float32 weights"
-    if amp == "bf16":
-        return "bf16 autocast, float32 weights"
-    return "float32"
-
-
 class DataPosition:
     """The train loader's position inside an epoch, as a checkpoint part (None at an epoch's end)."""
 
@@ -88,6 +81,8 @@ class Trainer:
         seed_everything(cfg.seed)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # shapes are fixed: let cuDNN pick its fastest kernels
+            # One rule for float32 convolutions and matmuls (torch's defaults differ for the two).
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
         self.model = build_model(cfg.model)
@@ -317,8 +312,9 @@ class Trainer:
         """The start-up block: what is being trained, on what, where, and from where."""
         cfg, env, s = self.cfg, self.env, self.state
         params = sum(p.numel() for p in self.model.parameters())
-        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else \
-            f"cpu ({torch.get_num_threads()} threads per process)"
+        on_gpu = self.device.type == "cuda"
+        device = torch.cuda.get_device_name(self.device) if on_gpu else f"cpu ({torch.get_num_threads()} threads per process)"
+        capability = tuple(torch.cuda.get_device_capability(self.device)) if on_gpu else None
         start = (f"resumed from {resumed_from} at epoch {s.epoch}, step {s.step}" if resumed_from
                  else "fresh start")
         lines = [
@@ -327,7 +323,7 @@ class Trainer:
             f"{self.train_loader.num_samples} train / {self.val_loader.num_samples} val images, "
             f"{self.steps_per_epoch} steps per epoch, batch {cfg.data.batch_size} global = "
             f"{cfg.data.batch_size // env.world_size} per process",
-            f"device: {device}; {env.world_size} process(es); precision: {precision_in_use(cfg.amp, self.device)}",
+            f"device: {device}; {env.world_size} process(es); precision: {precision_in_use(cfg.amp, cfg.tf32, capability)}",
             f"run folder: {self.run_dir}; {start}",
         ]
         self.log.info("\n".join(lines))

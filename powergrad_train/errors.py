@@ -19,3 +19,7 @@ class CheckpointError(UserError):
 
 class TrainingError(UserError):
     """The run cannot go on (for example the loss stays non-finite)."""
+
+
+class InstallError(UserError):
+    """The installed torch or DALI build cannot drive this machine's GPUs."""

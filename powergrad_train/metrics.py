@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -109,9 +110,12 @@ class RunLog:
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
+        earlier = list(Path(run_dir).glob("events.out.tfevents.*"))
         if not start_step:  # a fresh start: events of an earlier try that left no checkpoint are stale
-            for stale in Path(run_dir).glob("events.out.tfevents.*"):
+            for stale in earlier:
                 stale.unlink()
+        else:
+            _wait_for_a_later_second(earlier)
         # Events up to a checkpoint's step are written before it; purge_step drops those a killed
         # run wrote after its last checkpoint.
         self.tb = SummaryWriter(str(run_dir), purge_step=start_step + 1 if start_step else None)
@@ -187,3 +191,12 @@ def format_eval(values: dict) -> str:
 def _duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _wait_for_a_later_second(event_files: list[Path]) -> None:
+    """TensorBoard reads event files in name order, and a name starts with the second it was made in.
+    A file made by a killed try in this same second could sort after ours and, read last, purge our
+    events: start ours in a later second than every file already there."""
+    seconds = [int(part) for part in (p.name.split(".")[3] for p in event_files) if part.isdigit()]
+    while seconds and int(time.time()) <= max(seconds):
+        time.sleep(0.05)

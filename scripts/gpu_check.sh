@@ -57,4 +57,26 @@ for t in ts:
 err = max(((a - b).norm() / a.norm().clamp_min(1e-12)).item() for a, b in zip(ts[0].model.parameters(), ts[1].model.parameters()))
 print(f"compiled vs eager after one bf16 step: max relative parameter difference {err:.2e}")
 PY
+echo "== install check (powergrad-train env)"; python3 -m powergrad_train env
+echo "== peak memory at 256 images per GPU, fp16, channels_last (compare: scripts/estimate_memory.py)"
+python3 - <<'PY'
+import torch, timm
+import powergrad_train.models  # noqa: F401
+from powergrad_train.pgt import power_grad_cross_entropy
+for name in ["resnet18", "resnet18_nobn", "seresnet18", "resnet50", "seresnet50", "resnet101"]:
+    torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
+    m = timm.create_model(name, num_classes=1000).cuda().to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, fused=True)
+    scaler = torch.amp.GradScaler("cuda")
+    x = torch.randn(256, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (256,), device="cuda")
+    for _ in range(2):
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = power_grad_cross_entropy(m(x), y, 0.25)
+        scaler.scale(loss).backward(); scaler.step(opt); scaler.update(); opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    print(f"{name}: peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated, "
+          f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved")
+    del m, opt, x
+PY
 echo "== done"

@@ -1,0 +1,158 @@
+"""Whether the installed torch and DALI builds can drive this machine's GPUs.
+
+Checked on every GPU run before any CUDA work: a torch build without kernels for a GPU
+fails only at its first CUDA operation ("no kernel image is available"), after a warning
+that is easy to miss. PyTorch's CUDA 13 builds (the default wheel of torch 2.14.1) dropped
+Volta (V100, compute capability 7.0); its CUDA 12.6 builds still have it, and DALI's
+CUDA 12 build supports capability 5.0 and newer while its CUDA 13 build starts at 7.5.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from powergrad_train.errors import InstallError
+
+TORCH_VERSION = "2.14.1"
+TORCHVISION_VERSION = "0.29.1"
+# The CUDA 12.6 builds: the newest that still carry Volta kernels.
+VOLTA_INSTALL = (f"pip install torch=={TORCH_VERSION} torchvision=={TORCHVISION_VERSION} "
+                 "--index-url https://download.pytorch.org/whl/cu126 && pip install -e '.[dali-cuda12]'")
+# Oldest compute capability each DALI wheel flavour supports (DALI's support matrix).
+DALI_MIN_CAPABILITY = {"nvidia-dali-cuda130": (7, 5), "nvidia-dali-cuda120": (5, 0), "nvidia-dali-cuda110": (3, 5)}
+BF16_MIN_CAPABILITY = (8, 0)  # Ampere: the first GPUs with bf16 tensor cores
+TF32_MIN_CAPABILITY = (8, 0)
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    capability: tuple[int, int]
+
+    def __str__(self) -> str:
+        return f"GPU {self.index} ({self.name}, compute capability {self.capability[0]}.{self.capability[1]})"
+
+
+def visible_gpus() -> list[Gpu]:
+    import torch
+    if not torch.cuda.is_available():
+        return []
+    return [Gpu(i, torch.cuda.get_device_name(i), tuple(torch.cuda.get_device_capability(i)))
+            for i in range(torch.cuda.device_count())]
+
+
+def build_runs_on(arch_list: list[str], capability: tuple[int, int]) -> bool:
+    """Can a build with these kernels (`sm_XY` binaries, `compute_XY` PTX) run on this GPU?
+
+    A binary for X.Y runs on X.Z with Z >= Y ('a'-suffixed ones only on X.Y itself); PTX for
+    X.Y is compiled at load time for any GPU of X.Y or newer.
+    """
+    for arch in arch_list:
+        m = re.fullmatch(r"(sm|compute)_(\d+)(a?)", arch)
+        if not m:
+            continue
+        number = int(m.group(2))
+        built = (number // 10, number % 10)
+        if m.group(1) == "compute" and capability >= built:
+            return True
+        if m.group(1) == "sm" and (capability == built if m.group(3) else
+                                   capability[0] == built[0] and capability[1] >= built[1]):
+            return True
+    return False
+
+
+def dali_flavour() -> Optional[str]:
+    """The installed DALI wheel's name (nvidia-dali-cuda130, ...), or None."""
+    for name in DALI_MIN_CAPABILITY:
+        try:
+            importlib.metadata.version(name)
+            return name
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def problems(gpus: list[Gpu], arch_list: list[str], torch_build: str, dali: Optional[str],
+             dali_on_gpu: bool) -> list[str]:
+    """One line per GPU the installed builds cannot drive, with the install that can."""
+    found = []
+    for gpu in gpus:
+        if not build_runs_on(arch_list, gpu.capability):
+            if gpu.capability < (7, 5):
+                fix = f"install PyTorch's CUDA 12.6 build, which has Volta kernels: {VOLTA_INSTALL}"
+            else:
+                fix = "install a torch build for a newer CUDA that lists this GPU's architecture"
+            found.append(f"{gpu} cannot run this torch build ({torch_build}, kernels for "
+                         f"{' '.join(arch_list) or 'no GPU'}); {fix}")
+        if dali_on_gpu and dali and gpu.capability < DALI_MIN_CAPABILITY[dali]:
+            low = DALI_MIN_CAPABILITY[dali]
+            found.append(f"{gpu} cannot decode with the installed DALI ({dali}: compute capability "
+                         f"{low[0]}.{low[1]} and newer); {VOLTA_INSTALL} (or data.dali_device: cpu)")
+    return found
+
+
+def torch_build() -> str:
+    import torch
+    return f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}"
+
+
+def check_gpus(dali_on_gpu: bool) -> list[Gpu]:
+    """The visible GPUs, after making sure the installed builds can drive them (else InstallError)."""
+    import torch
+    gpus = visible_gpus()
+    if gpus:
+        found = problems(gpus, torch.cuda.get_arch_list(), torch_build(), dali_flavour(), dali_on_gpu)
+        if found:
+            raise InstallError(found[0] + (f" (and {len(found) - 1} more problem(s): powergrad-train env lists them)"
+                                           if len(found) > 1 else ""))
+    return gpus
+
+
+def precision_in_use(amp: str, tf32: bool, capability: Optional[tuple[int, int]]) -> str:
+    """What the run computes in, for the start-up block (capability None: the CPU)."""
+    if amp == "fp16":
+        text = "fp16 autocast with loss scaling (GradScaler), float32 weights"
+    elif amp == "bf16":
+        text = "bf16 autocast, float32 weights"
+    else:
+        text = "float32"
+    if capability is not None:
+        if capability >= TF32_MIN_CAPABILITY:
+            text += "; float32 matmuls and convolutions in TF32" if tf32 else "; TF32 off (full float32)"
+        else:
+            text += "; no TF32 on this GPU"
+    return text
+
+
+def report() -> tuple[list[str], list[str]]:
+    """(lines describing the installed stack and the GPUs, problems found) for `powergrad-train env`."""
+    import platform
+
+    import timm
+    import torch
+    import torchvision
+
+    from powergrad_train import __version__
+    version = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    cudnn = f"{version // 10000}.{version // 100 % 100}.{version % 100}" if version else None  # 92400 = 9.24.0
+    try:
+        nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None
+    except (AttributeError, RuntimeError):
+        nccl = None
+    dali = dali_flavour()
+    lines = [
+        f"powergrad-train {__version__}, Python {platform.python_version()}",
+        f"{torch_build()}, cuDNN {cudnn or 'none'}, NCCL {nccl or 'none'}; "
+        f"kernels for {' '.join(torch.cuda.get_arch_list()) or 'no GPU (a CPU build)'}",
+        f"torchvision {torchvision.__version__}, timm {timm.__version__}",
+        f"DALI: {f'{importlib.metadata.version(dali)} ({dali})' if dali else 'not installed'}",
+    ]
+    gpus = visible_gpus()
+    found = problems(gpus, torch.cuda.get_arch_list(), torch_build(), dali, dali_on_gpu=True)
+    lines += [f"{gpu}: {'see below' if any(str(gpu) in p for p in found) else 'supported'}" for gpu in gpus] or \
+        ["GPUs: none (training runs on the CPU, distributed with gloo)"]
+    return lines, found
