@@ -50,13 +50,14 @@ class TrainState:
     epoch_elapsed: float = 0.0  # training seconds of the current epoch (kept across a resume)
     best_top1: float = -math.inf
     best_epoch: int = 0
+    eval_pending: bool = False  # the epoch `epoch` is trained but not yet evaluated (stopped during validation)
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, state[f.name])
+        for f in dataclasses.fields(self):  # a field added later keeps its default
+            setattr(self, f.name, state.get(f.name, f.default))
 
 
 class RngState:
@@ -115,7 +116,7 @@ class _WriteRecorder:
     def write(self, data) -> int:
         try:
             return self.file.write(data)
-        except OSError as e:
+        except BaseException as e:  # an OSError, or a KeyboardInterrupt that arrived during the write
             self.error = e
             raise
 
@@ -135,9 +136,11 @@ def save_atomic(state: dict, path: Path) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except (OSError, RuntimeError) as e:  # no space, quota, permission, a vanished mount
+    except BaseException as e:  # no space, quota, permission, a vanished mount; or an interrupt
         tmp.unlink(missing_ok=True)
         error = recorder.error if recorder and recorder.error else e
+        if not isinstance(error, (OSError, RuntimeError)):
+            raise error from None
         reason = os.strerror(error.errno) if isinstance(error, OSError) and error.errno else _first_line(error)
         raise CheckpointError(f"cannot write checkpoint {path} ({reason}; it needs about "
                               f"{state_bytes(state) / 2**20:.0f} MiB)") from None
@@ -182,7 +185,7 @@ def _from_format_1(old: dict) -> dict:
     """Format 1 kept the train-state fields at the top level and steps per epoch under 'schedule'."""
     fields = [f.name for f in dataclasses.fields(TrainState)]
     state = {k: v for k, v in old.items() if k not in fields and k != "schedule"}
-    state.update(format=FORMAT, train_state={k: old[k] for k in fields},
+    state.update(format=FORMAT, train_state={k: old[k] for k in fields if k in old},
                  steps_per_epoch=old["schedule"]["steps_per_epoch"], world_size=len(old["rng"]))
     return state
 

@@ -7,6 +7,7 @@ The only place that prints a user error and exits: a UserError becomes one
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -249,5 +250,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         {"train": train_command, "validate": validate_command, "bench": bench_command, "env": env_command}[command](argv)
     except UserError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+        _say_once(f"error: {_one_line(e)}")
         sys.exit(2)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first asks for a checkpoint), or one during start-up
+        _say_once("error: interrupted: stopped at once, no checkpoint written for this stop "
+                  "(the run folder's last.pt, if any, is intact; continue with --resume auto)")
+        sys.exit(130)
+
+
+def _say_once(line: str) -> None:
+    """User errors are the same on every rank: under torchrun only rank 0 prints them."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)

@@ -47,8 +47,13 @@ def autocast_for(amp: str, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate_model(model, loader, device, autocast, memory_format=torch.contiguous_format) -> dict:
-    """Top-1/top-5/loss over the whole val split; every image counted once across ranks."""
+def evaluate_model(model, loader, device, autocast, memory_format=torch.contiguous_format,
+                   stop_requested=lambda: None) -> Optional[dict]:
+    """Top-1/top-5/loss over the whole val split; every image counted once across ranks.
+
+    None when `stop_requested()` answered a signal number after some batch: a preemption's grace
+    period is too short to finish an ImageNet validation.
+    """
     model.eval()
     meter = EvalMeter(device)
     for images, targets in loader:
@@ -57,6 +62,8 @@ def evaluate_model(model, loader, device, autocast, memory_format=torch.contiguo
         with autocast():
             logits = model(images)
         meter.update(logits, targets)
+        if stop_requested():
+            return None
     return meter.read()
 
 
@@ -182,9 +189,16 @@ class Trainer:
         cfg, log, s = self.cfg, self.log, self.state
         stop = StopRequest()
         try:
-            while s.epoch < cfg.schedule.epochs:
-                self._train_epoch(stop)
-                val = self.evaluate()
+            while s.epoch < cfg.schedule.epochs or s.eval_pending:
+                if not s.eval_pending:
+                    self._train_epoch(stop)
+                val = self.evaluate(stop.requested)
+                if val is None:
+                    path = self.save_checkpoint()
+                    raise Preempted(stop.agreed, f"stopped by {signal.Signals(stop.agreed).name} while validating "
+                                                f"epoch {s.epoch}; checkpoint written to {path} (training of the "
+                                                "epoch complete, validation runs again); continue with --resume auto")
+                s.eval_pending = False
                 train = self.meter.read()
                 # Log before the checkpoint: a run killed in between resumes from the previous
                 # checkpoint, which trims summary.csv and TensorBoard back to it.
@@ -231,7 +245,7 @@ class Trainer:
         bar.close()
         s.epoch_elapsed = time.perf_counter() - start
         self._check_finite()
-        s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+        s.epoch, s.batch_in_epoch, s.eval_pending = s.epoch + 1, 0, True
 
     def _log_progress(self, bar) -> None:
         s, values = self.state, self.meter.read()
@@ -258,12 +272,13 @@ class Trainer:
                 f"= {limit}) before step {self.state.step}; those steps were skipped. Last good checkpoint: "
                 f"{checkpoint.describe(self.checkpointer.last)}; {DIVERGENCE_ADVICE}")
 
-    def evaluate(self) -> dict:
+    def evaluate(self, stop_requested=lambda: None) -> Optional[dict]:
         if self.env.distributed:
             # Each rank's running statistics saw only its own batches: average them, so every rank
             # evaluates, and rank 0 saves, the same model.
             distribute_bn(self.model, self.env.world_size, reduce=True)
-        return evaluate_model(self.model, self.val_loader, self.device, self.autocast, self.memory_format)
+        return evaluate_model(self.model, self.val_loader, self.device, self.autocast, self.memory_format,
+                              stop_requested)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -294,7 +309,7 @@ class Trainer:
                                   f"(skipped); this state went to {path}, not last.pt, which stays at "
                                   f"{checkpoint.describe(ckpt.last)}")
                 else:
-                    ckpt.write(state, s.epoch, is_best, numbered=s.batch_in_epoch == 0)
+                    ckpt.write(state, s.epoch, is_best, numbered=s.batch_in_epoch == 0 and not s.eval_pending)
             except CheckpointError as e:  # a full disk, a quota, a vanished mount
                 failure = f"{e}; last good checkpoint: {checkpoint.describe(ckpt.last)}"
         failure = dist.broadcast_object(failure)  # every rank stops alike, none waits at a barrier
@@ -333,4 +348,6 @@ class Trainer:
             self.log.info(warning)
 
     def close(self) -> None:
+        self.train_loader.close()
+        self.val_loader.close()
         self.log.close()

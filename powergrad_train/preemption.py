@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Preempted(Exception):
@@ -27,8 +27,9 @@ class Preempted(Exception):
 
 class StopRequest:
     def __init__(self):
-        self.signum: Optional[int] = None
-        self._previous = {s: signal.signal(s, self._record) for s in SIGNALS}
+        self.signum: Optional[int] = None  # received by this process
+        self.agreed: Optional[int] = None  # rank 0's, as the last requested() answered
+        self._previous = {s: signal.signal(s, self._record) for s in STOP_SIGNALS}
         # A CPU-side group, so the per-step check never touches the GPU stream.
         self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
 
@@ -38,12 +39,14 @@ class StopRequest:
         self.signum = signum
 
     def requested(self) -> Optional[int]:
-        """The signal every rank agrees to stop on (rank 0's), or None."""
+        """The signal every rank agrees to stop on (rank 0's), or None; also kept as `agreed`."""
         if self._group is None:
-            return self.signum
-        flag = torch.tensor([self.signum or 0])
-        dist.broadcast(flag, src=0, group=self._group)
-        return int(flag.item()) or None
+            self.agreed = self.signum
+        else:
+            flag = torch.tensor([self.signum or 0])
+            dist.broadcast(flag, src=0, group=self._group)
+            self.agreed = int(flag.item()) or None
+        return self.agreed
 
     def close(self) -> None:
         for s, handler in self._previous.items():

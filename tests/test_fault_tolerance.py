@@ -1,6 +1,7 @@
 """Preemption (SIGTERM), kill -9, non-finite losses and resume checks, through real processes."""
 
 import csv
+import os
 import random
 import shutil
 import signal
@@ -9,9 +10,14 @@ import sys
 import time
 
 import pytest
+import torch
 
 from powergrad_train import checkpoint
 from powergrad_train.cli import main
+from powergrad_train.config import build_config
+from powergrad_train.dist import DistEnv
+from powergrad_train.engine import Trainer
+from powergrad_train.preemption import Preempted, StopRequest
 from tests.conftest import REPO, assert_same_weights, load_weights, tiny_overrides
 
 # 40 steps per epoch, so a signal lands inside an epoch.
@@ -22,8 +28,10 @@ def start(run_dir, overrides, *extra, nproc=1):
     launcher = [sys.executable, "-m", "powergrad_train"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
          "powergrad_train"]
+    # Its own session: a test can signal the run's whole process group, as SLURM does, without pytest's.
     return subprocess.Popen([*launcher, "--config", "smoke.yaml", "--output", str(run_dir), *overrides, *extra],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def wait_for(path, proc, timeout=120):
@@ -119,3 +127,77 @@ def test_resume_with_a_changed_recipe_is_refused_unless_forced(straight_run, tin
     assert "data.workers" not in err
     main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", "--resume-force", *overrides])
     assert checkpoint.load(run_dir / "last.pt")["train_state"]["epoch"] == 2
+
+
+@pytest.mark.parametrize("nproc,backend", [(1, "torchvision"), (2, "torchvision"), (1, "dali")])
+def test_sigterm_to_the_whole_process_group_still_checkpoints(tiny_root, tmp_path, nproc, backend):
+    """SLURM's time limit and scancel signal every process of the job, loader workers included."""
+    run_dir = tmp_path / "group"
+    overrides = tiny_overrides(tiny_root, **SMALL_BATCH, **{
+        "data.workers": 2, "data.backend": backend, "data.dali_device": "cpu", "checkpoint.every_steps": 5})
+    proc = start(run_dir, overrides, nproc=nproc)
+    wait_for(run_dir / "last.pt", proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert "DataLoader worker" not in err, err[-3000:]
+    assert err.count("stopped by SIGTERM") == 1, err[-3000:]
+    if nproc == 1:
+        assert proc.returncode == 128 + signal.SIGTERM
+    assert 0 < checkpoint.load(run_dir / "last.pt")["train_state"]["batch_in_epoch"] < 40
+
+
+def test_sigterm_during_validation_saves_at_once_and_validates_again_on_resume(straight_run, tiny_root, tmp_path):
+    run_dir = tmp_path / "val"
+    overrides = tiny_overrides(tiny_root, **SMALL_BATCH)
+    trainer = Trainer(build_config("smoke.yaml", [o.removeprefix("--set=") for o in overrides]), run_dir,
+                      DistEnv(), torch.device("cpu"))
+    real_val_loader = trainer.val_loader
+
+    class SignalledDuringValidation:  # a real SIGTERM to this process after the first val batch
+        def __iter__(self):
+            for i, batch in enumerate(real_val_loader):
+                yield batch
+                if i == 0:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer.val_loader = SignalledDuringValidation()
+    with pytest.raises(Preempted, match="stopped by SIGTERM while validating epoch 1") as stop:
+        trainer.fit()
+    trainer.close()
+    assert stop.value.exit_code == 128 + signal.SIGTERM
+    state = checkpoint.load(run_dir / "last.pt")["train_state"]
+    assert state["epoch"] == 1 and state["eval_pending"] and state["batch_in_epoch"] == 0
+    assert not (run_dir / "epoch-0001.pt").exists() and not (run_dir / "summary.csv").exists()
+    main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *overrides])
+    assert summary_rows(run_dir) == summary_rows(straight_run)  # epoch 1 validated after the resume
+    assert_same_weights(load_weights(straight_run / "last.pt"), load_weights(run_dir / "last.pt"))
+
+
+def test_a_second_sigint_raises_keyboard_interrupt():
+    stop = StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested() == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs here
+    finally:
+        stop.close()
+
+
+def test_a_second_ctrl_c_is_one_line_and_exit_130(tiny_root, tmp_path):
+    """A large model, so the checkpoint the first Ctrl-C asks for takes a while to write."""
+    run_dir = tmp_path / "twice"
+    proc = start(run_dir, tiny_overrides(tiny_root, **SMALL_BATCH, **{
+        "model.name": "resnet50", "checkpoint.every_steps": 3, "checkpoint.keep_last": 0}))
+    wait_for(run_dir / "last.pt", proc, timeout=240)
+    before = (run_dir / "last.pt").stat().st_mtime_ns
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines() == ["error: interrupted: stopped at once, no checkpoint written for this stop "
+                                        "(the run folder's last.pt, if any, is intact; continue with --resume auto)"]
+    if (run_dir / "last.pt").stat().st_mtime_ns != before:  # a periodic save finished in between
+        checkpoint.load(run_dir / "last.pt")

@@ -6,7 +6,8 @@ A train loader has:
   batches_per_epoch, num_samples
   iteration                       (images, targets) of this process's share of each global batch
   state() / restore(state)        backend position inside an epoch for a checkpoint (or None)
-A val loader iterates (images, targets) and has num_samples.
+  close()                         stop worker processes / pipelines now
+A val loader iterates (images, targets) and has num_samples and close().
 """
 
 from __future__ import annotations

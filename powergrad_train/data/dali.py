@@ -104,6 +104,9 @@ class DaliTrainLoader:
         """Where the current pass stands: the batch its file list starts at, and DALI's checkpoint."""
         return {"list_start": self._list_start, "pipeline": self._iterator.checkpoints()[0]}
 
+    def close(self) -> None:
+        self._iterator = None  # releases the pipeline and its threads
+
     def __iter__(self):
         _, dali_torch = _dali()
         saved, self._restore = self._restore, None
@@ -135,6 +138,9 @@ class DaliValLoader:
 
     def __iter__(self):
         return _batches(self._iterator)
+
+    def close(self) -> None:
+        self._iterator = None
 
 
 def build_dali_train(cfg: DataConfig, samples, seed: int, rank: int, world_size: int) -> DaliTrainLoader:

@@ -7,6 +7,8 @@ or processes, and a resumed run sees exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import signal
+
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -16,6 +18,7 @@ from torchvision import transforms
 from powergrad_train.config import DataConfig
 from powergrad_train.data.sampling import TrainSampler, ValSampler
 from powergrad_train.errors import DataError
+from powergrad_train.preemption import STOP_SIGNALS
 
 
 def train_transform(cfg: DataConfig):
@@ -63,9 +66,17 @@ class SeededImages(Dataset):
             return self.transform(image), target
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """SLURM's time limit and scancel signal the whole process group: a worker that died of it
+    would fail the run before the main process could write its checkpoint."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _loader(dataset, batch_size, sampler, cfg: DataConfig, pin_memory: bool) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.workers,
-                      pin_memory=pin_memory, persistent_workers=cfg.workers > 0)
+                      pin_memory=pin_memory, persistent_workers=cfg.workers > 0,
+                      worker_init_fn=_leave_stop_signals_to_the_trainer)
 
 
 def build_imagefolder_train(cfg: DataConfig, samples, seed: int, rank: int, world_size: int, pin_memory: bool):
@@ -100,6 +111,9 @@ class TorchTrainLoader:
     def restore(self, state) -> None:
         pass
 
+    def close(self) -> None:
+        stop_workers(self.loader)
+
 
 class TorchValLoader:
     def __init__(self, loader: DataLoader):
@@ -107,3 +121,14 @@ class TorchValLoader:
 
     def __iter__(self):
         return iter(self.loader)
+
+    def close(self) -> None:
+        stop_workers(self.loader)
+
+
+def stop_workers(loader: DataLoader) -> None:
+    """Let persistent workers exit through their queues now. Left to interpreter exit, they would get
+    multiprocessing's SIGTERM instead, which they ignore (see _leave_stop_signals_to_the_trainer)."""
+    iterator, loader._iterator = getattr(loader, "_iterator", None), None
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()

@@ -34,6 +34,9 @@ class SyntheticLoader:
     def restore(self, state) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 def build_synthetic_train(cfg: DataConfig, rank: int, world_size: int, device: torch.device) -> SyntheticLoader:
     return SyntheticLoader(cfg, cfg.batch_size // world_size, BATCHES_PER_EPOCH, rank, device)
