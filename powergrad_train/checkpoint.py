@@ -8,8 +8,9 @@ Adding a part (say an EMA of the weights) is one more entry in the Trainer's dic
 Files in the run folder: `epoch-NNNN.pt` (the last `keep_last` epochs), `last.pt` and
 `best.pt`, and `nonfinite.pt` for a state whose steps had non-finite losses (never
 last.pt). Each file is written to a temporary name, fsynced and renamed, so a kill at any
-moment leaves the previous file intact; last.pt and best.pt are hard links to the
-numbered file when the filesystem allows, so an epoch costs one write.
+moment leaves the previous file intact; last.pt is a hard link to the numbered file when
+the filesystem allows (an epoch costs one write), best.pt an independent copy. Each file
+carries a checksum of its content, checked on loading.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
@@ -124,8 +126,34 @@ class _WriteRecorder:
         self.file.flush()
 
 
+def content_checksum(state) -> int:
+    """CRC-32 over every value of a state (tensor bytes, and the repr of everything else), in order."""
+    crc = 0
+
+    def visit(value) -> None:
+        nonlocal crc
+        if isinstance(value, torch.Tensor):
+            crc = zlib.crc32(value.detach().reshape(-1).contiguous().view(torch.uint8).numpy(), crc)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                crc = zlib.crc32(repr(key).encode(), crc)
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+        else:
+            crc = zlib.crc32(repr(value).encode(), crc)
+
+    visit(state)
+    return crc
+
+
 def save_atomic(state: dict, path: Path) -> None:
-    """Write `state` to `path` completely or not at all; a failed write leaves no temporary file."""
+    """Write `state` to `path` completely or not at all; a failed write leaves no temporary file.
+
+    A checksum of the content goes with it, so damage done to the file later is found on loading.
+    """
+    state = {**state, "checksum": content_checksum(state)}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     recorder = None
     try:
@@ -146,12 +174,14 @@ def save_atomic(state: dict, path: Path) -> None:
                               f"{state_bytes(state) / 2**20:.0f} MiB)") from None
 
 
-def _link_atomic(src: Path, dst: Path) -> None:
-    """Make `dst` the same file as `src`, atomically."""
+def _link_atomic(src: Path, dst: Path, copy: bool = False) -> None:
+    """Make `dst` the same file as `src` (a hard link, or a copy), atomically."""
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
     tmp.unlink(missing_ok=True)
     try:
         try:
+            if copy:
+                raise OSError(errno.EXDEV, "a copy was asked for")
             os.link(src, tmp)
         except OSError as e:  # no hard links here: copy
             if e.errno == errno.ENOSPC:
@@ -178,6 +208,10 @@ def load(path: Path) -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or not a checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") not in (FORMAT, FORMAT_1):
         raise CheckpointError(f"{path}: not a powergrad-train checkpoint")
+    saved_checksum = state.pop("checksum", None)  # format 1 has none
+    if saved_checksum is not None and content_checksum(state) != saved_checksum:
+        raise CheckpointError(f"{path}: damaged: its content no longer matches the checksum written with it "
+                              "(changed in place after saving?); use another checkpoint of the run")
     return _from_format_1(state) if state["format"] == FORMAT_1 else state
 
 
@@ -295,8 +329,8 @@ class Checkpointer:
             path = self.run_dir / f"epoch-{epoch:04d}.pt"
             save_atomic(state, path)
             _link_atomic(path, self.last)
-        if is_best:
-            _link_atomic(self.last, self.best)
+        if is_best:  # a copy, so damage to last.pt in place (an interrupted copy over it) spares best.pt
+            _link_atomic(self.last, self.best, copy=True)
         self.nonfinite.unlink(missing_ok=True)  # superseded by a good state
         self._prune()
         return self.last

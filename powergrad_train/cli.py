@@ -15,7 +15,7 @@ from typing import Optional
 # Only light imports here: `--help` and config errors answer without loading torch.
 from powergrad_train import __version__
 from powergrad_train.config import Config, build_config, check_runtime, check_schedule, describe_keys, dump
-from powergrad_train.errors import CheckpointError, ConfigError, InstallError, UserError
+from powergrad_train.errors import CheckpointError, InstallError, UserError
 
 COMMANDS = ("train", "validate", "bench", "env")
 
@@ -65,21 +65,6 @@ def _bench_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _resume_path(resume: Optional[str], run_dir: Path) -> Optional[Path]:
-    last = run_dir / "last.pt"
-    if resume == "auto":
-        return last if last.exists() else None
-    if resume:
-        path = Path(resume)
-        if not path.is_file():
-            raise CheckpointError(f"--resume: checkpoint not found: {path}")
-        return path
-    if last.exists():
-        raise ConfigError(f"--output: {run_dir} already holds a run (last.pt); pass --resume auto to continue it "
-                          "or choose another --output")
-    return None
-
-
 def _check_machine(cfg: Config, world_size: int) -> None:
     """Before any CUDA work: can the installed builds drive these GPUs, and does the recipe suit them?"""
     from powergrad_train import hardware
@@ -111,7 +96,7 @@ def _dry_run(cfg: Config, env) -> None:
 def train_command(argv: list[str]) -> None:
     args = _train_parser().parse_args(argv)
     cfg = build_config(args.config, args.set)
-    from powergrad_train import dist
+    from powergrad_train import dist, run_folder
     env = dist.env_from_torchrun()
     _check_machine(cfg, env.world_size)
     if args.dry_run:
@@ -122,16 +107,16 @@ def train_command(argv: list[str]) -> None:
     from powergrad_train.preemption import Preempted
 
     run_dir = Path(args.output or Path("runs") / Path(args.config).stem)
-    resume_from = _resume_path(args.resume, run_dir)
+    resume_from, note = run_folder.resume_point(run_dir, args.resume)
+    if note and env.is_main:
+        print(note, flush=True)
     check_data(cfg.data)
 
     device = dist.device_for(env)
     dist.init(env, device)
     try:
-        if env.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
-        # Every check (data, classes, checkpoint compatibility) runs in here, before anything is written.
+        # Every check (data, classes, checkpoint compatibility) runs in here before the run folder
+        # is created or locked, and before anything in it is written.
         trainer = Trainer(cfg, run_dir, env, device, resume_from, resume_force=args.resume_force)
         if env.is_main:
             (run_dir / "config.yaml").write_text(dump(cfg))

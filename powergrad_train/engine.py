@@ -30,6 +30,7 @@ from powergrad_train.models import build_model
 from powergrad_train.optim import build_grad_clipper, build_optimizer, lr_at_step, set_lr
 from powergrad_train.pgt import power_grad_cross_entropy
 from powergrad_train.preemption import Preempted, StopRequest
+from powergrad_train.run_folder import RunFolderLock
 from powergrad_train.step_guard import BufferSnapshot, nonfinite_gradients, zero_momentum_buffers
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -126,7 +127,8 @@ class Trainer:
                   "steps_per_epoch": self.steps_per_epoch, "world_size": env.world_size})
         if resume_from is not None:
             self.load_checkpoint(resume_from, resume_force)
-        # Only now, with every check passed, does the run folder change.
+        # Only now, with every check passed, is the run folder created, locked and changed.
+        self.folder_lock = RunFolderLock(self.run_dir) if env.is_main else None
         if env.is_main:
             self.checkpointer.remove_partial_files()
         self.log = RunLog(self.run_dir, env.is_main, self.state.epoch, self.state.step)
@@ -351,3 +353,5 @@ class Trainer:
         self.train_loader.close()
         self.val_loader.close()
         self.log.close()
+        if self.folder_lock:
+            self.folder_lock.release()

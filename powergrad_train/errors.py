@@ -23,3 +23,7 @@ class TrainingError(UserError):
 
 class InstallError(UserError):
     """The installed torch or DALI build cannot drive this machine's GPUs."""
+
+
+class RunFolderError(UserError):
+    """The run folder cannot be used: not ours, in use, or not writable."""

@@ -1,0 +1,127 @@
+"""The run folder: which checkpoint a command continues from, and who may write there.
+
+Every check here only reads, so a refused command writes nothing. A folder is ours when it
+holds the marker file this program writes when it creates a run (or, for runs made before
+the marker existed, a powergrad-train checkpoint). A training holds an OS lock on the
+folder for its whole life, so a second training into the same folder is refused.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+from powergrad_train import checkpoint
+from powergrad_train.errors import CheckpointError, RunFolderError
+
+MARKER = ".powergrad-train-run"
+LOCK = ".lock"
+CHECKPOINT_NAMES = re.compile(r"(last|best|nonfinite|epoch-\d+)\.pt")
+
+
+def checkpoints_in(run_dir: Path) -> list[Path]:
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if CHECKPOINT_NAMES.fullmatch(p.name))
+
+
+def check_output(run_dir: Path) -> None:
+    """Refuse an --output that is a file, or a non-empty folder that is not a run of this program."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"--output: {run_dir} is a file, not a folder")
+    if not run_dir.is_dir() or not any(run_dir.iterdir()) or (run_dir / MARKER).exists():
+        return
+    for path in checkpoints_in(run_dir):
+        try:
+            checkpoint.load(path)
+            return  # a run written before the marker existed
+        except CheckpointError:
+            continue
+    raise RunFolderError(f"--output: {run_dir} is not empty and is not a powergrad-train run folder; "
+                         "choose a new or empty folder")
+
+
+def _newest_valid(run_dir: Path) -> tuple[Optional[Path], list[str]]:
+    """last.pt when it loads cleanly (it is the newest good state by construction); else the checkpoint
+    (not nonfinite.pt) with the most steps that does; and why others did not."""
+    try:
+        checkpoint.load(run_dir / "last.pt")
+        return run_dir / "last.pt", []
+    except CheckpointError:
+        pass
+    best, best_step, refused = None, -1, []
+    for path in checkpoints_in(run_dir):
+        if path.name == "nonfinite.pt":
+            continue
+        try:
+            step = checkpoint.load(path)["train_state"]["step"]
+        except CheckpointError as e:
+            refused.append(str(e))
+            continue
+        if step > best_step or (step == best_step and best is not None and best.name == "best.pt"):
+            best, best_step = path, step
+    return best, refused
+
+
+def resume_point(run_dir: Path, resume: Optional[str]) -> tuple[Optional[Path], Optional[str]]:
+    """(checkpoint to continue from or None for a fresh start, a note to print or None)."""
+    check_output(run_dir)
+    held = [p for p in checkpoints_in(run_dir) if p.name != "nonfinite.pt"]
+    if resume == "auto":
+        if not held:
+            return None, None
+        chosen, refused = _newest_valid(run_dir)
+        if chosen is None:
+            raise CheckpointError(f"--resume auto: {run_dir} holds checkpoints but none is usable "
+                                  f"({refused[0] if refused else 'none readable'}); pass --resume PATH or "
+                                  "choose another --output")
+        note = None
+        if chosen.name != "last.pt":
+            why = "is missing" if not (run_dir / "last.pt").exists() else "is damaged"
+            note = f"resuming from {chosen}: {run_dir / 'last.pt'} {why}"
+        return chosen, note
+    if resume:
+        path = Path(resume)
+        if path.is_dir():
+            raise CheckpointError(f"--resume: {path} is a folder; pass a checkpoint file ({path / 'last.pt'}), "
+                                  f"or continue that run with --output {path} --resume auto")
+        if not path.is_file():
+            raise CheckpointError(f"--resume: checkpoint not found: {path}")
+        if held and path.resolve().parent != run_dir.resolve():
+            raise RunFolderError(f"--output: {run_dir} already holds a run; a checkpoint from elsewhere would "
+                                 "overwrite it: choose another --output (or --resume auto to continue this run)")
+        return path, None
+    if held:
+        raise RunFolderError(f"--output: {run_dir} already holds a run ({held[-1].name}); pass --resume auto to "
+                             "continue it or choose another --output")
+    return None, None
+
+
+class RunFolderLock:
+    """Rank 0's claim on the run folder: creates it (with the marker) and holds an exclusive lock."""
+
+    def __init__(self, run_dir: Path):
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / MARKER).touch()
+            self._fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunFolderError(f"--output: cannot create or write the run folder {run_dir} "
+                                 f"({e.strerror or e})") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            raise RunFolderError(f"--output: {run_dir} is in use by another training (pid {holder}); wait for "
+                                 "it to end or choose another --output") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None

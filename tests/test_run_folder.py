@@ -1,0 +1,156 @@
+"""A run folder is never clobbered, and a refused command writes nothing."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from powergrad_train import checkpoint
+from powergrad_train.cli import main
+from powergrad_train.run_folder import MARKER
+from tests.conftest import REPO, assert_same_weights, load_weights, tiny_overrides
+from tests.test_fault_tolerance import SMALL_BATCH, start, wait_for
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_root, tmp_path_factory):
+    """Two epochs, checkpoints every epoch: epoch-0001.pt, epoch-0002.pt, last.pt, best.pt."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    main(["--config", "smoke.yaml", "--output", str(run_dir), *tiny_overrides(tiny_root)])
+    return run_dir
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def refused(capsys, *args) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_a_second_training_into_the_same_folder_is_refused(tiny_root, tmp_path):
+    run_dir = tmp_path / "shared"
+    overrides = tiny_overrides(tiny_root, **SMALL_BATCH, **{"checkpoint.every_steps": 5})
+    first = start(run_dir, overrides)
+    wait_for(run_dir / "last.pt", first)
+    second = subprocess.run([sys.executable, "-m", "powergrad_train", "--config", "smoke.yaml", "--output",
+                             str(run_dir), "--resume", "auto", *overrides], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert second.returncode == 2
+    assert second.stderr.strip() == (f"error: --output: {run_dir} is in use by another training (pid {first.pid}); "
+                                     "wait for it to end or choose another --output")
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    epochs = [line.split(",")[0] for line in (run_dir / "summary.csv").read_text().splitlines()[1:]]
+    assert epochs == ["1", "2"]
+
+
+def test_a_folder_that_is_not_a_run_is_refused_and_untouched(tiny_root, tmp_path, capsys):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.yaml").write_text("mine: true\n")
+    (project / "summary.csv").write_text("my,own\n")
+    before = snapshot(project)
+    line = refused(capsys, "--config", "smoke.yaml", "--output", project, *tiny_overrides(tiny_root))
+    assert line == (f"error: --output: {project} is not empty and is not a powergrad-train run folder; "
+                    "choose a new or empty folder")
+    assert snapshot(project) == before
+
+
+def test_a_checkpoint_from_elsewhere_cannot_overwrite_a_run(finished_run, tiny_root, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(finished_run, other)
+    before = snapshot(other)
+    line = refused(capsys, "--config", "smoke.yaml", "--output", other, "--resume", finished_run / "epoch-0001.pt",
+                   *tiny_overrides(tiny_root))
+    assert "already holds a run; a checkpoint from elsewhere would overwrite it" in line
+    assert snapshot(other) == before
+
+
+def test_a_refused_resume_writes_nothing(finished_run, tiny_root, tmp_path, capsys):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(finished_run, run_dir)
+    (run_dir / "summary.csv").unlink()
+    before = snapshot(run_dir)
+    fewer = tmp_path / "fewer"  # the same data less one class: the checkpoint's classes differ
+    shutil.copytree(tiny_root, fewer)
+    for split in ("train", "val"):
+        shutil.rmtree(fewer / split / "vstripes")
+    line = refused(capsys, "--config", "smoke.yaml", "--output", run_dir, "--resume", "auto",
+                   *tiny_overrides(fewer))
+    assert "trained on other classes than data.root holds" in line
+    assert snapshot(run_dir) == before
+
+
+def test_resume_auto_without_last_pt_takes_the_newest_valid_checkpoint(finished_run, tiny_root, tmp_path, capsys):
+    run_dir = tmp_path / "nolast"
+    run_dir.mkdir()
+    for name in ("epoch-0001.pt", "summary.csv"):
+        shutil.copy(finished_run / name, run_dir / name)
+    (run_dir / "epoch-0002.pt").write_bytes(b"truncated")  # newer, but unusable
+    main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *tiny_overrides(tiny_root)])
+    assert f"resuming from {run_dir / 'epoch-0001.pt'}: {run_dir / 'last.pt'} is missing" in capsys.readouterr().out
+    assert_same_weights(load_weights(finished_run / "last.pt"), load_weights(run_dir / "last.pt"))
+
+
+def test_resume_auto_refuses_a_folder_whose_checkpoints_are_all_unusable(tiny_root, tmp_path, capsys):
+    run_dir = tmp_path / "broken"
+    run_dir.mkdir()
+    (run_dir / MARKER).touch()  # a run of this program, whose only checkpoint is damaged
+    (run_dir / "epoch-0003.pt").write_bytes(b"not a checkpoint")
+    line = refused(capsys, "--config", "smoke.yaml", "--output", run_dir, "--resume", "auto",
+                   *tiny_overrides(tiny_root))
+    assert line.startswith(f"error: --resume auto: {run_dir} holds checkpoints but none is usable")
+    assert sorted(p.name for p in run_dir.iterdir()) == [MARKER, "epoch-0003.pt"]
+
+
+def overwrite_middle(path, size=4 * 2**20):
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2 - size // 2)
+        f.write(os.urandom(size))
+
+
+def test_damage_in_place_is_found_and_best_pt_survives_it(finished_run, tiny_root, tmp_path, capsys):
+    run_dir = tmp_path / "damaged"
+    shutil.copytree(finished_run, run_dir)  # copies hard links as separate files: make them links again
+    (run_dir / "last.pt").unlink()
+    os.link(run_dir / "epoch-0002.pt", run_dir / "last.pt")
+    assert os.stat(finished_run / "best.pt").st_ino != os.stat(finished_run / "last.pt").st_ino
+    size = (run_dir / "last.pt").stat().st_size
+    overwrite_middle(run_dir / "last.pt")
+    assert (run_dir / "last.pt").stat().st_size == size
+    line = refused(capsys, "validate", "--checkpoint", run_dir / "last.pt")
+    assert line == (f"error: {run_dir / 'last.pt'}: damaged: its content no longer matches the checksum written "
+                    "with it (changed in place after saving?); use another checkpoint of the run")
+    best = checkpoint.load(run_dir / "best.pt")  # independent of last.pt, so still good
+    newest_valid = "best.pt" if best["train_state"]["epoch"] == 2 else "epoch-0001.pt"  # epoch-0002.pt is last.pt
+    main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *tiny_overrides(tiny_root)])
+    assert f"resuming from {run_dir / newest_valid}: {run_dir / 'last.pt'} is damaged" in capsys.readouterr().out
+    assert_same_weights(load_weights(finished_run / "last.pt"), load_weights(run_dir / "last.pt"))
+
+
+@pytest.mark.parametrize("case", ["a file", "read-only parent"])
+def test_a_run_folder_that_cannot_be_made_is_one_line(tiny_root, tmp_path, capsys, case):
+    if case == "a file":
+        target = tmp_path / "file"
+        target.write_text("x")
+        expected = f"error: --output: {target} is a file, not a folder"
+    else:
+        if os.geteuid() == 0:  # root writes anywhere: use a path below a file instead
+            parent = tmp_path / "plain"
+            parent.write_text("x")
+            target = parent / "run"
+        else:
+            parent = tmp_path / "ro"
+            parent.mkdir(mode=0o500)
+            target = parent / "run"
+        expected = f"error: --output: cannot create or write the run folder {target} ("
+    line = refused(capsys, "--config", "smoke.yaml", "--output", target, *tiny_overrides(tiny_root))
+    assert line.startswith(expected), line
