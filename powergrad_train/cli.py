@@ -52,14 +52,22 @@ def _validate_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _count(low: int):
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {low}, got {text!r}")
+        return int(text)
+    return parse
+
+
 def _bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="powergrad-train bench",
                                 description="Images/s of the full training step and of data loading alone "
                                             "(warm-up excluded), for a recipe on this machine.")
     p.add_argument("--config", required=True, metavar="RECIPE")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--steps", type=int, default=50, help="timed steps (default 50)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
+    p.add_argument("--steps", type=_count(1), default=50, help="timed steps (default 50)")
+    p.add_argument("--warmup", type=_count(0), default=10, help="untimed steps first (default 10)")
     p.add_argument("--data", choices=("synthetic", "real"), default="synthetic",
                    help="synthetic: one random batch on the device (the step alone); real: the recipe's data")
     return p

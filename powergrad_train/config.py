@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -292,7 +293,7 @@ def resolve_recipe(name: str, relative_to: Optional[Path] = None) -> Path:
         candidates.insert(0, relative_to / name)
     candidates.append(BUNDLED_RECIPES / name)
     if not name.endswith((".yaml", ".yml")):
-        candidates.append(BUNDLED_RECIPES / f"{name}.yaml")
+        candidates += [Path(f"{name}.yaml"), BUNDLED_RECIPES / f"{name}.yaml"]
     for path in candidates:
         if path.is_file():
             return path
@@ -300,15 +301,48 @@ def resolve_recipe(name: str, relative_to: Optional[Path] = None) -> Path:
     raise ConfigError(f"recipe not found: '{name}' (neither a file nor a bundled recipe; bundled: {bundled})")
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe YAML 1.1, read the way people write recipes: `1e-3` is a number (as in
+    YAML 1.2; YAML 1.1 wants `1.0e-3`), and a key given twice is an error, not the last one."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    first_line = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in first_line:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"'{key}' is given twice (first on line {first_line[key] + 1})", key_node.start_mark)
+        first_line[key] = key_node.start_mark.line
+    return loader.construct_mapping(node)
+
+
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def read_yaml_text(text: str):
+    return yaml.load(text, Loader=_RecipeLoader)
+
+
 def _read_yaml(path: Path) -> dict:
+    data = path.read_bytes()
+    if data[:4] == b"PK\x03\x04":  # a zip archive: what torch.save writes
+        raise ConfigError(f"{path}: this is a checkpoint, not a recipe: did you mean --resume {path}?")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml_text(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a recipe (a recipe is a UTF-8 text file of YAML)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if raw is None:
-        return {}
+        raise ConfigError(f"{path}: the recipe is empty (it would train every default); give at least the keys "
+                          "you mean, or 'base: OTHER.yaml'")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of config keys, got {type(raw).__name__}")
     return raw
@@ -338,7 +372,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if key not in KEYS:
         raise _unknown_key(key, f"--set {text}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = read_yaml_text(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key, value

@@ -107,9 +107,12 @@ def test_training_variants_run(tiny_root, tmp_path, extra):
     (["--config", "smoke.yaml", "--set", "data.root=nowhere"], "data.root: folder 'nowhere' does not exist"),
     (["--config", "smoke.yaml", "--resume", "nowhere.pt"], "--resume: checkpoint not found: nowhere.pt"),
     (["validate", "--checkpoint", "config.yaml"], "config.yaml: not a readable checkpoint"),
+    (["--config", "smoke.yaml", "--resume", "."], "--resume: . is a folder; pass a checkpoint file (last.pt), "
+                                                  "or continue that run with --output . --resume auto"),
+    (["--config", "config.yaml"], "config.yaml: the recipe is empty"),
 ])
 def test_user_errors_are_one_line_exit_2(tmp_path, args, message):
-    (tmp_path / "config.yaml").write_text("not a checkpoint")
+    (tmp_path / "config.yaml").write_text("# not a checkpoint\n")
     result = run_subprocess(*args, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {message}"] or \
@@ -124,3 +127,24 @@ def test_existing_run_folder_is_not_overwritten(two_epoch_run, tiny_root, capsys
     assert e.value.code == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (two_epoch_run / "last.pt").read_bytes() == before
+
+
+def test_validate_names_the_first_weight_that_does_not_fit(two_epoch_run, capsys):
+    with pytest.raises(SystemExit):
+        run_cli("validate", "--checkpoint", two_epoch_run / "last.pt", "--set", "model.num_classes=5")
+    assert "weights do not fit model 'resnet10t' (size mismatch for fc.weight: copying a param with shape " \
+           "torch.Size([10, 512]) from checkpoint" in capsys.readouterr().err
+
+
+def test_bench_steps_must_be_positive(tmp_path):
+    result = run_subprocess("bench", "--config", "smoke.yaml", "--steps", "0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "error: argument --steps: must be a whole number >= 1, got '0'" in result.stderr
+
+
+def test_under_torchrun_a_user_error_is_printed_once(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "powergrad_train", "--config", "smoke.yaml", "--set", "data.root=nowhere"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert (result.stdout + result.stderr).count("error: data.root: folder 'nowhere' does not exist") == 1

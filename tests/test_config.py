@@ -111,3 +111,37 @@ def test_help_lists_every_key_with_type_default_and_range():
     for key in KEYS:
         assert f"  {key} (" in text
     assert "loss.pgt_alpha (float or null, default null; in (0.0, 1.0])" in text
+
+
+def test_numbers_written_as_people_write_them(tmp_path):
+    cfg = build_config(str(write(tmp_path, "r.yaml", "optim:\n  lr: 1e-3\n  weight_decay: 5E-5\n")))
+    assert cfg.optim.lr == 0.001 and cfg.optim.weight_decay == 5e-5
+    assert build_config(None, ["optim.weight_decay=5e-5"]).optim.weight_decay == 5e-5
+    assert build_config(None, ["model.name=1e3x"]).model.name == "1e3x"  # only whole numbers in e-notation
+
+
+@pytest.mark.parametrize("text,message", [
+    ("optim:\n  lr: 0.1\nmodel:\n  name: resnet18\noptim:\n  momentum: 0.8\n",
+     r"r\.yaml:5: not valid YAML \('optim' is given twice \(first on line 1\)\)"),
+    ("optim:\n  lr: 0.1\n  lr: 0.2\n", r"r\.yaml:3: not valid YAML \('lr' is given twice \(first on line 2\)\)"),
+    ("", r"r\.yaml: the recipe is empty \(it would train every default\)"),
+    ("# only a comment\n", r"r\.yaml: the recipe is empty"),
+])
+def test_recipes_that_say_less_or_more_than_meant_are_refused(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(str(write(tmp_path, "r.yaml", text)))
+
+
+def test_a_checkpoint_or_binary_file_given_as_recipe(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(ConfigError, match=r"last\.pt: this is a checkpoint, not a recipe: did you mean --resume"):
+        build_config(str(tmp_path / "last.pt"))
+    (tmp_path / "latin1.yaml").write_bytes("model:\n  name: r\xe9snet\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not a recipe \(a recipe is a UTF-8 text file of YAML\)"):
+        build_config(str(tmp_path / "latin1.yaml"))
+
+
+def test_a_recipe_name_without_yaml_is_found_in_the_current_folder(tmp_path, monkeypatch):
+    write(tmp_path, "tiny.yaml", "model:\n  name: resnet10t\n")
+    monkeypatch.chdir(tmp_path)
+    assert build_config("tiny").model.name == "resnet10t"

@@ -120,10 +120,10 @@ def test_corrupt_files_are_skipped_and_listed(tmp_path, capsys):
     loader, _ = build_val_loader(dali_cfg(tmp_path), rank=0, world_size=1)
     assert sum(len(y) for _, y in loader) == 11  # 10 good JPEGs + the PNG
     out = capsys.readouterr().out
-    assert "skipped 3 unreadable file(s)" in out
+    assert "skipped 3 unusable file(s)" in out
     listed = out.split("list in ")[1].strip()
-    assert sorted(open(listed).read().split()) == sorted(str(folder / n) for n in
-                                                         ("garbage.jpg", "empty.jpg", "truncated.jpg"))
+    assert sorted(open(listed).read().splitlines()) == sorted(f"{folder / n}  (not an image, or damaged)" for n in
+                                                              ("empty.jpg", "garbage.jpg", "truncated.jpg"))
 
 
 def test_every_format_the_scan_keeps_is_decoded(tmp_path, capsys):

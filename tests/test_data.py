@@ -9,6 +9,7 @@ from PIL import Image
 
 from powergrad_train.config import build_config
 from powergrad_train.data import build_train_loader, build_val_loader, check_data
+from powergrad_train.data import files
 from powergrad_train.data.demo import write_demo_dataset
 from powergrad_train.data.sampling import TrainSampler, ValSampler
 from powergrad_train.errors import DataError
@@ -121,7 +122,7 @@ def test_unreadable_files_are_left_out_of_both_splits(tmp_path, capsys):
     cfg = build_config(None, [f"data.root={tmp_path}", "data.image_size=16", "data.batch_size=4", "data.workers=0"])
     loader, _ = build_train_loader(cfg.data, seed=0, rank=0, world_size=1)
     assert loader.num_samples == 20
-    assert "skipped 2 unreadable file(s)" in capsys.readouterr().out
+    assert "skipped 2 unusable file(s)" in capsys.readouterr().out
 
 
 IMAGE_FORMATS = {"bmp": {}, "tif": {}, "tiff": {"compression": "tiff_lzw"}, "webp": {"lossless": True}, "ppm": {},
@@ -151,4 +152,54 @@ def test_the_scan_keeps_every_format_torchvision_decodes(tmp_path, capsys):
     images = torch.cat([x for x, _ in loader])
     assert images.shape[0] == 2 * len(IMAGE_FORMATS) and torch.isfinite(images).all()
     out = capsys.readouterr().out
-    assert "skipped 1 unreadable file(s)" in out and "(a/broken.bmp)" in out  # named, not just counted
+    assert "skipped 1 unusable file(s)" in out and "(a/broken.bmp: not an image, or damaged)" in out  # named
+
+
+def data_cfg(root, batch=4):
+    return build_config(None, [f"data.root={root}", "data.image_size=16", f"data.batch_size={batch}",
+                               "data.workers=0"]).data
+
+
+def test_links_in_the_wild_dangling_and_looping(tmp_path, capsys):
+    write_demo_dataset(tmp_path, {"train": 2, "val": 1})
+    ring = tmp_path / "train" / "ring"
+    (ring / "ghost.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (ring / "again").symlink_to(".")  # a loop: walked naively it repeats the class ~40 times
+    loader, _ = build_train_loader(data_cfg(tmp_path), seed=0, rank=0, world_size=1)
+    assert loader.num_samples == 20  # 10 classes x 2, each file once
+    out = capsys.readouterr().out
+    assert "skipped 1 folder link(s) in" in out and "(ring/again)" in out
+    assert "skipped 1 unusable file(s)" in out and "ring/ghost.jpg: cannot be opened (No such file or directory)" in out
+
+
+def test_a_class_left_empty_by_the_scan_is_an_error(tmp_path):
+    write_demo_dataset(tmp_path, {"train": 2, "val": 1})
+    for image in (tmp_path / "val" / "cross").iterdir():
+        image.write_bytes(b"garbage")
+    with pytest.raises(DataError, match=r"val/cross: no usable image left in this class after the scan"):
+        build_val_loader(data_cfg(tmp_path), rank=0, world_size=1)
+
+
+def test_an_unwritable_scan_cache_only_costs_a_rescan(tmp_path, monkeypatch, capsys):
+    write_demo_dataset(tmp_path / "data", {"train": 2, "val": 1})
+    (tmp_path / "data" / "train" / "ring" / "bad.jpg").write_bytes(b"")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")  # a cache path below a file cannot be created, even by root
+    monkeypatch.setenv("POWERGRAD_TRAIN_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(files, "_cache_warned", False)
+    for _ in range(2):
+        loader, _ = build_train_loader(data_cfg(tmp_path / "data"), seed=0, rank=0, world_size=1)
+        assert loader.num_samples == 20
+    out = capsys.readouterr().out
+    assert out.count("cannot write the file-scan cache") == 1  # said once
+    assert "skipped 1 unusable file(s)" in out and "list in" not in out
+
+
+def test_images_over_the_decompression_bomb_limit_are_reported_before_training(tmp_path, monkeypatch, capsys):
+    write_demo_dataset(tmp_path, {"train": 2, "val": 1})  # 64x64 JPEGs
+    big = tmp_path / "train" / "dots" / "big.jpg"
+    Image.new("RGB", (80, 70), (1, 2, 3)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2500)  # PIL refuses images over twice this: 5000 pixels
+    loader, _ = build_train_loader(data_cfg(tmp_path), seed=0, rank=0, world_size=1)
+    assert loader.num_samples == 20
+    assert "dots/big.jpg: 80x70 pixels, over PIL's decompression-bomb limit of 5000 pixels" in capsys.readouterr().out

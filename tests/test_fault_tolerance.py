@@ -160,6 +160,9 @@ def test_sigterm_during_validation_saves_at_once_and_validates_again_on_resume(s
                 if i == 0:
                     os.kill(os.getpid(), signal.SIGTERM)
 
+        def close(self):
+            real_val_loader.close()
+
     trainer.val_loader = SignalledDuringValidation()
     with pytest.raises(Preempted, match="stopped by SIGTERM while validating epoch 1") as stop:
         trainer.fit()
