@@ -7,6 +7,7 @@ The only place that prints a user error and exits: a UserError becomes one
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -95,10 +96,12 @@ def _dry_run(cfg: Config, env) -> None:
     print(f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters")
     print(f"data: {len(classes)} classes, {train.num_samples} train / {val.num_samples} val images, "
           f"{steps} steps per epoch at global batch {cfg.data.batch_size}")
-    print("LR at the first step of each epoch:")
+    modes = [cfg.schedule.mode] + [m for m in ("per_step", "authors_per_epoch") if m != cfg.schedule.mode]
+    schedules = [dataclasses.replace(cfg.schedule, mode=m) for m in modes]
+    print(f"LR at the first step of each epoch: schedule.mode {modes[0]} (in use) | {modes[1]} (for comparison)")
     for epoch in range(cfg.schedule.epochs):
-        lr = lr_at_step(cfg.schedule, cfg.optim.lr, epoch * steps, steps)
-        print(f"  epoch {epoch + 1:4d} (step {epoch * steps:7d}): {lr:.6g}")
+        lrs = [lr_at_step(s, cfg.optim.lr, epoch * steps, steps) for s in schedules]
+        print(f"  epoch {epoch + 1:4d} (step {epoch * steps:7d}): {lrs[0]:.6g} | {lrs[1]:.6g}")
 
 
 def train_command(argv: list[str]) -> None:

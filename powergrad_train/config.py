@@ -38,6 +38,8 @@ def opt(default, help, *, choices=None, ge=None, gt=None, le=None, lt=None, fixe
 class ModelConfig:
     name: str = opt("resnet50", "timm model name (e.g. resnet18, seresnet50), or resnet18_nobn: ResNet-18 with every norm layer replaced by identity", fixed=True)
     num_classes: int = opt(1000, "number of classes of the classifier head", ge=1, fixed=True)
+    zero_init_last: bool = opt(True, "zero-initialise the last batch-norm scale of each residual block (timm's default); "
+                                     "the PGT authors' runs effectively had false", fixed=True)
     sync_bn: bool = opt(False, "convert batch norm to SyncBatchNorm in distributed GPU runs, so statistics cover the global batch")
     compile: bool = opt(False, "torch.compile the model (and the loss with it) for speed; first steps compile")
 
@@ -55,6 +57,12 @@ class DataConfig:
     crop_scale_min: float = opt(0.08, "train: smallest area fraction of the random resized crop (largest is 1)", gt=0.0, le=1.0, fixed=True)
     batch_size: int = opt(256, "GLOBAL train batch size, split evenly over all processes", ge=1, fixed=True)
     val_batch_size: Optional[int] = opt(None, "GLOBAL val batch size; null = batch_size", ge=1)
+    val_interpolation: str = opt("bilinear", "val: interpolation of the resize (the paper's runs: bicubic for "
+                                             "resnet50/101 and the SE-ResNets, bilinear for resnet18)",
+                                 choices=("bilinear", "bicubic"))
+    val_backend: str = opt("same", "val pipeline: same = the train backend's; torchvision = PIL resize and center "
+                                   "crop in a DataLoader (how the paper's runs evaluated, also when training with DALI)",
+                           choices=("same", "torchvision"))
     workers: int = opt(4, "per training process: torchvision loader worker processes (0 = main process), "
                           "or DALI threads (at least 1)", ge=0)
 
@@ -70,6 +78,10 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     name: str = opt("cosine", "LR decay after warmup", choices=("cosine", "step"), fixed=True)
+    mode: str = opt("per_step", "per_step: the LR changes every optimizer step; authors_per_epoch: the PGT authors' "
+                                "code as it ran: one LR per epoch, epoch 1 at t=0 and epoch E>=2 at t=E (t=1 never "
+                                "used), warmup inside the decay's count", choices=("per_step", "authors_per_epoch"),
+                    fixed=True)
     epochs: int = opt(100, "total epochs trained, warmup and cooldown included", ge=1, fixed=True)
     warmup_epochs: float = opt(5.0, "linear warmup from warmup_lr to optim.lr over this many epochs", ge=0.0, fixed=True)
     warmup_lr: float = opt(1e-4, "LR at the first step of warmup", ge=0.0, fixed=True)
@@ -415,6 +427,10 @@ def check(cfg: Config, sources: dict[str, str]) -> None:
     if cfg.grad_clip.mode != "none" and cfg.grad_clip.value is None:
         raise ConfigError(f"{where('grad_clip.mode', 'grad_clip.value')}: grad_clip.mode is '{cfg.grad_clip.mode}' "
                           "but grad_clip.value is not set (the threshold, or the clipping factor for agc, e.g. 0.01)")
+    if s.mode == "authors_per_epoch" and not (float(s.warmup_epochs).is_integer() and float(s.decay_epochs).is_integer()):
+        at = where("schedule.mode", "schedule.warmup_epochs", "schedule.decay_epochs")
+        raise ConfigError(f"{at}: schedule.mode = authors_per_epoch steps the LR once per epoch: schedule.warmup_epochs "
+                          f"({s.warmup_epochs:g}) and schedule.decay_epochs ({s.decay_epochs:g}) must be whole numbers")
     if cfg.optim.nesterov and cfg.optim.momentum == 0:
         raise ConfigError(f"{where('optim.nesterov', 'optim.momentum')}: optim.nesterov needs optim.momentum > 0")
 

@@ -22,7 +22,15 @@ def build_model(cfg: ModelConfig) -> torch.nn.Module:
         close = timm.list_models(f"*{cfg.name.split('_')[0]}*")[:5]
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise ConfigError(f"model.name: '{cfg.name}' is not a timm model{hint}")
-    return timm.create_model(cfg.name, num_classes=cfg.num_classes)
+    # Passed only when asked: models without residual batch norm do not take the option.
+    extra = {} if cfg.zero_init_last else {"zero_init_last": False}
+    try:
+        return timm.create_model(cfg.name, num_classes=cfg.num_classes, **extra)
+    except TypeError as e:
+        if "zero_init_last" not in str(e):
+            raise
+        raise ConfigError(f"model.zero_init_last = false: model '{cfg.name}' has no such option "
+                          "(only residual networks such as resnet* and seresnet* have it)") from None
 
 
 def classifier_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

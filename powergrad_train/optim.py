@@ -24,9 +24,15 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.SGD
 
 
 def lr_at_step(cfg: ScheduleConfig, base_lr: float, step: int, steps_per_epoch: int) -> float:
-    """The LR of optimizer step `step` (0-based, counted over the whole run).
+    """The LR of optimizer step `step` (0-based, counted over the whole run)."""
+    if cfg.mode == "authors_per_epoch":
+        epoch = step // steps_per_epoch + 1  # 1-based
+        return lr_at_epoch_like_authors(cfg, base_lr, 0 if epoch == 1 else epoch)
+    return _lr_per_step(cfg, base_lr, step, steps_per_epoch)
 
-    warmup : steps [0, W)      linear from warmup_lr (at step 0) towards base_lr
+
+def _lr_per_step(cfg: ScheduleConfig, base_lr: float, step: int, steps_per_epoch: int) -> float:
+    """warmup : steps [0, W)      linear from warmup_lr (at step 0) towards base_lr
     decay  : steps [W, D)      cosine from base_lr to min_lr, or step decay
                                base_lr * decay_rate ** (step // decay_steps)
     cooldown: steps [D, end)   min_lr
@@ -45,6 +51,23 @@ def lr_at_step(cfg: ScheduleConfig, base_lr: float, step: int, steps_per_epoch: 
         return cfg.min_lr + 0.5 * (base_lr - cfg.min_lr) * (1 + math.cos(math.pi * t / span))
     decay_steps = round(cfg.decay_epochs * steps_per_epoch)
     return base_lr * cfg.decay_rate ** (step // decay_steps)
+
+
+def lr_at_epoch_like_authors(cfg: ScheduleConfig, base_lr: float, t: int) -> float:
+    """timm's per-epoch schedulers as the authors' fork configured them (t_in_epochs, no warmup
+    prefix, t_initial = epochs - cooldown_epochs), at scheduler time t.
+
+    Warmup replaces the first warmup_epochs values of the decay instead of coming before it, so
+    the cosine is already past its peak when warmup ends; from t_initial on the LR stays at min_lr.
+    """
+    warmup, t_initial = round(cfg.warmup_epochs), cfg.epochs - cfg.cooldown_epochs
+    if t < warmup:
+        return cfg.warmup_lr + t * (base_lr - cfg.warmup_lr) / warmup
+    if cfg.name == "cosine":
+        if t >= t_initial:
+            return cfg.min_lr
+        return cfg.min_lr + 0.5 * (base_lr - cfg.min_lr) * (1 + math.cos(math.pi * t / t_initial))
+    return base_lr * cfg.decay_rate ** (t // round(cfg.decay_epochs))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

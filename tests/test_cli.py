@@ -80,7 +80,10 @@ def test_validate_reports_the_run_s_numbers(two_epoch_run, capsys):
 def test_dry_run_prints_lr_per_epoch_and_writes_nothing(tiny_root, tmp_path, capsys):
     run_cli("--config", "smoke.yaml", "--output", tmp_path / "dry", "--dry-run", *tiny_overrides(tiny_root))
     out = capsys.readouterr().out
-    assert "epoch    1 (step       0): 0.005" in out and "epoch    2 (step      10): 0.0375" in out  # cosine, 5 of 15 steps
+    assert "schedule.mode per_step (in use) | authors_per_epoch (for comparison)" in out
+    # per step: cosine, 5 of 15 steps; the authors' per epoch: half a warmup epoch rounds to none, and
+    # epoch 2 trains at t=2, the end of a 2-epoch cosine
+    assert "epoch    1 (step       0): 0.005 | 0.05" in out and "epoch    2 (step      10): 0.0375 | 0" in out
     assert "resnet10t" in out and "10 steps per epoch" in out
     assert not (tmp_path / "dry").exists()
 

@@ -90,6 +90,13 @@ def test_bundled_recipes_resolve_by_name_and_train_what_their_names_say():
         assert cfg.schedule.name == ("step" if "_step" in name else "cosine"), name
         assert cfg.grad_clip.mode == ("agc" if "_agc" in name else "value" if "_gc" in name else "none"), name
         assert cfg.data.root == "/data/imagenet" and cfg.model.num_classes == 1000, name
+        # what the authors' code ran: its LR sequence, no zero init, timm's PIL validation at the model's
+        # default interpolation
+        assert cfg.schedule.mode == "authors_per_epoch" and not cfg.model.zero_init_last, name
+        assert (cfg.schedule.warmup_lr, cfg.schedule.min_lr) == (0.01, 1e-4), name
+        assert cfg.data.val_backend == "torchvision", name
+        bicubic = model in ("resnet50", "resnet101", "seresnet18", "seresnet50")
+        assert cfg.data.val_interpolation == ("bicubic" if bicubic else "bilinear"), name
 
 
 def test_runtime_checks():

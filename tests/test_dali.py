@@ -173,3 +173,17 @@ def test_training_through_dali_and_exact_resume_after_sigterm(tiny_root, tmp_pat
     main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *overrides])
     assert_same_weights(load_weights(straight / "last.pt"), load_weights(run_dir / "last.pt"))
     shutil.rmtree(straight)
+
+
+def test_dali_training_can_validate_the_way_the_paper_did(tiny_root):
+    """val_backend torchvision: PIL resize and center crop, whatever the train backend."""
+    from powergrad_train.data.imagefolder import TorchValLoader
+    cfg = dali_cfg(tiny_root, "data.val_backend=torchvision", "data.val_interpolation=bicubic")
+    loader, _ = build_val_loader(cfg, rank=0, world_size=1)
+    assert isinstance(loader, TorchValLoader)
+    reference, _ = build_val_loader(dali_cfg(tiny_root, "data.backend=torchvision", "data.val_interpolation=bicubic"),
+                                    rank=0, world_size=1)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(loader, reference))
+    dali_bicubic, _ = build_val_loader(dali_cfg(tiny_root, "data.val_interpolation=bicubic"), rank=0, world_size=1)
+    dali_bilinear, _ = build_val_loader(dali_cfg(tiny_root), rank=0, world_size=1)
+    assert not torch.equal(next(iter(dali_bicubic))[0], next(iter(dali_bilinear))[0])  # DALI honours it too

@@ -203,3 +203,20 @@ def test_images_over_the_decompression_bomb_limit_are_reported_before_training(t
     loader, _ = build_train_loader(data_cfg(tmp_path), seed=0, rank=0, world_size=1)
     assert loader.num_samples == 20
     assert "dots/big.jpg: 80x70 pixels, over PIL's decompression-bomb limit of 5000 pixels" in capsys.readouterr().out
+
+
+def test_val_interpolation_reaches_the_pipeline(tiny_root):
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from torchvision import transforms
+    first = {}
+    for mode in ("bilinear", "bicubic"):
+        cfg = build_config(None, [f"data.root={tiny_root}", "data.image_size=16", "data.batch_size=4",
+                                  "data.workers=0", f"data.val_interpolation={mode}"]).data
+        loader, _ = build_val_loader(cfg, rank=0, world_size=1)
+        first[mode] = next(iter(loader))[0][0]
+    assert not torch.equal(first["bilinear"], first["bicubic"])
+    path = sorted((tiny_root / "val" / "checker").iterdir())[0]
+    by_hand = transforms.Compose([
+        transforms.Resize(18, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(16),
+        transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    assert torch.equal(first["bicubic"], by_hand(Image.open(path).convert("RGB")))

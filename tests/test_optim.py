@@ -6,6 +6,7 @@ from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from timm.utils import adaptive_clip_grad
 
 from powergrad_train.config import build_config
+from powergrad_train.errors import ConfigError
 from powergrad_train.models import build_model
 from powergrad_train.optim import build_grad_clipper, build_optimizer, lr_at_step
 
@@ -96,3 +97,53 @@ def test_resnet18_nobn_has_no_norm_layers():
     model = build_model(build_config(None, ["model.name=resnet18_nobn", "model.num_classes=7"]).model)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._NormBase) for m in model.modules())
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+def authors_loop_lrs(scheduler_cls, epochs, **kwargs):
+    """The LR each 1-based epoch trained at in the authors' train.py: the scheduler is stepped per epoch
+    (t_in_epochs), and the loop's epoch counter is already incremented when it calls step(epoch + 1)."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = scheduler_cls(opt, t_in_epochs=True, warmup_prefix=False, **kwargs)
+    lrs = []
+    for epoch in range(epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        epoch += 1
+        sched.step(epoch + 1)
+    return lrs
+
+
+@pytest.mark.parametrize("name", ["cosine", "step"])
+def test_authors_per_epoch_schedule_matches_timm_stepped_as_the_authors_did(name):
+    cfg = build_config(None, ["schedule.mode=authors_per_epoch", f"schedule.name={name}", "schedule.epochs=100",
+                              "schedule.warmup_epochs=5", "schedule.cooldown_epochs=10", "schedule.warmup_lr=0.01",
+                              "schedule.min_lr=0.0001", "schedule.decay_epochs=30"]).schedule
+    if name == "cosine":
+        expected = authors_loop_lrs(CosineLRScheduler, 100, t_initial=90, lr_min=1e-4, warmup_t=5,
+                                    warmup_lr_init=0.01)
+    else:
+        expected = authors_loop_lrs(StepLRScheduler, 100, decay_t=30, decay_rate=0.1, warmup_t=5,
+                                    warmup_lr_init=0.01)
+    ours = [lr_at_step(cfg, 0.1, s, SPE) for s in range(100 * SPE)]
+    assert ours[::SPE] == pytest.approx(expected, rel=1e-12)
+    assert all(ours[e * SPE:(e + 1) * SPE] == [ours[e * SPE]] * SPE for e in range(100))  # one LR per epoch
+    assert ours[0] == 0.01 and ours[SPE] == pytest.approx(0.046)  # epoch 2 at t=2: t=1 is never used
+    if name == "cosine":
+        assert ours[4 * SPE] == pytest.approx(0.0992, abs=5e-5) and max(ours) < 0.1  # the peak is never reached
+        assert ours[89 * SPE:] == [1e-4] * (11 * SPE)  # the floor from epoch 90 on: 11 epochs
+    else:
+        assert [e + 1 for e in range(1, 100) if ours[e * SPE] < ours[(e - 1) * SPE] * 0.5] == [30, 60, 90]
+
+
+def test_zero_init_last_reaches_the_model():
+    for flag, expected in ((True, 0.0), (False, 1.0)):
+        model = build_model(build_config(None, ["model.name=resnet18", f"model.zero_init_last={flag}"]).model)
+        last_scales = [block.bn2.weight for layer in (model.layer1, model.layer4) for block in layer]
+        assert all(torch.all(w == expected) for w in last_scales), flag
+    with pytest.raises(ConfigError, match="model 'test_vit' has no such option"):
+        build_model(build_config(None, ["model.name=test_vit", "model.zero_init_last=false"]).model)
+
+
+def test_the_authors_schedule_needs_whole_epochs():
+    with pytest.raises(ConfigError, match=r"--set schedule.warmup_epochs=0.5: schedule.mode = authors_per_epoch "
+                                          r"steps the LR once per epoch"):
+        build_config(None, ["schedule.mode=authors_per_epoch", "schedule.warmup_epochs=0.5"])

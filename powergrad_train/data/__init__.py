@@ -64,7 +64,7 @@ def build_val_loader(cfg: DataConfig, rank: int, world_size: int, device: torch.
         from powergrad_train.data.synthetic import CLASSES, build_synthetic_val
         return build_synthetic_val(cfg, rank, world_size, device), CLASSES
     classes, samples = list_split(resolve_root(cfg), "val", verbose=rank == 0)
-    if cfg.backend == "dali":
+    if cfg.backend == "dali" and cfg.val_backend == "same":
         from powergrad_train.data.dali import build_dali_val
         return build_dali_val(cfg, samples, rank, world_size), classes
     from powergrad_train.data.imagefolder import build_imagefolder_val

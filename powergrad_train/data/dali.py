@@ -68,7 +68,8 @@ def _pipeline(cfg: DataConfig, files: list[str], labels: list[int], batch_size: 
         else:
             images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
             images = fn.resize(images, resize_shorter=int(cfg.image_size / cfg.crop_pct),
-                               interp_type=types.INTERP_LINEAR)
+                               interp_type=types.INTERP_CUBIC if cfg.val_interpolation == "bicubic"
+                               else types.INTERP_LINEAR)
             mirror = 0
         images = fn.crop_mirror_normalize(
             images, crop=(cfg.image_size, cfg.image_size), crop_pos_x=0.5, crop_pos_y=0.5, mirror=mirror,

@@ -33,7 +33,8 @@ def train_transform(cfg: DataConfig):
 
 def val_transform(cfg: DataConfig):
     return transforms.Compose([
-        transforms.Resize(int(cfg.image_size / cfg.crop_pct), interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.Resize(int(cfg.image_size / cfg.crop_pct),
+                          interpolation=transforms.InterpolationMode(cfg.val_interpolation)),
         transforms.CenterCrop(cfg.image_size),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
