@@ -22,6 +22,7 @@ from powergrad_train import __version__, checkpoint, dist
 from powergrad_train.checkpoint import Checkpointer, RngState, TrainState
 from powergrad_train.config import Config, check_schedule, to_dict
 from powergrad_train.data import build_train_loader, build_val_loader, check_classes
+from powergrad_train.diagnostics import PooledFeatureWatch, epoch_diagnostics
 from powergrad_train.dist import DistEnv
 from powergrad_train.errors import CheckpointError, TrainingError
 from powergrad_train.hardware import precision_in_use
@@ -101,6 +102,7 @@ class Trainer:
         zero_momentum_buffers(self.optimizer)
         self.clip_gradients = build_grad_clipper(cfg.grad_clip, self.model)
         self.buffers = BufferSnapshot(self.model)
+        self.feature_watch = PooledFeatureWatch(self.model)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.autocast = autocast_for(cfg.amp, device)
         # DDP broadcasts rank 0's initial weights; evaluation uses the unwrapped self.model.
@@ -202,6 +204,9 @@ class Trainer:
                                                 "epoch complete, validation runs again); continue with --resume auto")
                 s.eval_pending = False
                 train = self.meter.read()
+                # The paper's diagnostics: filter norms (saved per epoch), zeroed filters, dead features.
+                diagnostics = epoch_diagnostics(self.model, self.run_dir, s.epoch, self.env.is_main)
+                zeroed_per_layer = {k.removeprefix("zeroed/"): v for k, v in diagnostics.items() if "/" in k}
                 # Log before the checkpoint: a run killed in between resumes from the previous
                 # checkpoint, which trims summary.csv and TensorBoard back to it.
                 log.epoch_end({
@@ -209,7 +214,10 @@ class Trainer:
                     "eval_loss": val["loss"], "eval_top1": val["top1"], "eval_top5": val["top5"],
                     "lr": self.optimizer.param_groups[0]["lr"], "images_per_sec": train["images"] / s.epoch_elapsed,
                     "epoch_time_s": s.epoch_elapsed, "logit_norm": train["logit_norm"],
+                    "eval_logit_norm": val["logit_norm"], "zeroed_filters": diagnostics["zeroed_filters"],
+                    "dead_features": self.dead_features,
                 })
+                log.scalars("zeroed_filters", s.step, zeroed_per_layer)
                 self.save_checkpoint(val_top1=val["top1"])
             log.info(f"done: best val top1 {s.best_top1:.2f} at epoch {s.best_epoch}; run folder {self.run_dir}")
         finally:
@@ -275,12 +283,16 @@ class Trainer:
                 f"{checkpoint.describe(self.checkpointer.last)}; {DIVERGENCE_ADVICE}")
 
     def evaluate(self, stop_requested=lambda: None) -> Optional[dict]:
+        """The val metrics; also leaves `dead_features`: pooled-feature channels zero on every val image."""
         if self.env.distributed:
             # Each rank's running statistics saw only its own batches: average them, so every rank
             # evaluates, and rank 0 saves, the same model.
             distribute_bn(self.model, self.env.world_size, reduce=True)
-        return evaluate_model(self.model, self.val_loader, self.device, self.autocast, self.memory_format,
-                              stop_requested)
+        self.feature_watch.start()
+        values = evaluate_model(self.model, self.val_loader, self.device, self.autocast, self.memory_format,
+                                stop_requested)
+        self.dead_features = self.feature_watch.dead_channels()
+        return values
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -14,7 +14,8 @@ import torch
 from powergrad_train import dist
 
 SUMMARY_COLUMNS = ("epoch", "step", "train_loss", "train_top1", "eval_loss", "eval_top1", "eval_top5", "lr",
-                   "images_per_sec", "epoch_time_s", "logit_norm")
+                   "images_per_sec", "epoch_time_s", "logit_norm", "eval_logit_norm", "zeroed_filters",
+                   "dead_features")
 
 
 class TrainMeter:
@@ -81,7 +82,7 @@ class TrainMeter:
 
 class EvalMeter:
     def __init__(self, device: torch.device):
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
@@ -92,11 +93,13 @@ class EvalMeter:
         self.sums[1] += hits[:, 0].sum()
         self.sums[2] += hits.any(1).sum()
         self.sums[3] += targets.shape[0]
+        self.sums[4] += logits.norm(dim=1).sum()
 
     def read(self) -> dict:
-        loss, top1, top5, count = dist.all_reduce_sum(self.sums.clone()).tolist()
+        loss, top1, top5, count, norm = dist.all_reduce_sum(self.sums.clone()).tolist()
         count = max(count, 1.0)
-        return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "images": count}
+        return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "images": count,
+                "logit_norm": norm / count}
 
 
 class RunLog:
@@ -149,9 +152,13 @@ class RunLog:
                   f"ETA epoch {_duration(p['eta_epoch_s'])}, run {_duration(p['eta_run_s'])}", flush=True)
 
     def train_scalars(self, step: int, values: dict) -> None:
+        self.scalars("train", step, values)
+
+    def scalars(self, group: str, step: int, values: dict) -> None:
+        """TensorBoard only: `group/name` for each value."""
         if self.tb:
             for name, value in values.items():
-                self.tb.add_scalar(f"train/{name}", value, step)
+                self.tb.add_scalar(f"{group}/{name}", value, step)
 
     def epoch_end(self, row: dict) -> None:
         if not self.enabled:

@@ -1,0 +1,65 @@
+"""The paper's diagnostics: filter norms per epoch, zeroed filters, dead pooled features, val logit norm."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from powergrad_train.cli import main
+from powergrad_train.config import build_config
+from powergrad_train.diagnostics import ZEROED_NORM, PooledFeatureWatch, conv_filter_norms, load_filter_norms
+from powergrad_train.models import build_model
+from tests.conftest import load_weights, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def run(tiny_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("diag") / "run"
+    main(["--config", "smoke.yaml", "--output", str(run_dir), *tiny_overrides(tiny_root)])
+    return run_dir
+
+
+def test_filter_norms_are_saved_every_epoch_from_the_epoch_s_weights(run):
+    model = build_model(build_config(None, ["model.name=resnet10t", "model.num_classes=10"]).model)
+    rows = list(csv.DictReader(open(run / "summary.csv")))
+    for epoch in (1, 2):
+        saved = load_filter_norms(run / "diagnostics" / f"filter-norms-epoch-{epoch:04d}.npz")
+        model.load_state_dict(load_weights(run / f"epoch-{epoch:04d}.pt"))
+        expected = conv_filter_norms(model)
+        assert saved.keys() == expected.keys() and len(saved) == sum(
+            isinstance(m, torch.nn.Conv2d) for m in model.modules())
+        for name in expected:
+            np.testing.assert_allclose(saved[name], expected[name], rtol=1e-6)
+        zeroed = sum(int((v < ZEROED_NORM).sum()) for v in saved.values())
+        assert int(rows[epoch - 1]["zeroed_filters"]) == zeroed
+
+
+def test_summary_has_the_val_logit_norm_and_dead_features(run):
+    for row in csv.DictReader(open(run / "summary.csv")):
+        assert float(row["eval_logit_norm"]) > 0 and float(row["eval_loss"]) > 0
+        assert 0 <= int(row["dead_features"]) <= 512  # resnet10t's pooled features
+
+
+def test_dead_pooled_feature_channels_are_counted(tiny_root):
+    torch.manual_seed(0)
+    model = build_model(build_config(None, ["model.name=resnet10t", "model.num_classes=10"]).model).eval()
+    watch = PooledFeatureWatch(model)
+    images = torch.randn(8, 3, 32, 32)
+
+    def dead():
+        watch.start()
+        with torch.no_grad():
+            model(images[:4])
+            model(images[4:])  # two batches: a channel is dead only if zero in both
+        return watch.dead_channels()
+
+    before = dead()
+    alive = (watch.peak > 0).nonzero().flatten()[:5]
+    block = model.layer4[-1]
+    with torch.no_grad():  # zero both paths into the last ReLU for 5 channels that were alive
+        for bn in (block.bn2, block.downsample[-1]):
+            bn.weight[alive] = 0
+            bn.bias[alive] = 0
+    assert dead() == before + 5
+    watch.close()
