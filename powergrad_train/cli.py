@@ -18,14 +18,14 @@ from powergrad_train import __version__
 from powergrad_train.config import Config, build_config, check_runtime, check_schedule, describe_keys, dump
 from powergrad_train.errors import CheckpointError, InstallError, UserError
 
-COMMANDS = ("train", "validate", "bench", "env")
+COMMANDS = ("train", "validate", "bench", "env", "report")
 
 
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="powergrad-train",
         description="Train an ImageNet classifier from a YAML recipe, with the PowerGrad Transform, "
-                    "label smoothing and GC/AGC. Subcommands: train (default), validate, bench, env "
+                    "label smoothing and GC/AGC. Subcommands: train (default), validate, bench, env, report "
                     "(see 'powergrad-train validate --help' and so on).",
         epilog="config keys (set in a recipe, or with --set KEY=VALUE):\n" + describe_keys(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -230,6 +230,20 @@ def env_command(argv: list[str]) -> None:
     print("supported: yes")
 
 
+def report_command(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="powergrad-train report",
+                                description="Put runs beside the paper's Tables 1-3 (matched by their resolved "
+                                            "config) and draw the paper's figures from them.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, finished or not")
+    p.add_argument("--out", default="report", metavar="DIR", help="where report.md and the PNG figures go "
+                                                                  "(default: ./report)")
+    args = p.parse_args(argv)
+    from powergrad_train.report import write_report
+    text, figures = write_report([Path(r) for r in args.runs], Path(args.out))
+    print(text)
+    print(f"written: {Path(args.out) / 'report.md'}" + "".join(f", {f}" for f in figures))
+
+
 def _one_line(error: Exception) -> str:
     """A UserError re-raised from a DataLoader worker carries the worker's traceback: keep its last line."""
     lines = [line for line in str(error).splitlines() if line.strip()]
@@ -244,7 +258,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if argv and argv[0] in COMMANDS:
         argv = argv[1:]
     try:
-        {"train": train_command, "validate": validate_command, "bench": bench_command, "env": env_command}[command](argv)
+        commands = {"train": train_command, "validate": validate_command, "bench": bench_command, "env": env_command,
+                    "report": report_command}
+        commands[command](argv)
     except UserError as e:
         _say_once(f"error: {_one_line(e)}")
         sys.exit(2)
