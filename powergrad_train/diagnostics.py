@@ -73,10 +73,9 @@ class PooledFeatureWatch:
 
 
 def epoch_diagnostics(model: torch.nn.Module, run_dir: Path, epoch: int, is_main: bool) -> dict[str, int]:
-    """Rank 0 saves the filter norms of `epoch`; every rank returns the zeroed-filter counts."""
+    """Rank 0 saves the filter norms of `epoch`; every rank returns the zeroed filters per layer."""
     norms = conv_filter_norms(model)
     if is_main:
         save_filter_norms(norms, run_dir, epoch)
-    counts = zeroed_filters(norms)
-    return {"zeroed_filters": sum(counts.values()), **{f"zeroed/{name}": n for name, n in counts.items()}}
+    return zeroed_filters(norms)
 

@@ -135,14 +135,6 @@ class Trainer:
             self.checkpointer.remove_partial_files()
         self.log = RunLog(self.run_dir, env.is_main, self.state.epoch, self.state.step)
 
-    @property
-    def step(self) -> int:
-        return self.state.step
-
-    @property
-    def epoch(self) -> int:
-        return self.state.epoch
-
     # ------------------------------------------------------------------ the training step
 
     def to_device(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,8 +197,7 @@ class Trainer:
                 s.eval_pending = False
                 train = self.meter.read()
                 # The paper's diagnostics: filter norms (saved per epoch), zeroed filters, dead features.
-                diagnostics = epoch_diagnostics(self.model, self.run_dir, s.epoch, self.env.is_main)
-                zeroed_per_layer = {k.removeprefix("zeroed/"): v for k, v in diagnostics.items() if "/" in k}
+                zeroed = epoch_diagnostics(self.model, self.run_dir, s.epoch, self.env.is_main)
                 # Log before the checkpoint: a run killed in between resumes from the previous
                 # checkpoint, which trims summary.csv and TensorBoard back to it.
                 log.epoch_end({
@@ -214,10 +205,10 @@ class Trainer:
                     "eval_loss": val["loss"], "eval_top1": val["top1"], "eval_top5": val["top5"],
                     "lr": self.optimizer.param_groups[0]["lr"], "images_per_sec": train["images"] / s.epoch_elapsed,
                     "epoch_time_s": s.epoch_elapsed, "logit_norm": train["logit_norm"],
-                    "eval_logit_norm": val["logit_norm"], "zeroed_filters": diagnostics["zeroed_filters"],
+                    "eval_logit_norm": val["logit_norm"], "zeroed_filters": sum(zeroed.values()),
                     "dead_features": self.dead_features,
                 })
-                log.scalars("zeroed_filters", s.step, zeroed_per_layer)
+                log.scalars("zeroed_filters", s.step, zeroed)
                 self.save_checkpoint(val_top1=val["top1"])
             log.info(f"done: best val top1 {s.best_top1:.2f} at epoch {s.best_epoch}; run folder {self.run_dir}")
         finally:

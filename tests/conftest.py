@@ -48,3 +48,13 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+@pytest.fixture(scope="session")
+def two_epoch_run(tiny_root, tmp_path_factory) -> Path:
+    """The tiny settings trained for their 2 epochs: epoch-0001.pt, epoch-0002.pt, last.pt, best.pt,
+    summary.csv and diagnostics/. Shared by every test that only reads or copies it."""
+    from powergrad_train.cli import main
+    run_dir = tmp_path_factory.mktemp("two_epochs") / "run"
+    main(["--config", "smoke.yaml", "--output", str(run_dir), *tiny_overrides(tiny_root)])
+    return run_dir

@@ -26,13 +26,6 @@ def run_subprocess(*args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def two_epoch_run(tiny_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "a"
-    run_cli("--config", "smoke.yaml", "--output", out, *tiny_overrides(tiny_root))
-    return out
-
-
 def test_smoke_recipe_learns_the_demo_set(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_cli("--config", "smoke.yaml")

@@ -3,29 +3,20 @@
 import csv
 
 import numpy as np
-import pytest
 import torch
 
-from powergrad_train.cli import main
 from powergrad_train.config import build_config
 from powergrad_train.diagnostics import ZEROED_NORM, PooledFeatureWatch, conv_filter_norms, load_filter_norms
 from powergrad_train.models import build_model
-from tests.conftest import load_weights, tiny_overrides
+from tests.conftest import load_weights
 
 
-@pytest.fixture(scope="module")
-def run(tiny_root, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("diag") / "run"
-    main(["--config", "smoke.yaml", "--output", str(run_dir), *tiny_overrides(tiny_root)])
-    return run_dir
-
-
-def test_filter_norms_are_saved_every_epoch_from_the_epoch_s_weights(run):
+def test_filter_norms_are_saved_every_epoch_from_the_epoch_s_weights(two_epoch_run):
     model = build_model(build_config(None, ["model.name=resnet10t", "model.num_classes=10"]).model)
-    rows = list(csv.DictReader(open(run / "summary.csv")))
+    rows = list(csv.DictReader(open(two_epoch_run / "summary.csv")))
     for epoch in (1, 2):
-        saved = load_filter_norms(run / "diagnostics" / f"filter-norms-epoch-{epoch:04d}.npz")
-        model.load_state_dict(load_weights(run / f"epoch-{epoch:04d}.pt"))
+        saved = load_filter_norms(two_epoch_run / "diagnostics" / f"filter-norms-epoch-{epoch:04d}.npz")
+        model.load_state_dict(load_weights(two_epoch_run / f"epoch-{epoch:04d}.pt"))
         expected = conv_filter_norms(model)
         assert saved.keys() == expected.keys() and len(saved) == sum(
             isinstance(m, torch.nn.Conv2d) for m in model.modules())
@@ -35,8 +26,8 @@ def test_filter_norms_are_saved_every_epoch_from_the_epoch_s_weights(run):
         assert int(rows[epoch - 1]["zeroed_filters"]) == zeroed
 
 
-def test_summary_has_the_val_logit_norm_and_dead_features(run):
-    for row in csv.DictReader(open(run / "summary.csv")):
+def test_summary_has_the_val_logit_norm_and_dead_features(two_epoch_run):
+    for row in csv.DictReader(open(two_epoch_run / "summary.csv")):
         assert float(row["eval_logit_norm"]) > 0 and float(row["eval_loss"]) > 0
         assert 0 <= int(row["dead_features"]) <= 512  # resnet10t's pooled features
 

@@ -14,14 +14,6 @@ from tests.conftest import REPO, assert_same_weights, load_weights, tiny_overrid
 from tests.test_fault_tolerance import SMALL_BATCH, start, wait_for
 
 
-@pytest.fixture(scope="module")
-def finished_run(tiny_root, tmp_path_factory):
-    """Two epochs, checkpoints every epoch: epoch-0001.pt, epoch-0002.pt, last.pt, best.pt."""
-    run_dir = tmp_path_factory.mktemp("finished") / "run"
-    main(["--config", "smoke.yaml", "--output", str(run_dir), *tiny_overrides(tiny_root)])
-    return run_dir
-
-
 def snapshot(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
@@ -64,19 +56,19 @@ def test_a_folder_that_is_not_a_run_is_refused_and_untouched(tiny_root, tmp_path
     assert snapshot(project) == before
 
 
-def test_a_checkpoint_from_elsewhere_cannot_overwrite_a_run(finished_run, tiny_root, tmp_path, capsys):
+def test_a_checkpoint_from_elsewhere_cannot_overwrite_a_run(two_epoch_run, tiny_root, tmp_path, capsys):
     other = tmp_path / "other"
-    shutil.copytree(finished_run, other)
+    shutil.copytree(two_epoch_run, other)
     before = snapshot(other)
-    line = refused(capsys, "--config", "smoke.yaml", "--output", other, "--resume", finished_run / "epoch-0001.pt",
+    line = refused(capsys, "--config", "smoke.yaml", "--output", other, "--resume", two_epoch_run / "epoch-0001.pt",
                    *tiny_overrides(tiny_root))
     assert "already holds a run; a checkpoint from elsewhere would overwrite it" in line
     assert snapshot(other) == before
 
 
-def test_a_refused_resume_writes_nothing(finished_run, tiny_root, tmp_path, capsys):
+def test_a_refused_resume_writes_nothing(two_epoch_run, tiny_root, tmp_path, capsys):
     run_dir = tmp_path / "copy"
-    shutil.copytree(finished_run, run_dir)
+    shutil.copytree(two_epoch_run, run_dir)
     (run_dir / "summary.csv").unlink()
     before = snapshot(run_dir)
     fewer = tmp_path / "fewer"  # the same data less one class: the checkpoint's classes differ
@@ -89,15 +81,15 @@ def test_a_refused_resume_writes_nothing(finished_run, tiny_root, tmp_path, caps
     assert snapshot(run_dir) == before
 
 
-def test_resume_auto_without_last_pt_takes_the_newest_valid_checkpoint(finished_run, tiny_root, tmp_path, capsys):
+def test_resume_auto_without_last_pt_takes_the_newest_valid_checkpoint(two_epoch_run, tiny_root, tmp_path, capsys):
     run_dir = tmp_path / "nolast"
     run_dir.mkdir()
     for name in ("epoch-0001.pt", "summary.csv"):
-        shutil.copy(finished_run / name, run_dir / name)
+        shutil.copy(two_epoch_run / name, run_dir / name)
     (run_dir / "epoch-0002.pt").write_bytes(b"truncated")  # newer, but unusable
     main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *tiny_overrides(tiny_root)])
     assert f"resuming from {run_dir / 'epoch-0001.pt'}: {run_dir / 'last.pt'} is missing" in capsys.readouterr().out
-    assert_same_weights(load_weights(finished_run / "last.pt"), load_weights(run_dir / "last.pt"))
+    assert_same_weights(load_weights(two_epoch_run / "last.pt"), load_weights(run_dir / "last.pt"))
 
 
 def test_resume_auto_refuses_a_folder_whose_checkpoints_are_all_unusable(tiny_root, tmp_path, capsys):
@@ -117,12 +109,12 @@ def overwrite_middle(path, size=4 * 2**20):
         f.write(os.urandom(size))
 
 
-def test_damage_in_place_is_found_and_best_pt_survives_it(finished_run, tiny_root, tmp_path, capsys):
+def test_damage_in_place_is_found_and_best_pt_survives_it(two_epoch_run, tiny_root, tmp_path, capsys):
     run_dir = tmp_path / "damaged"
-    shutil.copytree(finished_run, run_dir)  # copies hard links as separate files: make them links again
+    shutil.copytree(two_epoch_run, run_dir)  # copies hard links as separate files: make them links again
     (run_dir / "last.pt").unlink()
     os.link(run_dir / "epoch-0002.pt", run_dir / "last.pt")
-    assert os.stat(finished_run / "best.pt").st_ino != os.stat(finished_run / "last.pt").st_ino
+    assert os.stat(two_epoch_run / "best.pt").st_ino != os.stat(two_epoch_run / "last.pt").st_ino
     size = (run_dir / "last.pt").stat().st_size
     overwrite_middle(run_dir / "last.pt")
     assert (run_dir / "last.pt").stat().st_size == size
@@ -133,7 +125,7 @@ def test_damage_in_place_is_found_and_best_pt_survives_it(finished_run, tiny_roo
     newest_valid = "best.pt" if best["train_state"]["epoch"] == 2 else "epoch-0001.pt"  # epoch-0002.pt is last.pt
     main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *tiny_overrides(tiny_root)])
     assert f"resuming from {run_dir / newest_valid}: {run_dir / 'last.pt'} is damaged" in capsys.readouterr().out
-    assert_same_weights(load_weights(finished_run / "last.pt"), load_weights(run_dir / "last.pt"))
+    assert_same_weights(load_weights(two_epoch_run / "last.pt"), load_weights(run_dir / "last.pt"))
 
 
 @pytest.mark.parametrize("case", ["a file", "read-only parent"])
