@@ -16,16 +16,16 @@ from typing import Optional
 # Only light imports here: `--help` and config errors answer without loading torch.
 from powergrad_train import __version__
 from powergrad_train.config import Config, build_config, check_runtime, check_schedule, describe_keys, dump
-from powergrad_train.errors import CheckpointError, InstallError, UserError
+from powergrad_train.errors import CheckpointError, ConfigError, InstallError, UserError
 
-COMMANDS = ("train", "validate", "bench", "env", "report")
+COMMANDS = ("train", "validate", "bench", "env", "report", "reproduce")
 
 
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="powergrad-train",
         description="Train an ImageNet classifier from a YAML recipe, with the PowerGrad Transform, "
-                    "label smoothing and GC/AGC. Subcommands: train (default), validate, bench, env, report "
+                    "label smoothing and GC/AGC. Subcommands: train (default), validate, bench, env, report, reproduce "
                     "(see 'powergrad-train validate --help' and so on).",
         epilog="config keys (set in a recipe, or with --set KEY=VALUE):\n" + describe_keys(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -244,6 +244,41 @@ def report_command(argv: list[str]) -> None:
     print(f"written: {Path(args.out) / 'report.md'}" + "".join(f", {f}" for f in figures))
 
 
+def reproduce_command(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="powergrad-train reproduce",
+                                description="Run every row of one of the paper's tables in turn (finished rows "
+                                            "skipped, interrupted ones resumed), then write the report.")
+    p.add_argument("table", type=int, choices=(1, 2, 3))
+    p.add_argument("--data", required=True, metavar="DIR", help="ImageNet root holding train/ and val/")
+    p.add_argument("--nproc", type=_count(1), default=1, help="processes (GPUs) per row, under torchrun")
+    p.add_argument("--out", default="runs/reproduce", metavar="DIR", help="a run folder per row, and report/")
+    p.add_argument("--rows", metavar="N,N", help="only these rows of the table, counted from 1 (default: all)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every row")
+    p.add_argument("--images-per-sec", type=float, metavar="X",
+                   help="measured training images/s on --nproc GPUs (powergrad-train bench), for the estimate")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    args = p.parse_args(argv)
+    from powergrad_train import paper, reproduce
+    from powergrad_train.report import write_report
+    count = sum(r.table == args.table for r in paper.ROWS)
+    try:
+        rows = [int(n) for n in args.rows.split(",")] if args.rows else None
+    except ValueError:
+        rows = [0]
+    if rows and not all(1 <= n <= count for n in rows):
+        raise ConfigError(f"reproduce --rows {args.rows}: Table {args.table} has rows 1 to {count}")
+    runs = reproduce.plan(args.table, Path(args.data), args.nproc, Path(args.out), args.set, rows)
+    print(reproduce.describe(runs, args.nproc, args.images_per_sec), flush=True)
+    if args.dry_run:
+        return
+    code, failure = reproduce.execute(runs)
+    if code:
+        print(failure, file=sys.stderr, flush=True)
+        sys.exit(code)
+    _, figures = write_report([r.output for r in runs], Path(args.out) / "report")
+    print(f"report: {Path(args.out) / 'report' / 'report.md'}" + "".join(f", {f}" for f in figures))
+
+
 def _one_line(error: Exception) -> str:
     """A UserError re-raised from a DataLoader worker carries the worker's traceback: keep its last line."""
     lines = [line for line in str(error).splitlines() if line.strip()]
@@ -259,7 +294,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         argv = argv[1:]
     try:
         commands = {"train": train_command, "validate": validate_command, "bench": bench_command, "env": env_command,
-                    "report": report_command}
+                    "report": report_command, "reproduce": reproduce_command}
         commands[command](argv)
     except UserError as e:
         _say_once(f"error: {_one_line(e)}")

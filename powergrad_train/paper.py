@@ -22,6 +22,7 @@ class Row:
     alphas: tuple  # PGT alpha(s) that match: (None,) for the plain gradient
     train: float
     test: float
+    recipe: str  # the bundled recipe that trains this row
     label_smoothing: float = 0.0
     clip: str = "none"
     batch: Optional[int] = None  # Table 2 only: the global batch
@@ -33,20 +34,23 @@ class Row:
 
 def _t1(model, schedule, alpha, train, test, alphas=None):
     method = "baseline" if alpha is None else f"PGT {alpha}"
-    return Row(1, f"{model} {schedule} {method}", model, schedule, alphas or (alpha,), train, test)
+    recipe = f"{model}{'_step' if schedule == 'step' else ''}_{'baseline' if alpha is None else 'pgt'}.yaml"
+    return Row(1, f"{model} {schedule} {method}", model, schedule, alphas or (alpha,), train, test, recipe)
 
 
 def _t2(batch, clip, alpha, train, test):
     method = {"none": "", "value": "GC", "agc": "AGC"}[clip]
     if alpha is not None:
         method = f"{method} + PGT {alpha}" if method else f"PGT {alpha}"
-    return Row(2, f"batch {batch} {method or 'baseline'}", "resnet18_nobn", "cosine", (alpha,), train, test,
+    parts = [{"value": "gc", "agc": "agc"}.get(clip, "")] + (["pgt"] if alpha is not None else [])
+    recipe = f"nobn_b{batch}_{'_'.join(p for p in parts if p) or 'baseline'}.yaml"
+    return Row(2, f"batch {batch} {method or 'baseline'}", "resnet18_nobn", "cosine", (alpha,), train, test, recipe,
                clip=clip, batch=batch)
 
 
-def _t3(row, schedule, ls, alpha, train, test):
+def _t3(row, schedule, ls, alpha, train, test, recipe):
     parts = [f"row {row}: {schedule}"] + (["LS 0.1"] if ls else []) + ([f"PGT {alpha}"] if alpha else [])
-    return Row(3, ", ".join(parts), "resnet50", schedule, (alpha,), train, test, label_smoothing=ls)
+    return Row(3, ", ".join(parts), "resnet50", schedule, (alpha,), train, test, recipe, label_smoothing=ls)
 
 
 ROWS = [
@@ -64,10 +68,14 @@ ROWS = [
     _t2(256, "none", None, 68.86, 66.796), _t2(256, "value", None, 69.04, 67.064),
     _t2(256, "agc", None, 69.06, 67.298), _t2(256, "none", 0.25, 69.97, 67.814),
     _t2(256, "value", 0.25, 68.67, 67.088), _t2(256, "agc", 0.25, 70.92, 68.856),
-    _t3(1, "step", 0.0, None, 78.99, 75.97), _t3(2, "step", 0.0, 0.3, 79.56, 76.494),
-    _t3(3, "cosine", 0.0, None, 79.18, 76.56), _t3(4, "cosine", 0.1, None, 78.81, 76.698),
-    _t3(5, "cosine", 0.0, 0.3, 79.43, 76.886), _t3(6, "cosine", 0.1, 0.3, 78.47, 76.968),
-    _t3(7, "cosine", 0.0, 0.05, 79.68, 77.216), _t3(8, "cosine", 0.1, 0.05, 77.69, 76.39),
+    _t3(1, "step", 0.0, None, 78.99, 75.97, "resnet50_step_baseline.yaml"),
+    _t3(2, "step", 0.0, 0.3, 79.56, 76.494, "resnet50_step_pgt.yaml"),
+    _t3(3, "cosine", 0.0, None, 79.18, 76.56, "resnet50_baseline.yaml"),
+    _t3(4, "cosine", 0.1, None, 78.81, 76.698, "resnet50_ls.yaml"),
+    _t3(5, "cosine", 0.0, 0.3, 79.43, 76.886, "resnet50_pgt03.yaml"),
+    _t3(6, "cosine", 0.1, 0.3, 78.47, 76.968, "resnet50_ls_pgt03.yaml"),
+    _t3(7, "cosine", 0.0, 0.05, 79.68, 77.216, "resnet50_pgt.yaml"),
+    _t3(8, "cosine", 0.1, 0.05, 77.69, 76.39, "resnet50_ls_pgt.yaml"),
 ]
 
 
