@@ -15,7 +15,8 @@ RUN case "$CUDA" in \
     esac
 COPY pyproject.toml README.md ./
 COPY powergrad_train ./powergrad_train
+COPY scripts ./scripts
 RUN if [ "$CUDA" = cu126 ]; then extra=dali-cuda12; else extra=dali; fi; \
-    pip install --no-cache-dir -e ".[$extra]"
+    pip install --no-cache-dir -e ".[$extra,prepare]"
 ENTRYPOINT []
 CMD ["powergrad-train", "env"]
