@@ -19,6 +19,7 @@ import dataclasses
 import errno
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -204,8 +205,7 @@ def load(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
-        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or not a checkpoint ({reason})") from None
+        raise load_failure(path, e) from None
     if not isinstance(state, dict) or state.get("format") not in (FORMAT, FORMAT_1):
         raise CheckpointError(f"{path}: not a powergrad-train checkpoint")
     saved_checksum = state.pop("checksum", None)  # format 1 has none
@@ -213,6 +213,24 @@ def load(path: Path) -> dict:
         raise CheckpointError(f"{path}: damaged: its content no longer matches the checksum written with it "
                               "(changed in place after saving?); use another checkpoint of the run")
     return _from_format_1(state) if state["format"] == FORMAT_1 else state
+
+
+def load_failure(path: Path, error: Exception) -> Exception:
+    """What a failed torch.load means, as a one-line error; an unexpected failure is returned as is."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if isinstance(error, OSError):  # permissions, an I/O error, a vanished mount
+        return CheckpointError(f"cannot read checkpoint {path} ({error.strerror or first})")
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return CheckpointError(f"not enough memory to load checkpoint {path} ({first})")
+    if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in first:
+        # A file that needs arbitrary code to unpickle; powergrad-train never writes one.
+        return CheckpointError(f"{path}: holds Python objects outside torch's weights-only allow-list, so it "
+                               "was not written by powergrad-train and is not loaded (loading it could run code)")
+    if isinstance(error, (RuntimeError, EOFError, pickle.UnpicklingError)):
+        # The zip reader (truncated, damaged) or mmap (a file that is not a torch zip archive at all).
+        return CheckpointError(f"{path}: not a readable checkpoint, truncated or not a checkpoint "
+                               f"({first.split('. ')[0]})")
+    return error
 
 
 def _from_format_1(old: dict) -> dict:

@@ -279,14 +279,6 @@ def reproduce_command(argv: list[str]) -> None:
     print(f"report: {Path(args.out) / 'report' / 'report.md'}" + "".join(f", {f}" for f in figures))
 
 
-def _one_line(error: Exception) -> str:
-    """A UserError re-raised from a DataLoader worker carries the worker's traceback: keep its last line."""
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    last = lines[-1] if lines else type(error).__name__
-    prefix = f"{type(error).__module__}.{type(error).__name__}: "
-    return last.removeprefix(prefix)
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv and argv[0] in COMMANDS else "train"
@@ -297,7 +289,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                     "report": report_command, "reproduce": reproduce_command}
         commands[command](argv)
     except UserError as e:
-        _say_once(f"error: {_one_line(e)}")
+        _say_once(f"error: {e}")
         sys.exit(2)
     except KeyboardInterrupt:  # a second Ctrl-C (the first asks for a checkpoint), or one during start-up
         _say_once("error: interrupted: stopped at once, no checkpoint written for this stop "

@@ -13,6 +13,14 @@ class DataError(UserError):
     """A data folder, split or file is missing or unusable."""
 
 
+class ImageError(DataError):
+    """One image file cannot be decoded; `path` names it (raised in the main process, never parsed)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: cannot read image ({reason})")
+        self.path, self.reason = path, reason
+
+
 class CheckpointError(UserError):
     """A checkpoint is missing, unreadable or does not fit the run."""
 

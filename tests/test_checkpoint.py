@@ -1,6 +1,7 @@
 """Atomic checkpoint files, clear errors for bad ones, RNG round trips."""
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,6 +68,31 @@ def test_foreign_torch_file_and_missing_file(tmp_path):
         load(tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load(tmp_path / "missing.pt")
+
+
+class NotAllowed:
+    pass
+
+
+def test_a_file_outside_the_allow_list_is_named_as_such(tmp_path):
+    torch.save({"format": checkpoint.FORMAT, "thing": NotAllowed()}, tmp_path / "pickled.pt")
+    with pytest.raises(CheckpointError, match=r"pickled\.pt: holds Python objects outside torch's weights-only"):
+        load(tmp_path / "pickled.pt")
+
+
+@pytest.mark.parametrize("error, message", [
+    (PermissionError(13, "Permission denied"), "cannot read checkpoint x.pt (Permission denied)"),
+    (OSError(5, "Input/output error"), "cannot read checkpoint x.pt (Input/output error)"),
+    (torch.OutOfMemoryError("cannot allocate 4 GiB"), "not enough memory to load checkpoint x.pt"),
+    (MemoryError(), "not enough memory to load checkpoint x.pt"),
+])
+def test_load_failures_are_reported_as_what_they_are(error, message):
+    assert str(checkpoint.load_failure(Path("x.pt"), error)).startswith(message)
+
+
+def test_an_unexpected_load_failure_keeps_its_type():
+    error = ValueError("a bug")
+    assert checkpoint.load_failure(Path("x.pt"), error) is error
 
 
 def test_rng_states_round_trip_through_a_file(tmp_path):

@@ -9,7 +9,9 @@ import pytest
 
 from powergrad_train import checkpoint
 from powergrad_train.cli import main
+from powergrad_train.data.demo import write_demo_dataset
 from tests.conftest import assert_same_weights, load_weights, tiny_overrides
+from tests.test_data import jpeg_without_tables
 
 
 def read_summary(run_dir):
@@ -144,3 +146,15 @@ def test_under_torchrun_a_user_error_is_printed_once(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert (result.stdout + result.stderr).count("error: data.root: folder 'nowhere' does not exist") == 1
+
+
+def test_an_image_that_fails_to_decode_in_a_worker_stops_with_its_path(tmp_path, capsys):
+    root = tmp_path / "data"
+    write_demo_dataset(root, {"train": 16, "val": 6})
+    bad = sorted((root / "train").rglob("*.jpg"))[5]
+    bad.write_bytes(jpeg_without_tables())  # passes the scan, fails to decode
+    with pytest.raises(SystemExit) as e:
+        run_cli("--config", "smoke.yaml", "--output", tmp_path / "run", *tiny_overrides(root, **{"data.workers": 1}))
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: cannot read image ("), lines

@@ -12,7 +12,7 @@ from powergrad_train.data import build_train_loader, build_val_loader, check_dat
 from powergrad_train.data import files
 from powergrad_train.data.demo import write_demo_dataset
 from powergrad_train.data.sampling import TrainSampler, ValSampler
-from powergrad_train.errors import DataError
+from powergrad_train.errors import DataError, ImageError
 
 
 def epoch_indices(size, batch, world, epoch, seed=0):
@@ -105,14 +105,20 @@ def jpeg_without_tables() -> bytes:
     return b"\xff\xd8" + sof + sos + b"\x12\x34" * 20 + b"\xff\xd9"
 
 
-def test_image_that_fails_to_decode_names_the_file(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_image_that_fails_to_decode_names_the_file(tmp_path, workers):
     write_demo_dataset(tmp_path, {"train": 1, "val": 1})
     bad = sorted((tmp_path / "val").rglob("*.jpg"))[0]
     bad.write_bytes(jpeg_without_tables())
-    cfg = build_config(None, [f"data.root={tmp_path}", "data.image_size=16", "data.batch_size=2", "data.workers=0"])
+    cfg = build_config(None, [f"data.root={tmp_path}", "data.image_size=16", "data.batch_size=2",
+                              f"data.workers={workers}"])
     loader, _ = build_val_loader(cfg.data, rank=0, world_size=1)
-    with pytest.raises(DataError, match=f"{bad}: cannot read image"):
+    with pytest.raises(ImageError) as raised:
         list(loader)
+    loader.close()
+    # The error carries the file as data, also from a worker process, and its message is one line.
+    assert raised.value.path == str(bad)
+    assert str(raised.value).startswith(f"{bad}: cannot read image (") and "\n" not in str(raised.value)
 
 
 def test_unreadable_files_are_left_out_of_both_splits(tmp_path, capsys):

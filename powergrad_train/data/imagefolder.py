@@ -7,17 +7,18 @@ or processes, and a resumed run sees exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms
 
 from powergrad_train.config import DataConfig
 from powergrad_train.data.sampling import TrainSampler, ValSampler
-from powergrad_train.errors import DataError
+from powergrad_train.errors import ImageError
 from powergrad_train.preemption import STOP_SIGNALS
 
 
@@ -41,12 +42,22 @@ def val_transform(cfg: DataConfig):
     ])
 
 
-def load_rgb(path: str) -> Image.Image:
+@dataclasses.dataclass(frozen=True)
+class Unreadable:
+    """Stands in for a sample whose file could not be decoded. It travels from a worker to the main
+    process as data (an exception would arrive as the text of its traceback), where it is raised."""
+
+    path: str
+    reason: str
+
+
+def load_rgb(path: str):
+    """The image as RGB, or Unreadable saying why not."""
     try:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
     except Exception as e:  # PIL raises many types for a bad file
-        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+        return Unreadable(path, f"{type(e).__name__}: {e}")
 
 
 class SeededImages(Dataset):
@@ -62,9 +73,23 @@ class SeededImages(Dataset):
         index, seed = key
         path, target = self.samples[index]
         image = load_rgb(path)
+        if isinstance(image, Unreadable):
+            return image
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.transform(image), target
+
+
+def collate(samples: list):
+    """A batch, or the first Unreadable among its samples."""
+    return next((s for s in samples if isinstance(s, Unreadable)), None) or default_collate(samples)
+
+
+def checked(batches):
+    for batch in batches:
+        if isinstance(batch, Unreadable):
+            raise ImageError(batch.path, batch.reason)
+        yield batch
 
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
@@ -76,7 +101,7 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
 
 def _loader(dataset, batch_size, sampler, cfg: DataConfig, pin_memory: bool) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.workers,
-                      pin_memory=pin_memory, persistent_workers=cfg.workers > 0,
+                      pin_memory=pin_memory, persistent_workers=cfg.workers > 0, collate_fn=collate,
                       worker_init_fn=_leave_stop_signals_to_the_trainer)
 
 
@@ -104,7 +129,7 @@ class TorchTrainLoader:
         self.sampler.set_epoch(epoch, start_batch)
 
     def __iter__(self):
-        return iter(self.loader)
+        return checked(self.loader)
 
     def state(self):
         return None  # the position is (epoch, start_batch); the sampler and per-sample seeds do the rest
@@ -121,7 +146,7 @@ class TorchValLoader:
         self.loader, self.num_samples = loader, len(loader.dataset)
 
     def __iter__(self):
-        return iter(self.loader)
+        return checked(self.loader)
 
     def close(self) -> None:
         stop_workers(self.loader)
