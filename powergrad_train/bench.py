@@ -1,6 +1,7 @@
 """`powergrad-train bench`: images/s of the full training step and of data loading alone.
 
-Warm-up steps are excluded; the device is synchronised before each clock read.
+Warm-up steps are excluded; the device is synchronised before each clock read. It uses the
+Trainer's public parts only: its batches, its training step, its device and process count.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 
 import torch
 
+from powergrad_train.config import Config
 from powergrad_train.engine import Trainer
 
 
@@ -19,39 +21,42 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def device_batches(trainer: Trainer):
+def batches_forever(trainer: Trainer):
     """Training batches on the device, epoch after epoch."""
     for epoch in itertools.count():
-        trainer.train_loader.set_epoch(epoch)
-        for batch in trainer.train_loader:
-            yield trainer.to_device(*batch)
+        yield from trainer.device_batches(epoch)
 
 
-def data_images_per_sec(trainer: Trainer, steps: int, warmup: int) -> float:
-    batches = device_batches(trainer)
+def _images_per_sec(trainer: Trainer, steps: int, warmup: int, work) -> float:
+    batches = batches_forever(trainer)
     for _ in range(warmup):
-        next(batches)
-    synchronize(trainer.device)
-    start = time.perf_counter()
-    count = sum(next(batches)[1].shape[0] for _ in range(steps))
-    synchronize(trainer.device)
-    return count * trainer.env.world_size / (time.perf_counter() - start)
-
-
-def step_images_per_sec(trainer: Trainer, steps: int, warmup: int) -> float:
-    trainer.train_model.train()
-    batches = device_batches(trainer)
-    for _ in range(warmup):
-        trainer.train_step(*next(batches))
+        work(*next(batches))
     synchronize(trainer.device)
     start = time.perf_counter()
     count = 0
     for _ in range(steps):
         images, targets = next(batches)
-        trainer.train_step(images, targets)
+        work(images, targets)
         count += targets.shape[0]
     synchronize(trainer.device)
     return count * trainer.env.world_size / (time.perf_counter() - start)
+
+
+def measure(trainer: Trainer, steps: int, warmup: int) -> list[str]:
+    """Data loading alone, then the training step with its data; the result lines."""
+    data = _images_per_sec(trainer, steps, warmup, lambda images, targets: None)
+    trainer.model.train()
+    step = _images_per_sec(trainer, steps, warmup, trainer.train_step)
+    return [f"data loading alone: {data:.1f} images/s", f"threads in this process: {thread_count()}",
+            f"training step with data: {step:.1f} images/s"]
+
+
+def describe_setup(cfg: Config, world_size: int, device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    return (f"bench: {name}; {world_size} process(es); model {cfg.model.name}; global batch "
+            f"{cfg.data.batch_size}; {cfg.data.image_size} px; amp {cfg.amp}; channels_last "
+            f"{cfg.channels_last}; compile {cfg.model.compile}; data {cfg.data.backend}; "
+            f"pgt_alpha {cfg.loss.pgt_alpha}; grad_clip {cfg.grad_clip.mode}")
 
 
 def thread_count() -> int:

@@ -15,7 +15,7 @@ from typing import Optional
 
 # Only light imports here: `--help` and config errors answer without loading torch.
 from powergrad_train import __version__
-from powergrad_train.config import Config, build_config, check_runtime, check_schedule, describe_keys, dump
+from powergrad_train.config import Config, build_config, check_runtime, describe_keys, dump
 from powergrad_train.errors import CheckpointError, ConfigError, InstallError, UserError
 
 COMMANDS = ("train", "validate", "bench", "env", "report", "reproduce")
@@ -82,19 +82,18 @@ def _check_machine(cfg: Config, world_size: int) -> None:
 
 
 def _dry_run(cfg: Config, env) -> None:
-    from powergrad_train.data import build_train_loader, build_val_loader, check_classes
-    from powergrad_train.models import build_model
+    import torch
+
+    from powergrad_train.engine import build_data, build_model_on
     from powergrad_train.optim import lr_at_step
 
     print(dump(cfg), end="")
-    model = build_model(cfg.model)
-    train, classes = build_train_loader(cfg.data, cfg.seed, env.rank, env.world_size)
-    val, val_classes = build_val_loader(cfg.data, env.rank, env.world_size)
-    check_classes(classes, val_classes, cfg.model.num_classes)
-    steps = train.batches_per_epoch
-    check_schedule(cfg, steps)
+    model = build_model_on(cfg, env, torch.device("cpu"))
+    data = build_data(cfg, env, torch.device("cpu"))
+    data.close()
+    steps = data.train.batches_per_epoch
     print(f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters")
-    print(f"data: {len(classes)} classes, {train.num_samples} train / {val.num_samples} val images, "
+    print(f"data: {len(data.classes)} classes, {data.train.num_samples} train / {data.val.num_samples} val images, "
           f"{steps} steps per epoch at global batch {cfg.data.batch_size}")
     modes = [cfg.schedule.mode] + [m for m in ("per_step", "authors_per_epoch") if m != cfg.schedule.mode]
     schedules = [dataclasses.replace(cfg.schedule, mode=m) for m in modes]
@@ -147,10 +146,8 @@ def train_command(argv: list[str]) -> None:
 def validate_command(argv: list[str]) -> None:
     args = _validate_parser().parse_args(argv)
     from powergrad_train import checkpoint, dist
-    from powergrad_train.data import build_val_loader
-    from powergrad_train.engine import autocast_for, evaluate_model
+    from powergrad_train.engine import autocast_for, build_data, build_model_on, evaluate_model
     from powergrad_train.metrics import format_eval
-    from powergrad_train.models import build_model
 
     path = Path(args.checkpoint)
     state = checkpoint.load(path)
@@ -160,13 +157,15 @@ def validate_command(argv: list[str]) -> None:
     device = dist.device_for(env)
     dist.init(env, device)
     try:
-        model = build_model(cfg.model)
+        model = build_model_on(cfg, env, device, train=False)
         checkpoint.load_model_weights(model, state, path, cfg.model.name)
-        model.to(device)
-        loader, classes = build_val_loader(cfg.data, env.rank, env.world_size, device)
-        if state.get("classes") and list(state["classes"]) != list(classes):
-            raise CheckpointError(f"{path}: trained on other classes than {cfg.data.root}/val holds")
-        values = evaluate_model(model, loader, device, autocast_for(cfg.amp, device))
+        data = build_data(cfg, env, device, train=False)
+        try:
+            if state.get("classes") and list(state["classes"]) != list(data.classes):
+                raise CheckpointError(f"{path}: trained on other classes than {cfg.data.root}/val holds")
+            values = evaluate_model(model, data.val, device, autocast_for(cfg.amp, device))
+        finally:
+            data.close()
         if env.is_main:
             print(f"{path}: {format_eval(values)}")
     finally:
@@ -176,10 +175,8 @@ def validate_command(argv: list[str]) -> None:
 def bench_command(argv: list[str]) -> None:
     import tempfile
 
-    import torch
-
     from powergrad_train import dist
-    from powergrad_train.bench import data_images_per_sec, step_images_per_sec, thread_count
+    from powergrad_train.bench import describe_setup, measure
     from powergrad_train.data import check_data
     from powergrad_train.engine import Trainer
 
@@ -194,21 +191,13 @@ def bench_command(argv: list[str]) -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="powergrad-bench-") as run_dir:
             trainer = Trainer(cfg, Path(run_dir), env, device)
-            name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-            header = (f"bench: {name}; {env.world_size} process(es); model {cfg.model.name}; global batch "
-                      f"{cfg.data.batch_size}; {cfg.data.image_size} px; amp {cfg.amp}; channels_last "
-                      f"{cfg.channels_last}; compile {cfg.model.compile}; data {cfg.data.backend}; "
-                      f"pgt_alpha {cfg.loss.pgt_alpha}; grad_clip {cfg.grad_clip.mode}; "
-                      f"{args.warmup} warm-up + {args.steps} timed steps")
-            data = data_images_per_sec(trainer, args.steps, args.warmup)
-            step = step_images_per_sec(trainer, args.steps, args.warmup)
-            threads = thread_count()
-            trainer.close()
+            try:
+                lines = measure(trainer, args.steps, args.warmup)
+            finally:
+                trainer.close()
         if env.is_main:
-            print(header)
-            print(f"data loading alone: {data:.1f} images/s")
-            print(f"threads in this process: {threads}")
-            print(f"training step with data: {step:.1f} images/s")
+            print(describe_setup(cfg, env.world_size, device) + f"; {args.warmup} warm-up + {args.steps} timed steps")
+            print("\n".join(lines))
     finally:
         dist.close()
 

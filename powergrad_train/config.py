@@ -66,6 +66,13 @@ class DataConfig:
     workers: int = opt(4, "per training process: torchvision loader worker processes (0 = main process), "
                           "or DALI threads (at least 1)", ge=0)
 
+    def val_batch_per_process(self, world_size: int) -> int:
+        """The val batch of one process: val_batch_size (or batch_size) split over the processes."""
+        val_batch = self.val_batch_size or self.batch_size
+        if val_batch % world_size:
+            raise ConfigError(f"data.val_batch_size {val_batch} does not split evenly over {world_size} process(es)")
+        return val_batch // world_size
+
 
 @dataclass
 class OptimConfig:
@@ -190,8 +197,10 @@ def describe_keys_markdown() -> str:
     rows = ["| key | type | default | allowed | help |", "|---|---|---|---|---|"]
     for k in KEYS.values():
         fixed = " *(fixed on resume)*" if k.meta["fixed"] else ""
-        allowed = _allowed_text(k.meta).replace("|", "\\|")
-        rows.append(f"| `{k.dotted}` | {k.type_name()} | `{_yaml_scalar(k.default)}` | {allowed} | {k.meta['help']}{fixed} |")
+        cells = [f"`{k.dotted}`", k.type_name(), f"`{_yaml_scalar(k.default)}`", _allowed_text(k.meta),
+                 k.meta["help"] + fixed]
+        # A bare | would end the cell where it stands (help texts write "none | value | ...").
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(rows)
 
 
@@ -444,9 +453,7 @@ def check_runtime(cfg: Config, world_size: int, cuda: bool, capability: Optional
     if cfg.data.batch_size % (world_size * acc):
         raise ConfigError(f"data.batch_size {cfg.data.batch_size} does not split evenly over {world_size} "
                           f"process(es) x {acc} accumulation step(s); choose a multiple of {world_size * acc}")
-    val_batch = cfg.data.val_batch_size or cfg.data.batch_size
-    if val_batch % world_size:
-        raise ConfigError(f"data.val_batch_size {val_batch} does not split evenly over {world_size} process(es)")
+    cfg.data.val_batch_per_process(world_size)
     if cfg.model.sync_bn and world_size > 1 and not cuda:
         raise ConfigError("model.sync_bn needs CUDA GPUs (torch's SyncBatchNorm runs on GPUs only); "
                           "set model.sync_bn: false on the CPU")

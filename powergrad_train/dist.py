@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
+
+from powergrad_train.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -41,53 +42,66 @@ def device_for(env: DistEnv) -> torch.device:
 
 def init(env: DistEnv, device: torch.device) -> None:
     """NCCL on GPUs, gloo on the CPU; nothing for a single process."""
-    if env.distributed and not dist.is_initialized():
+    if env.distributed and not torch_dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+        torch_dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
                                 timeout=timedelta(minutes=30),
                                 device_id=device if device.type == "cuda" else None)
 
 
 def close() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    if torch_dist.is_initialized():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if torch_dist.is_initialized():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
     return tensor
 
 
 def all_gather_objects(obj) -> list:
-    if not dist.is_initialized():
+    if not torch_dist.is_initialized():
         return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, obj)
     return out
 
 
 def broadcast_object(obj, src: int = 0):
-    if not dist.is_initialized():
+    if not torch_dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    torch_dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
+def on_main(compute):
+    """compute() on rank 0 only; every rank returns its result, or raises its error."""
+    if not torch_dist.is_initialized():
+        return compute()
+    box = [None]
+    if torch_dist.get_rank() == 0:
+        try:
+            box = [(compute(), None)]
+        except Exception as e:
+            # The others raise the same user error; a bug keeps its traceback on rank 0.
+            box = [(None, e if isinstance(e, UserError) else RuntimeError(f"failed on rank 0: {type(e).__name__}"))]
+            torch_dist.broadcast_object_list(box, src=0)
+            raise
+    torch_dist.broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
 def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-@contextlib.contextmanager
-def main_process_first():
-    """Rank 0 runs the block first, then the other ranks (e.g. to reuse a cache it fills)."""
-    main = not dist.is_initialized() or dist.get_rank() == 0
-    if not main:
-        dist.barrier()
-    try:
-        yield
-    finally:  # also when rank 0 fails: the others then run the block and fail the same way
-        if main:
-            barrier()
+    if torch_dist.is_initialized():
+        torch_dist.barrier()

@@ -11,7 +11,7 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,12 +21,12 @@ from torch.nn.parallel import DistributedDataParallel
 from powergrad_train import __version__, checkpoint, dist
 from powergrad_train.checkpoint import Checkpointer, RngState, TrainState
 from powergrad_train.config import Config, check_schedule, to_dict
-from powergrad_train.data import build_train_loader, build_val_loader, check_classes
+from powergrad_train.data import Loaders, build_loaders
 from powergrad_train.diagnostics import PooledFeatureWatch, epoch_diagnostics
 from powergrad_train.dist import DistEnv
 from powergrad_train.errors import CheckpointError, TrainingError
 from powergrad_train.hardware import precision_in_use
-from powergrad_train.metrics import EvalMeter, RunLog, TrainMeter
+from powergrad_train.metrics import EvalMeter, Output, RunLog, TrainMeter, default_outputs
 from powergrad_train.models import build_model
 from powergrad_train.optim import build_grad_clipper, build_optimizer, lr_at_step, set_lr
 from powergrad_train.pgt import power_grad_cross_entropy
@@ -83,21 +83,45 @@ class DataPosition:
             self.loader.restore(position)
 
 
+def memory_format_for(cfg: Config) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
+def build_model_on(cfg: Config, env: DistEnv, device: torch.device, train: bool = True) -> torch.nn.Module:
+    """The model on its device, as training (train=True) or evaluation uses it."""
+    model = build_model(cfg.model)
+    if train and cfg.model.sync_bn and env.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model.to(device, memory_format=memory_format_for(cfg))
+
+
+def build_data(cfg: Config, env: DistEnv, device: torch.device, train: bool = True) -> Loaders:
+    """This process's loaders, checked against the model's classes and the schedule (train=False:
+    the val loader only)."""
+    data = build_loaders(cfg.data, cfg.model.num_classes, cfg.seed, env, device, train=train)
+    if train:
+        check_schedule(cfg, data.train.batches_per_epoch)
+    return data
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, env: DistEnv, device: torch.device,
-                 resume_from: Optional[Path] = None, resume_force: bool = False):
+                 resume_from: Optional[Path] = None, resume_force: bool = False, outputs: Sequence[Output] = ()):
+        """outputs: where the run's numbers go besides the console, progress bar, summary.csv and
+        TensorBoard (rank 0 only)."""
         self.cfg, self.run_dir, self.env, self.device = cfg, Path(run_dir), env, device
         seed_everything(cfg.seed)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # shapes are fixed: let cuDNN pick its fastest kernels
             # One rule for float32 convolutions and matmuls (torch's defaults differ for the two).
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
-        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.memory_format = memory_format_for(cfg)
 
-        self.model = build_model(cfg.model)
-        if cfg.model.sync_bn and env.distributed:
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.model.to(device, memory_format=self.memory_format)
+        # Training, --dry-run, validate and bench all build model and data with these two functions.
+        self.model = build_model_on(cfg, env, device)
+        self.data = build_data(cfg, env, device)
+        self.train_loader, self.val_loader, self.classes = self.data.train, self.data.val, self.data.classes
+        self.steps_per_epoch = self.train_loader.batches_per_epoch
         self.optimizer = build_optimizer(cfg.optim, self.model)
         zero_momentum_buffers(self.optimizer)
         self.clip_gradients = build_grad_clipper(cfg.grad_clip, self.model)
@@ -110,13 +134,6 @@ class Trainer:
             self.model, device_ids=[device.index] if device.type == "cuda" else None,
         ) if env.distributed else self.model
         self.forward_loss = torch.compile(self._forward_loss) if cfg.model.compile else self._forward_loss
-
-        with dist.main_process_first():  # rank 0 scans the files; the others then read its cache
-            self.train_loader, self.classes = build_train_loader(cfg.data, cfg.seed, env.rank, env.world_size, device)
-            self.val_loader, val_classes = build_val_loader(cfg.data, env.rank, env.world_size, device)
-        check_classes(self.classes, val_classes, cfg.model.num_classes)
-        self.steps_per_epoch = self.train_loader.batches_per_epoch
-        check_schedule(cfg, self.steps_per_epoch)
 
         self.state = TrainState()
         self.meter = TrainMeter(device, env.is_main)
@@ -133,7 +150,8 @@ class Trainer:
         self.folder_lock = RunFolderLock(self.run_dir) if env.is_main else None
         if env.is_main:
             self.checkpointer.remove_partial_files()
-        self.log = RunLog(self.run_dir, env.is_main, self.state.epoch, self.state.step)
+        self.log = RunLog(default_outputs(self.run_dir, self.state.epoch, self.state.step) + list(outputs)
+                          if env.is_main else [])
 
     # ------------------------------------------------------------------ the training step
 
@@ -210,55 +228,57 @@ class Trainer:
                 })
                 log.scalars("zeroed_filters", s.step, zeroed)
                 self.save_checkpoint(val_top1=val["top1"])
-            log.info(f"done: best val top1 {s.best_top1:.2f} at epoch {s.best_epoch}; run folder {self.run_dir}")
+            log.message(f"done: best val top1 {s.best_top1:.2f} at epoch {s.best_epoch}; run folder {self.run_dir}")
         finally:
             stop.close()
 
     def _train_epoch(self, stop: StopRequest) -> None:
         """Train the rest of the current epoch; afterwards the state counts it as done."""
         cfg, s = self.cfg, self.state
-        self.train_loader.set_epoch(s.epoch, start_batch=s.batch_in_epoch)
         if s.batch_in_epoch == 0:
             self.meter.reset()
             s.epoch_elapsed = 0.0
         self.train_model.train()
         start = time.perf_counter() - s.epoch_elapsed  # training time only: checkpoint writes are taken out
-        bar = self.log.progress(self.steps_per_epoch, s.epoch + 1, cfg.schedule.epochs, s.batch_in_epoch)
-        for batch in self.train_loader:
-            self.train_step(*self.to_device(*batch))
-            s.batch_in_epoch += 1
-            s.epoch_elapsed = time.perf_counter() - start
-            bar.update()
-            if s.step % cfg.train.log_every_steps == 0:
-                self._log_progress(bar)
-            signum = stop.requested()
-            # Periodic saves skip the epoch's last step: the epoch-end checkpoint follows it.
-            periodic = (cfg.checkpoint.every_steps and s.step % cfg.checkpoint.every_steps == 0
-                        and s.batch_in_epoch < self.steps_per_epoch)
-            if signum or periodic:
-                saved = self.save_checkpoint()
-                start = time.perf_counter() - s.epoch_elapsed
-            if signum:
-                bar.close()
-                raise Preempted(signum, f"stopped by {signal.Signals(signum).name} in epoch {s.epoch + 1} "
-                                        f"after step {s.step}; checkpoint written to {saved}; "
-                                        f"continue with --resume auto (from {self.checkpointer.last})")
-        bar.close()
+        self.log.epoch_start(s.epoch + 1, cfg.schedule.epochs, self.steps_per_epoch, s.batch_in_epoch)
+        try:
+            for images, targets in self.device_batches(s.epoch, s.batch_in_epoch):
+                self.train_step(images, targets)
+                s.batch_in_epoch += 1
+                s.epoch_elapsed = time.perf_counter() - start
+                self.log.step()
+                if s.step % cfg.train.log_every_steps == 0:
+                    self._log_progress()
+                signum = stop.requested()
+                # Periodic saves skip the epoch's last step: the epoch-end checkpoint follows it.
+                periodic = (cfg.checkpoint.every_steps and s.step % cfg.checkpoint.every_steps == 0
+                            and s.batch_in_epoch < self.steps_per_epoch)
+                if signum or periodic:
+                    saved = self.save_checkpoint()
+                    start = time.perf_counter() - s.epoch_elapsed
+                if signum:
+                    raise Preempted(signum, f"stopped by {signal.Signals(signum).name} in epoch {s.epoch + 1} "
+                                            f"after step {s.step}; checkpoint written to {saved}; "
+                                            f"continue with --resume auto (from {self.checkpointer.last})")
+        finally:
+            self.log.epoch_stop()
         s.epoch_elapsed = time.perf_counter() - start
         self._check_finite()
         s.epoch, s.batch_in_epoch, s.eval_pending = s.epoch + 1, 0, True
 
-    def _log_progress(self, bar) -> None:
+    def device_batches(self, epoch: int, start_batch: int = 0):
+        """This process's training batches of `epoch` from `start_batch` on, on the device."""
+        self.train_loader.set_epoch(epoch, start_batch)
+        return (self.to_device(*batch) for batch in self.train_loader)
+
+    def _log_progress(self) -> None:
         s, values = self.state, self.meter.read()
         self._check_finite(values)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.log.train_scalars(s.step, {"loss": values["loss"], "top1": values["top1"], "lr": lr})
-        bar.set_postfix(loss=f"{values['loss']:.4f}", top1=f"{values['top1']:.1f}", lr=f"{lr:.4g}")
         per_step = s.epoch_elapsed / max(s.batch_in_epoch, 1)
-        self.log.progress_line({
-            "epoch": s.epoch + 1, "epochs": self.cfg.schedule.epochs, "batch": s.batch_in_epoch,
-            "batches": self.steps_per_epoch, "loss": values["loss"], "top1": values["top1"], "lr": lr,
-            "images_per_sec": values["images"] / max(s.epoch_elapsed, 1e-9),
+        self.log.progress({
+            "step": s.step, "epoch": s.epoch + 1, "epochs": self.cfg.schedule.epochs, "batch": s.batch_in_epoch,
+            "batches": self.steps_per_epoch, "loss": values["loss"], "top1": values["top1"],
+            "lr": self.optimizer.param_groups[0]["lr"], "images_per_sec": values["images"] / max(s.epoch_elapsed, 1e-9),
             "eta_epoch_s": per_step * (self.steps_per_epoch - s.batch_in_epoch),
             "eta_run_s": per_step * (self.cfg.schedule.epochs * self.steps_per_epoch - s.step),
         })
@@ -267,10 +287,11 @@ class Trainer:
         """Stop when steps kept being skipped (checked at log time: no per-step sync)."""
         values = values or self.meter.read()
         limit = self.cfg.train.max_nonfinite_steps
-        if values["skip_streak"] >= limit:
+        streak = int(values["longest_skip_streak"])
+        if streak >= limit:
             raise TrainingError(
-                f"{int(values['skip_streak'])} steps in a row had non-finite gradients (train.max_nonfinite_steps "
-                f"= {limit}) before step {self.state.step}; those steps were skipped. Last good checkpoint: "
+                f"{streak} steps in a row had non-finite gradients (train.max_nonfinite_steps = {limit}) before "
+                f"step {self.state.step}; those steps were skipped. Last good checkpoint: "
                 f"{checkpoint.describe(self.checkpointer.last)}; {DIVERGENCE_ADVICE}")
 
     def evaluate(self, stop_requested=lambda: None) -> Optional[dict]:
@@ -310,7 +331,7 @@ class Trainer:
             try:
                 if bad_losses:
                     ckpt.write_nonfinite(state)
-                    self.log.info(f"warning: {bad_losses} step(s) since the last checkpoint had non-finite losses "
+                    self.log.message(f"warning: {bad_losses} step(s) since the last checkpoint had non-finite losses "
                                   f"(skipped); this state went to {path}, not last.pt, which stays at "
                                   f"{checkpoint.describe(ckpt.last)}")
                 else:
@@ -346,15 +367,14 @@ class Trainer:
             f"device: {device}; {env.world_size} process(es); precision: {precision_in_use(cfg.amp, cfg.tf32, capability)}",
             f"run folder: {self.run_dir}; {start}",
         ]
-        self.log.info("\n".join(lines))
+        self.log.message("\n".join(lines))
         size = checkpoint.state_bytes(self.model.state_dict()) + checkpoint.state_bytes(self.optimizer.state_dict())
         warning = self.checkpointer.space_warning(size)
         if warning:
-            self.log.info(warning)
+            self.log.message(warning)
 
     def close(self) -> None:
-        self.train_loader.close()
-        self.val_loader.close()
+        self.data.close()
         self.log.close()
         if self.folder_lock:
             self.folder_lock.release()

@@ -20,6 +20,9 @@ class ImageError(DataError):
         super().__init__(f"{path}: cannot read image ({reason})")
         self.path, self.reason = path, reason
 
+    def __reduce__(self):  # pickled with its two arguments (an exception pickles its message only)
+        return ImageError, (self.path, self.reason)
+
 
 class CheckpointError(UserError):
     """A checkpoint is missing, unreadable or does not fit the run."""

@@ -1,5 +1,5 @@
-"""Metrics: device-side accumulators, and the rank-0 outputs (progress bar, summary line,
-summary.csv, TensorBoard)."""
+"""Metrics: device-side accumulators, and the rank-0 outputs (progress bar, console lines,
+summary.csv, TensorBoard) behind one small interface, `Output`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -27,11 +28,13 @@ class TrainMeter:
     """
 
     SUMS = ("loss", "correct", "images", "logit_norm")
+    LOSS, CORRECT, IMAGES, LOGIT_NORM = range(len(SUMS))
 
     def __init__(self, device: torch.device, is_main: bool):
         self.is_main = is_main
         self.sums = torch.zeros(len(self.SUMS), dtype=torch.float64, device=device)
-        self.skip_streak = torch.zeros(2, dtype=torch.float64, device=device)  # current, longest
+        self.skip_streak = torch.zeros(1, dtype=torch.float64, device=device)  # skipped steps in a row, now
+        self.longest_skip_streak = torch.zeros(1, dtype=torch.float64, device=device)
         self.bad_losses = torch.zeros(1, dtype=torch.float64, device=device)  # since the last checkpoint
 
     def reset(self) -> None:
@@ -42,16 +45,16 @@ class TrainMeter:
         # In-place adds of device values and Python numbers: no host-to-device copy, so no sync.
         logits = logits.detach().float()
         n = targets.shape[0]
-        self.sums[0] += loss.detach() * n
-        self.sums[1] += (logits.argmax(1) == targets).sum()
-        self.sums[2] += n
-        self.sums[3] += logits.norm(dim=1).sum()
+        self.sums[self.LOSS] += loss.detach() * n
+        self.sums[self.CORRECT] += (logits.argmax(1) == targets).sum()
+        self.sums[self.IMAGES] += n
+        self.sums[self.LOGIT_NORM] += logits.norm(dim=1).sum()
 
     @torch.no_grad()
     def count_step(self, skipped: torch.Tensor, bad_loss: torch.Tensor) -> None:
         """skipped: the step was not applied; bad_loss: its loss was not finite (device scalars)."""
-        self.skip_streak[0] = (self.skip_streak[0] + 1) * skipped  # back to 0 on an applied step
-        self.skip_streak[1] = torch.maximum(self.skip_streak[1], self.skip_streak[0])
+        self.skip_streak.copy_((self.skip_streak + 1) * skipped)  # back to 0 on an applied step
+        torch.maximum(self.longest_skip_streak, self.skip_streak, out=self.longest_skip_streak)
         self.bad_losses += bad_loss
 
     def bad_losses_since_checkpoint(self) -> int:
@@ -72,46 +75,147 @@ class TrainMeter:
 
     def read(self) -> dict:
         values = dict(zip(self.SUMS, self.reduced_sums().tolist()))
-        streak = self.skip_streak[1:].clone()
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(streak, op=torch.distributed.ReduceOp.MAX)
+        streak = dist.all_reduce_max(self.longest_skip_streak.clone()).item()
         count = max(values["images"], 1.0)
         return {"loss": values["loss"] / count, "top1": 100 * values["correct"] / count, "images": values["images"],
-                "logit_norm": values["logit_norm"] / count, "skip_streak": streak.item()}
+                "logit_norm": values["logit_norm"] / count, "longest_skip_streak": streak}
 
 
 class EvalMeter:
+    SUMS = ("loss", "top1", "top5", "images", "logit_norm")
+    LOSS, TOP1, TOP5, IMAGES, LOGIT_NORM = range(len(SUMS))
+
     def __init__(self, device: torch.device):
-        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(len(self.SUMS), dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         logits = logits.float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == targets[:, None]
-        self.sums[0] += torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-        self.sums[1] += hits[:, 0].sum()
-        self.sums[2] += hits.any(1).sum()
-        self.sums[3] += targets.shape[0]
-        self.sums[4] += logits.norm(dim=1).sum()
+        self.sums[self.LOSS] += torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        self.sums[self.TOP1] += hits[:, 0].sum()
+        self.sums[self.TOP5] += hits.any(1).sum()
+        self.sums[self.IMAGES] += targets.shape[0]
+        self.sums[self.LOGIT_NORM] += logits.norm(dim=1).sum()
 
     def read(self) -> dict:
-        loss, top1, top5, count, norm = dist.all_reduce_sum(self.sums.clone()).tolist()
-        count = max(count, 1.0)
-        return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "images": count,
-                "logit_norm": norm / count}
+        sums = dict(zip(self.SUMS, dist.all_reduce_sum(self.sums.clone()).tolist()))
+        count = max(sums["images"], 1.0)
+        return {"loss": sums["loss"] / count, "top1": 100 * sums["top1"] / count, "top5": 100 * sums["top5"] / count,
+                "images": count, "logit_norm": sums["logit_norm"] / count}
 
 
-class RunLog:
-    """What rank 0 shows and writes; on other ranks every method does nothing."""
+class Output:
+    """One place a run's numbers go, on rank 0. Every method does nothing unless overridden, so an
+    output (a JSON-lines log, an experiment tracker) implements only what it needs and is handed
+    to the Trainer in its `outputs` list.
 
-    def __init__(self, run_dir: Path, enabled: bool, start_epoch: int, start_step: int):
-        self.enabled = enabled
-        self.csv_path = Path(run_dir) / "summary.csv"
-        self.tb = None
-        self.terminal = False
-        if not enabled:
-            return
+    Per epoch: epoch_start, then step() after every optimizer step and progress(values) every
+    train.log_every_steps, epoch_stop; then epoch_end(row) after evaluation, with the summary.csv
+    columns. scalars() carries other series (zeroed filters per layer), message() start-up lines
+    and warnings; flush() comes before every checkpoint, close() at the end.
+    """
+
+    def epoch_start(self, epoch: int, epochs: int, batches: int, batch: int) -> None:
+        """Training of `epoch` (counted from 1) of `epochs` begins (or resumes) at `batch` of `batches`."""
+
+    def step(self) -> None:
+        """One optimizer step done."""
+
+    def progress(self, values: dict) -> None:
+        """step, epoch, epochs, batch, batches, loss, top1, lr, images_per_sec, eta_epoch_s, eta_run_s."""
+
+    def epoch_stop(self) -> None:
+        """Training of the epoch ended (completed or interrupted)."""
+
+    def epoch_end(self, row: dict) -> None:
+        """The epoch's summary row (SUMMARY_COLUMNS)."""
+
+    def scalars(self, group: str, step: int, values: dict) -> None:
+        """Named values of one group at a step."""
+
+    def message(self, text: str) -> None:
+        """A start-up line, a warning, the final line."""
+
+    def flush(self) -> None:
+        """Everything so far durable: a checkpoint is about to be written."""
+
+    def close(self) -> None:
+        pass
+
+
+class ProgressBar(Output):
+    """A tqdm bar per epoch, on a terminal."""
+
+    def __init__(self):
+        self.bar = None
+
+    def epoch_start(self, epoch: int, epochs: int, batches: int, batch: int) -> None:
+        from tqdm import tqdm
+        self.bar = tqdm(total=batches, initial=batch, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False,
+                        dynamic_ncols=True)
+
+    def step(self) -> None:
+        self.bar.update()
+
+    def progress(self, values: dict) -> None:
+        self.bar.set_postfix(loss=f"{values['loss']:.4f}", top1=f"{values['top1']:.1f}", lr=f"{values['lr']:.4g}")
+
+    def epoch_stop(self) -> None:
+        self.bar.close()
+
+
+class Console(Output):
+    """Lines on stdout: messages, each epoch's summary, and (off a terminal, e.g. under SLURM or
+    nohup, where no bar is drawn) a compact progress line every train.log_every_steps."""
+
+    def __init__(self, progress_lines: bool):
+        self.progress_lines = progress_lines
+
+    def progress(self, p: dict) -> None:
+        if self.progress_lines:
+            print(f"epoch {p['epoch']}/{p['epochs']} step {p['batch']}/{p['batches']} | loss {p['loss']:.4f} "
+                  f"top1 {p['top1']:.2f} | lr {p['lr']:.4g} | {p['images_per_sec']:.0f} img/s | "
+                  f"ETA epoch {_duration(p['eta_epoch_s'])}, run {_duration(p['eta_run_s'])}", flush=True)
+
+    def epoch_end(self, row: dict) -> None:
+        print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f} | "
+              f"val loss {row['eval_loss']:.4f} top1 {row['eval_top1']:.2f} top5 {row['eval_top5']:.2f} | "
+              f"lr {row['lr']:.4g} | {row['images_per_sec']:.0f} img/s | {row['epoch_time_s']:.1f}s", flush=True)
+
+    def message(self, text: str) -> None:
+        print(text, flush=True)
+
+
+class SummaryCsv(Output):
+    """summary.csv: one row per epoch. On resume, rows of epochs after the checkpoint are dropped."""
+
+    def __init__(self, run_dir: Path, start_epoch: int):
+        self.path = Path(run_dir) / "summary.csv"
+        if self.path.exists():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("epoch", "").isdigit() and int(r["epoch"]) <= start_epoch]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, SUMMARY_COLUMNS, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(rows)
+            os.replace(tmp, self.path)  # a kill now leaves the old file or the new one
+
+    def epoch_end(self, row: dict) -> None:
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, SUMMARY_COLUMNS)
+            if new:
+                w.writeheader()
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+class TensorBoard(Output):
+    """Event files in the run folder: train/* every log interval, epoch/* per epoch, other groups."""
+
+    def __init__(self, run_dir: Path, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
         earlier = list(Path(run_dir).glob("events.out.tfevents.*"))
         if not start_step:  # a fresh start: events of an earlier try that left no checkpoint are stale
@@ -121,73 +225,68 @@ class RunLog:
             _wait_for_a_later_second(earlier)
         # Events up to a checkpoint's step are written before it; purge_step drops those a killed
         # run wrote after its last checkpoint.
-        self.tb = SummaryWriter(str(run_dir), purge_step=start_step + 1 if start_step else None)
-        self._trim_csv(start_epoch)
-        self.terminal = sys.stderr.isatty()
+        self.writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if start_step else None)
 
-    def _trim_csv(self, start_epoch: int) -> None:
-        """Keep the rows of epochs already in the checkpoint, so a resumed run appends cleanly."""
-        if not self.csv_path.exists():
-            return
-        with open(self.csv_path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("epoch", "").isdigit() and int(r["epoch"]) <= start_epoch]
-        tmp = self.csv_path.with_name(f".{self.csv_path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, SUMMARY_COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self.csv_path)  # a kill now leaves the old file or the new one
-
-    def progress(self, total: int, epoch: int, epochs: int, initial: int = 0):
-        """A progress bar on a terminal; elsewhere (SLURM, nohup) progress_line() speaks instead."""
-        from tqdm import tqdm
-        return tqdm(total=total, initial=initial, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False,
-                    disable=not (self.enabled and self.terminal), dynamic_ncols=True)
-
-    def progress_line(self, p: dict) -> None:
-        """One compact line every train.log_every_steps when stdout is a log file, not a terminal."""
-        if self.enabled and not self.terminal:
-            print(f"epoch {p['epoch']}/{p['epochs']} step {p['batch']}/{p['batches']} | loss {p['loss']:.4f} "
-                  f"top1 {p['top1']:.2f} | lr {p['lr']:.4g} | {p['images_per_sec']:.0f} img/s | "
-                  f"ETA epoch {_duration(p['eta_epoch_s'])}, run {_duration(p['eta_run_s'])}", flush=True)
-
-    def train_scalars(self, step: int, values: dict) -> None:
-        self.scalars("train", step, values)
-
-    def scalars(self, group: str, step: int, values: dict) -> None:
-        """TensorBoard only: `group/name` for each value."""
-        if self.tb:
-            for name, value in values.items():
-                self.tb.add_scalar(f"{group}/{name}", value, step)
+    def progress(self, values: dict) -> None:
+        self.scalars("train", values["step"], {k: values[k] for k in ("loss", "top1", "lr")})
 
     def epoch_end(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        new = not self.csv_path.exists()
-        with open(self.csv_path, "a", newline="") as f:
-            w = csv.DictWriter(f, SUMMARY_COLUMNS)
-            if new:
-                w.writeheader()
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        for name, value in row.items():
-            if name not in ("epoch", "step"):
-                self.tb.add_scalar(f"epoch/{name}", value, row["step"])
-        self.tb.flush()
-        print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f} | "
-              f"val loss {row['eval_loss']:.4f} top1 {row['eval_top1']:.2f} top5 {row['eval_top5']:.2f} | "
-              f"lr {row['lr']:.4g} | {row['images_per_sec']:.0f} img/s | {row['epoch_time_s']:.1f}s", flush=True)
+        self.scalars("epoch", row["step"], {k: v for k, v in row.items() if k not in ("epoch", "step")})
+        self.writer.flush()
+
+    def scalars(self, group: str, step: int, values: dict) -> None:
+        for name, value in values.items():
+            self.writer.add_scalar(f"{group}/{name}", value, step)
 
     def flush(self) -> None:
-        if self.tb:
-            self.tb.flush()
-
-    def info(self, message: str) -> None:
-        if self.enabled:
-            print(message, flush=True)
+        self.writer.flush()
 
     def close(self) -> None:
-        if self.tb:
-            self.tb.close()
+        self.writer.close()
+
+
+def default_outputs(run_dir: Path, start_epoch: int, start_step: int) -> list[Output]:
+    terminal = sys.stderr.isatty()
+    return ([ProgressBar()] if terminal else []) + [Console(progress_lines=not terminal),
+                                                    SummaryCsv(run_dir, start_epoch), TensorBoard(run_dir, start_step)]
+
+
+class RunLog(Output):
+    """Hands every call to each of its outputs, in order (it has none on ranks other than 0)."""
+
+    def __init__(self, outputs: Sequence[Output]):
+        self.outputs = list(outputs)
+
+    def _each(self, method: str, *args) -> None:
+        for output in self.outputs:
+            getattr(output, method)(*args)
+
+    def epoch_start(self, epoch: int, epochs: int, batches: int, batch: int) -> None:
+        self._each("epoch_start", epoch, epochs, batches, batch)
+
+    def step(self) -> None:
+        self._each("step")
+
+    def progress(self, values: dict) -> None:
+        self._each("progress", values)
+
+    def epoch_stop(self) -> None:
+        self._each("epoch_stop")
+
+    def epoch_end(self, row: dict) -> None:
+        self._each("epoch_end", row)
+
+    def scalars(self, group: str, step: int, values: dict) -> None:
+        self._each("scalars", group, step, values)
+
+    def message(self, text: str) -> None:
+        self._each("message", text)
+
+    def flush(self) -> None:
+        self._each("flush")
+
+    def close(self) -> None:
+        self._each("close")
 
 
 def format_eval(values: dict) -> str:

@@ -9,10 +9,15 @@ instead of upstream * (softmax(z) - q) / N, with q the (smoothed) one-hot target
 Everything upstream of the logits backpropagates as usual.
 
 The transformed probabilities are computed from the logits themselves, in float32.
-The authors' reference code instead rebuilt p from the incoming gradient
-(p = grad / N + q), which is right only when the AMP loss scale equals N^2; see
-shared/paper/NOTES.md. Here the result does not depend on loss scale, batch size,
-reduction, logit precision or the number of processes.
+The authors' reference code instead rebuilt p from the incoming gradient, p = grad / N + q;
+that gradient is S * (p - q) / N for an AMP loss scale S, so the rebuilt p is right only
+when S == N^2 (for example 256 images per GPU and GradScaler's initial scale 65536).
+Here the result does not depend on loss scale, batch size, reduction, logit precision or
+the number of processes.
+
+Paper: B. Das, M. Mondal, B. Lall, S. D. Joshi, S. Dutta Roy, "Altering Backward Pass
+Gradients improves Convergence", arXiv:2111.12495. Authors' code:
+https://github.com/bishshoy/power-grad-transform
 """
 
 from __future__ import annotations

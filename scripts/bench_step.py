@@ -23,7 +23,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from powergrad_train.bench import device_batches, synchronize, thread_count
+from powergrad_train.bench import batches_forever, synchronize, thread_count
 from powergrad_train.config import build_config
 from powergrad_train.dist import DistEnv
 from powergrad_train.engine import AMP_DTYPES, Trainer
@@ -60,8 +60,8 @@ def trainer_loop(args, device, run_dir):
         overrides += ["data.backend=dali", "data.dali_device=cpu" if device.type == "cpu" else "data.dali_device=gpu",
                       f"data.workers={args.workers}"]
     trainer = Trainer(build_config("smoke.yaml", overrides), run_dir, DistEnv(), device)
-    trainer.train_model.train()
-    batches = device_batches(trainer)
+    trainer.model.train()
+    batches = batches_forever(trainer)
     return trainer, lambda: trainer.train_step(*next(batches))
 
 

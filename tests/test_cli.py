@@ -140,12 +140,22 @@ def test_bench_steps_must_be_positive(tmp_path):
     assert "error: argument --steps: must be a whole number >= 1, got '0'" in result.stderr
 
 
-def test_under_torchrun_a_user_error_is_printed_once(tmp_path):
+@pytest.mark.parametrize("case", ["before the process group", "found by rank 0's listing"])
+def test_under_torchrun_a_user_error_is_printed_once(tmp_path, case):
+    if case == "before the process group":
+        root, message = "nowhere", "error: data.root: folder 'nowhere' does not exist"
+    else:  # rank 0 lists the files; the other rank receives the same error instead of a list
+        root = tmp_path / "data"
+        write_demo_dataset(root, {"train": 2, "val": 1})
+        for image in (root / "val" / "ring").iterdir():
+            image.write_bytes(b"garbage")
+        message = f"error: {root / 'val' / 'ring'}: no usable image left in this class after the scan"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "powergrad_train", "--config", "smoke.yaml", "--set", "data.root=nowhere"],
+                             "-m", "powergrad_train", "--config", "smoke.yaml", "--set", f"data.root={root}",
+                             "--output", str(tmp_path / "run")],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert (result.stdout + result.stderr).count("error: data.root: folder 'nowhere' does not exist") == 1
+    assert (result.stdout + result.stderr).count(message) == 1, result.stderr[-2000:]
 
 
 def test_an_image_that_fails_to_decode_in_a_worker_stops_with_its_path(tmp_path, capsys):

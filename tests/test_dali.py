@@ -105,7 +105,8 @@ def test_val_images_match_the_torchvision_backend(tiny_root):
     dali_loader, _ = build_val_loader(dali_cfg(tiny_root), rank=0, world_size=1)
     for (a, ya), (b, yb) in zip(torch_loader, dali_loader):
         assert torch.equal(ya, yb)
-        # within one 8-bit level (1 / 255 / std ~ 0.0175 after normalisation) of each other
+        # on average within a third of an 8-bit level (1 / 255 / std ~ 0.0175 after normalisation), at most
+        # about three levels (the two resizes round differently at some edges)
         assert (a - b).abs().max() < 0.05 and (a - b).abs().mean() < 0.005
 
 
@@ -131,7 +132,7 @@ def test_every_format_the_scan_keeps_is_decoded(tmp_path, capsys):
     in both splits, with the same pixels as the torchvision backend."""
     write_image_formats(tmp_path)
     for split in ("train", "val"):
-        _, samples = list_split(tmp_path, split, verbose=True)
+        samples = list_split(tmp_path, split, verbose=True).samples
         assert len(samples) == 2 * len(IMAGE_FORMATS)
     assert "skipped" not in capsys.readouterr().out
     train, _ = build_train_loader(dali_cfg(tmp_path, "data.batch_size=2"), seed=0, rank=0, world_size=1)

@@ -1,6 +1,8 @@
 """The ImageFolder backend: global reshuffling, sharding, per-sample seeds, bad folders and files."""
 
 import hashlib
+import os
+import time
 
 import numpy as np
 import pytest
@@ -88,14 +90,16 @@ def test_bad_folders_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         check(tmp_path / "missing")
     (tmp_path / "train" / "cat").mkdir(parents=True)
-    with pytest.raises(DataError, match=r"train/cat: class folder holds no images"):
-        check(tmp_path)
-    (tmp_path / "train" / "cat" / "a.jpg").write_bytes(b"x")
     with pytest.raises(DataError, match="has no 'val/' folder"):
         check(tmp_path)
     (tmp_path / "val").mkdir()
     with pytest.raises(DataError, match=r"val: no class folders"):
         check(tmp_path)
+    # Listing (rank 0, after the cheap checks) finds a class without images.
+    (tmp_path / "val" / "cat").mkdir()
+    cfg = build_config(None, [f"data.root={tmp_path}"]).data
+    with pytest.raises(DataError, match=r"train/cat: class folder holds no images"):
+        build_train_loader(cfg, seed=0, rank=0, world_size=1)
 
 
 def jpeg_without_tables() -> bytes:
@@ -226,3 +230,65 @@ def test_val_interpolation_reaches_the_pipeline(tiny_root):
         transforms.Resize(18, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(16),
         transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
     assert torch.equal(first["bicubic"], by_hand(Image.open(path).convert("RGB")))
+
+
+def _age_tree(folder, seconds=3600):
+    """Set every folder's mtime in the past, as for a data set copied long before the run."""
+    old = time.time() - seconds
+    for path in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        os.utime(path, (old, old))
+
+
+def test_a_warm_start_trusts_unchanged_folders_and_relists_changed_ones(tmp_path):
+    write_demo_dataset(tmp_path, {"train": 3, "val": 1})
+    _age_tree(tmp_path)
+    first = files.list_split(tmp_path, "train", verbose=False)
+    assert len(first.samples) == 30
+    ring, dots = tmp_path / "train" / "ring", tmp_path / "train" / "dots"
+    # Damaged in place: no folder changes, so the cached answer stands (a documented limit).
+    (ring / "ring_0000.jpg").write_bytes(b"garbage")
+    (dots / "dots_0000.jpg").write_bytes(b"garbage")
+    assert files.list_split(tmp_path, "train", verbose=False) == first
+    # A file added to one folder: that folder alone is listed and checked again.
+    (dots / "new.jpg").write_bytes((dots / "dots_0001.jpg").read_bytes())
+    samples = files.list_split(tmp_path, "train", verbose=False).samples
+    paths = {p for p, _ in samples}
+    assert str(dots / "new.jpg") in paths and str(dots / "dots_0000.jpg") not in paths
+    assert str(ring / "ring_0000.jpg") in paths  # its folder did not change
+    # A file removed is gone at once.
+    (dots / "new.jpg").unlink()
+    assert str(dots / "new.jpg") not in {p for p, _ in files.list_split(tmp_path, "train", verbose=False).samples}
+
+
+def test_folders_changed_just_before_a_listing_are_not_trusted_next_time(tmp_path):
+    """A change within the same timestamp tick as the listing could go unseen: such folders are listed again."""
+    write_demo_dataset(tmp_path, {"train": 2, "val": 1})  # folders modified just now
+    files.list_split(tmp_path, "train", verbose=False)
+    bad = tmp_path / "train" / "ring" / "ring_0000.jpg"
+    bad.write_bytes(b"garbage")
+    assert str(bad) not in {p for p, _ in files.list_split(tmp_path, "train", verbose=False).samples}
+
+
+def test_the_listing_cache_is_compact(tmp_path, monkeypatch):
+    monkeypatch.setenv("POWERGRAD_TRAIN_CACHE", str(tmp_path / "cache"))
+    write_demo_dataset(tmp_path / "data", {"train": 50, "val": 1})
+    files.list_split(tmp_path / "data", "train", verbose=False)
+    (cache,) = (tmp_path / "cache" / "scans").rglob(files.CACHE_NAME)
+    assert cache.stat().st_size / 500 < 20  # bytes per file: names only, compressed
+
+
+def test_every_backend_is_registered_once_and_builds_the_declared_loaders(tiny_root):
+    from powergrad_train.config import KEYS
+    from powergrad_train.data import BACKENDS, TrainLoader, ValLoader
+    assert set(BACKENDS) == set(KEYS["data.backend"].meta["choices"])
+    for name in BACKENDS:
+        cfg = build_config(None, [f"data.root={tiny_root}", f"data.backend={name}", "data.image_size=16",
+                                  "data.batch_size=8", "data.workers=1"]).data
+        train, _ = build_train_loader(cfg, seed=0, rank=0, world_size=1)
+        val, _ = build_val_loader(cfg, rank=0, world_size=1)
+        assert isinstance(train, TrainLoader) and isinstance(val, ValLoader), name
+        train.set_epoch(0)
+        images, targets = next(iter(train))
+        assert images.shape == (8, 3, 16, 16) and targets.shape == (8,), name
+        train.close()
+        val.close()

@@ -2,7 +2,7 @@
 
 import re
 
-from powergrad_train.config import BUNDLED_RECIPES, describe_keys_markdown
+from powergrad_train.config import BUNDLED_RECIPES, KEYS, describe_keys_markdown
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text()
@@ -11,6 +11,16 @@ README = (REPO / "README.md").read_text()
 def test_readme_key_table_is_generated_from_the_schema():
     table = README.split("<!-- config-keys:start -->\n")[1].split("<!-- config-keys:end -->")[0]
     assert table.strip() == describe_keys_markdown().strip(), "run: python scripts/config_docs.py --write"
+
+
+def test_the_key_table_renders_one_row_per_key_with_five_cells():
+    """Markdown ends a cell at every | not escaped as \\|: split the rows as a renderer does."""
+    table = README.split("<!-- config-keys:start -->\n")[1].split("<!-- config-keys:end -->")[0]
+    rows = [re.split(r"(?<!\\)\|", line.strip())[1:-1] for line in table.strip().splitlines()[2:]]
+    assert [len(cells) for cells in rows] == [5] * len(KEYS)
+    for cells, key in zip(rows, KEYS.values()):
+        assert cells[0].strip() == f"`{key.dotted}`"
+        assert cells[4].strip().endswith("*(fixed on resume)*") == key.meta["fixed"], key.dotted
 
 
 def test_every_recipe_the_readme_names_is_bundled():

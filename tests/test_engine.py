@@ -1,6 +1,9 @@
 """The training step itself: each variant changes what it should, compiled equals eager, the bench
 command measures it."""
 
+import csv
+import json
+
 import pytest
 import torch
 
@@ -8,6 +11,8 @@ from powergrad_train.cli import main
 from powergrad_train.config import build_config
 from powergrad_train.dist import DistEnv
 from powergrad_train.engine import Trainer
+from powergrad_train.metrics import Output
+from powergrad_train.optim import lr_at_step
 from tests.conftest import tiny_overrides
 
 
@@ -115,3 +120,39 @@ def test_bench_command_prints_its_figures(tiny_root, capsys):
     main(["bench", "--config", "smoke.yaml", "--steps", "3", "--warmup", "1", "--data", "real",
           *tiny_overrides(tiny_root)])
     assert "data torchvision" in capsys.readouterr().out
+
+
+class JsonLines(Output):
+    """What a user would add: every epoch row and progress record as a JSON line."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def progress(self, values):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"kind": "progress", **values}) + "\n")
+
+    def epoch_end(self, row):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"kind": "epoch", **row}) + "\n")
+
+
+def test_an_added_output_receives_what_summary_csv_gets(tiny_root, tmp_path):
+    overrides = [o.removeprefix("--set=") for o in tiny_overrides(tiny_root)]
+    log = tmp_path / "log.jsonl"
+    t = Trainer(build_config("smoke.yaml", overrides), tmp_path / "run", DistEnv(), torch.device("cpu"),
+                outputs=[JsonLines(log)])
+    t.fit()
+    t.close()
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    with open(tmp_path / "run" / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [e["epoch"] for e in epochs] == [int(r["epoch"]) for r in rows] == [1, 2]
+    for e, r in zip(epochs, rows):
+        assert float(r["eval_top1"]) == pytest.approx(e["eval_top1"], rel=1e-5)
+        # summary.csv's lr is the LR of the epoch's last optimizer step
+        assert float(r["lr"]) == pytest.approx(lr_at_step(t.cfg.schedule, t.cfg.optim.lr, e["step"] - 1,
+                                                          t.steps_per_epoch), rel=1e-5)
+    steps = [r["step"] for r in records if r["kind"] == "progress"]
+    assert steps == list(range(4, 21, 4))  # every train.log_every_steps (4) of the 20 steps

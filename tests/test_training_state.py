@@ -90,7 +90,7 @@ def test_nonfinite_gradient_is_caught_before_clipping_and_outside_the_head(tiny_
     handle.remove()
     trainer.train_step(images, targets)  # the next good step is applied again
     assert not torch.equal(first_conv, before[name])
-    assert trainer.meter.read()["skip_streak"] == 1
+    assert trainer.meter.read()["longest_skip_streak"] == 1
 
 
 def test_repeated_bad_steps_stop_the_run_and_name_a_good_checkpoint(tiny_root, tmp_path):

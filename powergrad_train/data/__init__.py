@@ -1,24 +1,90 @@
-"""Data pipelines: the builders below pick the backend named by `data.backend`.
+"""Data pipelines. Each backend is one module registered in BACKENDS; `backend()` picks it.
 
-Both backends read the same file lists (files.py) in the same order (sampling.py).
-A train loader has:
-  set_epoch(epoch, start_batch)   position the next pass (start_batch global batches in)
-  batches_per_epoch, num_samples
-  iteration                       (images, targets) of this process's share of each global batch
-  state() / restore(state)        backend position inside an epoch for a checkpoint (or None)
-  close()                         stop worker processes / pipelines now
-A val loader iterates (images, targets) and has num_samples and close().
+A backend module provides two builders with the signatures of `TrainBuilder` and
+`ValBuilder`, returning objects that satisfy `TrainLoader` and `ValLoader`. File backends
+read the same file lists (files.py) in the same order (sampling.py), so they see the same
+images in the same order; the trainer never branches on the backend.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 from pathlib import Path
+from typing import Any, Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 
+from powergrad_train import dist
 from powergrad_train.config import DEMO_ROOT, DataConfig
-from powergrad_train.data.files import check_split, list_split
+from powergrad_train.dist import DistEnv
 from powergrad_train.errors import DataError
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (images, targets)
+Samples = list[tuple[str, int]]  # (path, label), as listed by files.list_split
+
+
+@runtime_checkable
+class ValLoader(Protocol):
+    num_samples: int  # images of the whole split, over all processes
+
+    def __iter__(self) -> Iterator[Batch]:
+        """This process's share of the split, each image once over all processes."""
+
+    def close(self) -> None:
+        """Stop worker processes or pipelines now."""
+
+
+@runtime_checkable
+class TrainLoader(ValLoader, Protocol):
+    batches_per_epoch: int
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Position the next pass: `start_batch` global batches into `epoch`."""
+
+    def __iter__(self) -> Iterator[Batch]:
+        """This process's share of each global batch of the epoch, reshuffled every epoch."""
+
+    def state(self) -> Any:
+        """The backend's own position inside an epoch for a checkpoint; None when (epoch, start_batch)
+        says it all."""
+        return None
+
+    def restore(self, state: Any) -> None:
+        """Continue from a `state()` at the next pass."""
+
+
+class TrainBuilder(Protocol):
+    def __call__(self, cfg: DataConfig, samples: Samples, seed: int, rank: int, world_size: int,
+                 device: torch.device) -> TrainLoader: ...
+
+
+class ValBuilder(Protocol):
+    def __call__(self, cfg: DataConfig, samples: Samples, rank: int, world_size: int,
+                 device: torch.device) -> ValLoader: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    module: str  # holds build_train (a TrainBuilder) and build_val (a ValBuilder)
+    reads_files: bool = True
+
+
+# data.backend -> its module, imported only when picked (DALI may not be installed).
+BACKENDS = {
+    "torchvision": Backend("powergrad_train.data.imagefolder"),
+    "dali": Backend("powergrad_train.data.dali"),
+    "synthetic": Backend("powergrad_train.data.synthetic", reads_files=False),
+}
+
+
+def backend(name: str):
+    """The module of backend `name`."""
+    return importlib.import_module(BACKENDS[name].module)
+
+
+def val_backend_name(cfg: DataConfig) -> str:
+    return cfg.backend if cfg.val_backend == "same" or not BACKENDS[cfg.backend].reads_files else cfg.val_backend
 
 
 def resolve_root(cfg: DataConfig) -> Path:
@@ -32,47 +98,69 @@ def resolve_root(cfg: DataConfig) -> Path:
 
 
 def check_data(cfg: DataConfig) -> None:
-    """Fail early, before any process group exists, on a missing folder, split or empty class."""
-    if cfg.backend == "synthetic":
+    """Fail early, before any process group exists, on a missing folder or split (cheap checks only)."""
+    if not BACKENDS[cfg.backend].reads_files or cfg.root == DEMO_ROOT:  # the demo set is made when first read
         return
+    from powergrad_train.data.files import check_split
     root = resolve_root(cfg)
     for split in ("train", "val"):
         check_split(root, split)
 
 
+def read_split(cfg: DataConfig, split: str, verbose: bool = True):
+    """The split's classes and samples (a backend that reads no files brings its own classes)."""
+    from powergrad_train.data.files import Split, list_split
+    if not BACKENDS[cfg.backend].reads_files:
+        return Split(backend(cfg.backend).CLASSES, [])
+    return list_split(resolve_root(cfg), split, verbose)
+
+
 def build_train_loader(cfg: DataConfig, seed: int, rank: int, world_size: int,
-                       device: torch.device = torch.device("cpu")):
-    """(loader, class_names): this process's share of every global batch, reshuffled each epoch."""
-    if cfg.backend == "synthetic":
-        from powergrad_train.data.synthetic import CLASSES, build_synthetic_train
-        return build_synthetic_train(cfg, rank, world_size, device), CLASSES
-    root = resolve_root(cfg)
-    classes, samples = list_split(root, "train", verbose=rank == 0)
-    if len(samples) < cfg.batch_size:
-        raise DataError(f"data.root: {root}/train has {len(samples)} images, fewer than one batch "
+                       device: torch.device = torch.device("cpu"), split=None) -> tuple[TrainLoader, list[str]]:
+    """(loader, class names): this process's share of every global batch, reshuffled each epoch."""
+    split = split or read_split(cfg, "train", verbose=rank == 0)
+    if BACKENDS[cfg.backend].reads_files and len(split.samples) < cfg.batch_size:
+        raise DataError(f"data.root: {cfg.root}/train has {len(split.samples)} images, fewer than one batch "
                         f"(data.batch_size = {cfg.batch_size})")
-    if cfg.backend == "dali":
-        from powergrad_train.data.dali import build_dali_train
-        return build_dali_train(cfg, samples, seed, rank, world_size), classes
-    from powergrad_train.data.imagefolder import build_imagefolder_train
-    return build_imagefolder_train(cfg, samples, seed, rank, world_size, device.type == "cuda"), classes
+    return backend(cfg.backend).build_train(cfg, split.samples, seed, rank, world_size, device), split.classes
 
 
-def build_val_loader(cfg: DataConfig, rank: int, world_size: int, device: torch.device = torch.device("cpu")):
-    """(loader, class_names): this process's share of the val split, each image once over all ranks."""
-    if cfg.backend == "synthetic":
-        from powergrad_train.data.synthetic import CLASSES, build_synthetic_val
-        return build_synthetic_val(cfg, rank, world_size, device), CLASSES
-    classes, samples = list_split(resolve_root(cfg), "val", verbose=rank == 0)
-    if cfg.backend == "dali" and cfg.val_backend == "same":
-        from powergrad_train.data.dali import build_dali_val
-        return build_dali_val(cfg, samples, rank, world_size), classes
-    from powergrad_train.data.imagefolder import build_imagefolder_val
-    return build_imagefolder_val(cfg, samples, rank, world_size, device.type == "cuda"), classes
+def build_val_loader(cfg: DataConfig, rank: int, world_size: int, device: torch.device = torch.device("cpu"),
+                     split=None) -> tuple[ValLoader, list[str]]:
+    """(loader, class names): this process's share of the val split, each image once over all ranks."""
+    split = split or read_split(cfg, "val", verbose=rank == 0)
+    return backend(val_backend_name(cfg)).build_val(cfg, split.samples, rank, world_size, device), split.classes
 
 
-def check_classes(train_classes: list[str], val_classes: list[str], num_classes: int) -> None:
-    if train_classes != val_classes:
+@dataclasses.dataclass
+class Loaders:
+    train: Optional[TrainLoader]
+    val: ValLoader
+    classes: list[str]
+
+    def close(self) -> None:
+        for loader in (self.train, self.val):
+            if loader is not None:
+                loader.close()
+
+
+def build_loaders(cfg: DataConfig, num_classes: int, seed: int, env: DistEnv, device: torch.device,
+                  train: bool = True) -> Loaders:
+    """This process's loaders. Rank 0 lists (and checks) the files once; the other ranks receive
+    the lists, so a start costs one listing however many processes there are."""
+    names = ("train", "val") if train else ("val",)
+    splits = dist.on_main(lambda: [read_split(cfg, name) for name in names])
+    if train and splits[0].classes != splits[1].classes:
         raise DataError("data.root: train/ and val/ hold different class folders")
-    if len(train_classes) > num_classes:
-        raise DataError(f"data.root holds {len(train_classes)} classes but model.num_classes is {num_classes}")
+    classes = splits[-1].classes
+    if len(classes) > num_classes:
+        raise DataError(f"data.root holds {len(classes)} classes but model.num_classes is {num_classes}")
+    val, _ = build_val_loader(cfg, env.rank, env.world_size, device, split=splits[-1])
+    train_loader = None
+    try:
+        if train:
+            train_loader, _ = build_train_loader(cfg, seed, env.rank, env.world_size, device, split=splits[0])
+    except BaseException:
+        val.close()
+        raise
+    return Loaders(train_loader, val, classes)

@@ -19,6 +19,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from powergrad_train.config import DataConfig
+from powergrad_train.data import TrainLoader, ValLoader
 from powergrad_train.data.sampling import TrainSampler, sample_seed
 from powergrad_train.errors import ConfigError
 
@@ -84,8 +85,8 @@ def _batches(iterator):
         yield batch[0]["images"], batch[0]["labels"].squeeze(1).long()
 
 
-class DaliTrainLoader:
-    """This rank's training batches through a per-epoch DALI pipeline (interface: data/__init__.py)."""
+class DaliTrainLoader(TrainLoader):
+    """This rank's training batches through a per-epoch DALI pipeline."""
 
     def __init__(self, cfg: DataConfig, samples: list[tuple[str, int]], seed: int, rank: int, world_size: int):
         self.cfg, self.samples, self.seed, self.rank = cfg, samples, seed, rank
@@ -124,14 +125,14 @@ class DaliTrainLoader:
         return _batches(self._iterator)
 
 
-class DaliValLoader:
+class DaliValLoader(ValLoader):
     """Every val image once across ranks; the last batch may be short (PARTIAL, no padding)."""
 
     def __init__(self, cfg: DataConfig, samples: list[tuple[str, int]], rank: int, world_size: int):
         _, dali_torch = _dali()
         mine = samples[rank::world_size]
         self.num_samples = len(samples)
-        batch = (cfg.val_batch_size or cfg.batch_size) // world_size
+        batch = cfg.val_batch_per_process(world_size)
         pipe = _pipeline(cfg, [p for p, _ in mine], [label for _, label in mine], batch, seed=0, train=False)
         self._iterator = dali_torch.DALIGenericIterator(
             pipe, ["images", "labels"], reader_name="Reader",
@@ -144,10 +145,11 @@ class DaliValLoader:
         self._iterator = None
 
 
-def build_dali_train(cfg: DataConfig, samples, seed: int, rank: int, world_size: int) -> DaliTrainLoader:
+def build_train(cfg: DataConfig, samples, seed: int, rank: int, world_size: int,
+                device: torch.device) -> DaliTrainLoader:
     placement(cfg)  # a gpu request on a machine without CUDA fails here, before any pipeline
     return DaliTrainLoader(cfg, samples, seed, rank, world_size)
 
 
-def build_dali_val(cfg: DataConfig, samples, rank: int, world_size: int) -> DaliValLoader:
+def build_val(cfg: DataConfig, samples, rank: int, world_size: int, device: torch.device) -> DaliValLoader:
     return DaliValLoader(cfg, samples, rank, world_size)

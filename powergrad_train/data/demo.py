@@ -14,14 +14,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from powergrad_train.cache import cache_dir
+
 CLASSES = ("checker", "circle", "cross", "diagonal", "dots", "hstripes", "ring", "square", "triangle", "vstripes")
 IMAGE_SIZE = 64
 PER_CLASS = {"train": 100, "val": 30}
 VERSION = "v1"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("POWERGRAD_TRAIN_CACHE", Path.home() / ".cache" / "powergrad_train"))
 
 
 def _draw(kind: str, rng: np.random.Generator) -> Image.Image:

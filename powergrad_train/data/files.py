@@ -9,9 +9,13 @@ files are left out, counted and listed instead.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import gzip
 import hashlib
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
@@ -19,8 +23,12 @@ from typing import Optional
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from powergrad_train.data.demo import cache_dir
+from powergrad_train.cache import cache_dir
 from powergrad_train.errors import DataError
+
+CACHE_VERSION = 4  # 4: one gzip JSON per split, folders with their mtimes, files and problems
+CACHE_NAME = f"listing-v{CACHE_VERSION}.json.gz"
+CHUNK = 256  # files checked per task of the cold scan
 
 
 def _jpeg_frame(f) -> Optional[tuple[int, int]]:
@@ -97,49 +105,42 @@ def _too_large(width: int, height: int) -> str:
     return ""
 
 
-def _scan(paths: list[str], cache_file: Path) -> dict[str, str]:
-    """{path: problem} for the paths that fail the check, reusing earlier answers for unchanged files."""
+@dataclasses.dataclass
+class Split:
+    """One split of an ImageFolder: class names and (path, label) samples in torchvision's order."""
+
+    classes: list[str]
+    samples: list[tuple[str, int]]
+
+
+# A folder whose mtime is this close to the scan's start may still change within the same
+# timestamp tick unseen: it is listed again next time instead of trusted.
+RACY_NS = 2_000_000_000
+
+
+def _read_listing(cache_file: Path) -> dict:
     try:
-        cached = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cached = {}
-
-    def check(path):
-        try:
-            st = os.stat(path)
-        except OSError as e:  # a dangling link, a file removed meanwhile
-            return path, None, f"cannot be opened ({e.strerror or e})"
-        key = f"{st.st_size}:{st.st_mtime_ns}"
-        hit = cached.get(path)
-        return path, key, hit[1] if hit and hit[0] == key else problem_with(path)
-
-    with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 4)) as pool:
-        results = list(pool.map(check, paths, chunksize=256))
-    fresh = {path: [key, problem] for path, key, problem in results if key is not None}
-    if fresh != cached:
-        _write_cache(cache_file, json.dumps(fresh))
-    return {path: problem for path, _, problem in results if problem}
+        with gzip.open(cache_file, "rt") as f:
+            listing = json.load(f)
+        return listing if listing.get("version") == CACHE_VERSION else {}
+    except (OSError, ValueError, EOFError):
+        return {}
 
 
-_cache_warned = False
-
-
-def _write_cache(path: Path, text: str) -> bool:
-    """The scan cache is an optimisation: a folder we cannot write (a read-only home on a cluster)
-    only costs a rescan next time, said once."""
-    global _cache_warned
+def _mtime_ns(folder: str) -> Optional[int]:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        return True
-    except OSError as e:
-        if not _cache_warned:
-            print(f"data: cannot write the file-scan cache under {path.parent} ({e.strerror or e}); going on "
-                  "without it (set POWERGRAD_TRAIN_CACHE to a writable folder to keep it)", flush=True)
-            _cache_warned = True
-        return False
+        return os.stat(folder).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _unchanged(top: Path, listing: dict) -> bool:
+    """True when no folder of the tree changed since it was listed: files added, removed or renamed
+    change their folder's mtime, so nothing needs listing or checking again."""
+    trusted = listing.get("started_ns", 0) - RACY_NS
+    folders = [(str(top), listing.get("mtime_ns"))] + [(os.path.join(top, f["path"]), f["mtime_ns"])
+                                                       for f in listing.get("folders", [])]
+    return bool(listing) and all(m is not None and m < trusted and _mtime_ns(folder) == m for folder, m in folders)
 
 
 def _walk(top: Path, loops: list[str]) -> list[tuple[str, list[str]]]:
@@ -172,50 +173,121 @@ def _walk(top: Path, loops: list[str]) -> list[tuple[str, list[str]]]:
     return found
 
 
-def _image_files(class_folder: Path, loops: list[str]) -> list[str]:
-    """Image paths of one class, in torchvision's ImageFolder order."""
-    return [os.path.join(folder, name) for folder, names in sorted(_walk(class_folder, loops))
-            for name in names if name.lower().endswith(IMG_EXTENSIONS)]
+def _list(top: Path, earlier: dict, verbose: bool) -> dict:
+    """Walk the split and check its image files, reusing the earlier answers of folders that did not
+    change. Files are checked in parallel, a bounded chunk of one folder per task."""
+    started = time.time_ns()
+    classes = sorted(d.name for d in os.scandir(top) if d.is_dir())
+    reuse = {f["path"]: f for f in earlier.get("folders", []) if f["mtime_ns"] < earlier.get("started_ns", 0) - RACY_NS}
+    folders, loops, todo = [], [], []
+    for label, name in enumerate(classes):
+        for folder, names in sorted(_walk(top / name, loops)):
+            rel, mtime = os.path.relpath(folder, top), _mtime_ns(folder)
+            images = [n for n in names if n.lower().endswith(IMG_EXTENSIONS)]
+            old = reuse.get(rel)
+            if old and old["mtime_ns"] == mtime and old["class"] == label:
+                folders.append(old)
+                continue
+            entry = {"class": label, "path": rel, "mtime_ns": mtime, "files": images, "problems": {}}
+            folders.append(entry)
+            todo += [(entry, images[i:i + CHUNK]) for i in range(0, len(images), CHUNK)]
+    count = sum(len(names) for _, names in todo)
+    if verbose and count > CHUNK:
+        print(f"data: checking {count} image file(s) in {top} (once; later starts reuse the result)", flush=True)
+
+    def check(task):
+        entry, names = task
+        return entry, {n: p for n in names if (p := problem_with(os.path.join(top, entry["path"], n)))}
+
+    with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 4)) as pool:
+        for entry, problems in pool.map(check, todo):
+            entry["problems"].update(problems)
+    return {"version": CACHE_VERSION, "started_ns": started, "mtime_ns": _mtime_ns(str(top)), "classes": classes,
+            "folders": folders, "loops": loops}
 
 
-def check_split(root: Path, split: str) -> list[str]:
-    """The class names of root/split, after cheap checks: the folder, its classes, an image in each."""
+_cache_warned = False
+
+
+def _write_cache(path: Path, write) -> bool:
+    """The scan cache is an optimisation: a folder we cannot write (a read-only home on a cluster)
+    only costs a rescan next time, said once. `write(tmp_path)` writes the content."""
+    global _cache_warned
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        write(tmp)
+        os.replace(tmp, path)
+        return True
+    except OSError as e:
+        if not _cache_warned:
+            print(f"data: cannot write the file-scan cache under {path.parent} ({e.strerror or e}); going on "
+                  "without it (set POWERGRAD_TRAIN_CACHE to a writable folder to keep it)", flush=True)
+            _cache_warned = True
+        return False
+
+
+def _save_listing(path: Path, listing: dict) -> None:
+    def write(tmp):
+        with gzip.open(tmp, "wt", compresslevel=1) as f:  # level 1: a fraction of level 9's time
+            json.dump(listing, f, separators=(",", ":"))
+    _write_cache(path, write)
+
+
+def check_split(root: Path, split: str) -> None:
+    """Cheap checks before any listing: the split folder exists and has class folders."""
     folder = root / split
     if not folder.is_dir():
         raise DataError(f"data.root: {root} has no '{split}/' folder (expected an ImageFolder root with train/ and val/)")
-    classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
-    if not classes:
+    if not any(d.is_dir() for d in os.scandir(folder)):
         raise DataError(f"{folder}: no class folders (expected one sub-folder of images per class)")
-    for name in classes:
-        if not _image_files(folder / name, []):
-            raise DataError(f"{folder / name}: class folder holds no images")
-    return classes
 
 
-def list_split(root: Path, split: str, verbose: bool) -> tuple[list[str], list[tuple[str, int]]]:
-    """(classes, [(path, label), ...]) of root/split, unusable files left out and reported."""
+def list_split(root: Path, split: str, verbose: bool) -> Split:
+    """Classes and samples of root/split, unusable files left out and reported.
+
+    The result is cached per split; a later start whose folders are all unchanged (their mtimes)
+    reads it without listing or checking any file.
+    """
     folder = root / split
-    classes = check_split(root, split)
-    samples, loops = [], []
-    for label, name in enumerate(classes):
-        samples += [(path, label) for path in _image_files(folder / name, loops)]
+    check_split(root, split)
+    scan_dir = cache_dir() / "scans" / hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:16]
+    cache_file = scan_dir / f"{CACHE_NAME}"
+    listing = _read_listing(cache_file)
+    fresh = not _unchanged(folder, listing)
+    if fresh:
+        listing = _list(folder, listing, verbose)
+        _save_listing(cache_file, listing)
+    _report(folder, scan_dir / "skipped.txt", listing, verbose, write=fresh)
+    classes, samples = listing["classes"], []
+    for f in listing["folders"]:
+        base = os.path.join(folder, f["path"])
+        samples += [(os.path.join(base, n), f["class"]) for n in f["files"] if n not in f["problems"]]
+    labels = {label for _, label in samples}
+    missing = [label for label in range(len(classes)) if label not in labels]
+    for label in missing:
+        if not any(f["files"] for f in listing["folders"] if f["class"] == label):
+            raise DataError(f"{folder / classes[label]}: class folder holds no images")
+    if missing:
+        raise DataError(f"{folder / classes[missing[0]]}: no usable image left in this class after the scan"
+                        + (f" (and {len(missing) - 1} more class(es))" if len(missing) > 1 else ""))
+    return Split(classes, samples)
+
+
+def _report(folder: Path, report: Path, listing: dict, verbose: bool, write: bool) -> None:
+    """Say which links and files are left out; a fresh listing also lists the files in `report`."""
+    loops = listing["loops"]
     if loops and verbose:
         print(f"data: skipped {len(loops)} folder link(s) in {folder} that lead back to a folder already read "
               f"({', '.join(os.path.relpath(p, folder) for p in loops[:3])})", flush=True)
-    key = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:16]
-    scan_dir = cache_dir() / "scans" / key
-    bad = _scan([p for p, _ in samples], scan_dir / "checked-v3.json")  # v3: the reason, formats beyond JPEG/PNG
-    if bad:
-        samples = [(p, label) for p, label in samples if p not in bad]
-        report = scan_dir / "skipped.txt"
-        listed = _write_cache(report, "".join(f"{p}  ({bad[p]})\n" for p in sorted(bad)))
-        if verbose:
-            first = sorted(bad)[:3]
-            names = "; ".join(f"{os.path.relpath(p, folder)}: {bad[p]}" for p in first) + ("; ..." if len(bad) > 3 else "")
-            print(f"data: skipped {len(bad)} unusable file(s) in {folder} ({names})"
-                  + (f"; list in {report}" if listed else ""), flush=True)
-    empty = sorted(set(classes) - {classes[label] for _, label in samples})
-    if empty:
-        raise DataError(f"{folder / empty[0]}: no usable image left in this class after the scan"
-                        + (f" (and {len(empty) - 1} more class(es))" if len(empty) > 1 else ""))
-    return classes, samples
+    bad = {os.path.join(folder, f["path"], n): reason for f in listing["folders"] for n, reason in f["problems"].items()}
+    if write and not bad:
+        with contextlib.suppress(OSError):
+            report.unlink(missing_ok=True)
+    listed = bool(bad) and (_write_cache(report, lambda tmp: tmp.write_text(
+        "".join(f"{p}  ({bad[p]})\n" for p in sorted(bad)))) if write else report.exists())
+    if bad and verbose:
+        first = sorted(bad)[:3]
+        names = "; ".join(f"{os.path.relpath(p, folder)}: {bad[p]}" for p in first) + ("; ..." if len(bad) > 3 else "")
+        print(f"data: skipped {len(bad)} unusable file(s) in {folder} ({names})"
+              + (f"; list in {report}" if listed else ""), flush=True)

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms
 
 from powergrad_train.config import DataConfig
+from powergrad_train.data import TrainLoader, ValLoader
 from powergrad_train.data.sampling import TrainSampler, ValSampler
 from powergrad_train.errors import ImageError
 from powergrad_train.preemption import STOP_SIGNALS
@@ -105,20 +106,21 @@ def _loader(dataset, batch_size, sampler, cfg: DataConfig, pin_memory: bool) -> 
                       worker_init_fn=_leave_stop_signals_to_the_trainer)
 
 
-def build_imagefolder_train(cfg: DataConfig, samples, seed: int, rank: int, world_size: int, pin_memory: bool):
+def build_train(cfg: DataConfig, samples, seed: int, rank: int, world_size: int,
+                device: torch.device) -> TorchTrainLoader:
     sampler = TrainSampler(len(samples), cfg.batch_size, rank, world_size, seed)
     return TorchTrainLoader(_loader(SeededImages(samples, train_transform(cfg)), sampler.local_batch, sampler, cfg,
-                                    pin_memory))
+                                    device.type == "cuda"))
 
 
-def build_imagefolder_val(cfg: DataConfig, samples, rank: int, world_size: int, pin_memory: bool):
-    batch = (cfg.val_batch_size or cfg.batch_size) // world_size
-    return TorchValLoader(_loader(SeededImages(samples, val_transform(cfg)), batch,
-                                  ValSampler(len(samples), rank, world_size), cfg, pin_memory))
+def build_val(cfg: DataConfig, samples, rank: int, world_size: int, device: torch.device) -> TorchValLoader:
+    return TorchValLoader(_loader(SeededImages(samples, val_transform(cfg)), cfg.val_batch_per_process(world_size),
+                                  ValSampler(len(samples), rank, world_size), cfg, device.type == "cuda"))
 
 
-class TorchTrainLoader:
-    """A DataLoader behind the trainer's loader interface (see data/__init__.py)."""
+class TorchTrainLoader(TrainLoader):
+    """A DataLoader behind the TrainLoader interface; the position is (epoch, start_batch): the sampler
+    and the per-sample seeds do the rest, so the default state()/restore() suffice."""
 
     def __init__(self, loader: DataLoader):
         self.loader, self.sampler = loader, loader.sampler
@@ -131,17 +133,11 @@ class TorchTrainLoader:
     def __iter__(self):
         return checked(self.loader)
 
-    def state(self):
-        return None  # the position is (epoch, start_batch); the sampler and per-sample seeds do the rest
-
-    def restore(self, state) -> None:
-        pass
-
     def close(self) -> None:
         stop_workers(self.loader)
 
 
-class TorchValLoader:
+class TorchValLoader(ValLoader):
     def __init__(self, loader: DataLoader):
         self.loader, self.num_samples = loader, len(loader.dataset)
 

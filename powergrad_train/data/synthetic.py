@@ -9,12 +9,13 @@ from __future__ import annotations
 import torch
 
 from powergrad_train.config import DataConfig
+from powergrad_train.data import TrainLoader
 
 CLASSES = ["synthetic"]  # one class: labels do not change the cost, and any model.num_classes fits
 BATCHES_PER_EPOCH = 100
 
 
-class SyntheticLoader:
+class SyntheticLoader(TrainLoader):
     def __init__(self, cfg: DataConfig, batch: int, batches: int, rank: int, device: torch.device):
         g = torch.Generator().manual_seed(rank)
         self.images = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g).to(device)
@@ -28,19 +29,14 @@ class SyntheticLoader:
     def __iter__(self):
         return ((self.images, self.targets) for _ in range(self.start_batch, self.batches_per_epoch))
 
-    def state(self):
-        return None
-
-    def restore(self, state) -> None:
-        pass
-
     def close(self) -> None:
         pass
 
 
-def build_synthetic_train(cfg: DataConfig, rank: int, world_size: int, device: torch.device) -> SyntheticLoader:
+def build_train(cfg: DataConfig, samples, seed: int, rank: int, world_size: int,
+                device: torch.device) -> SyntheticLoader:
     return SyntheticLoader(cfg, cfg.batch_size // world_size, BATCHES_PER_EPOCH, rank, device)
 
 
-def build_synthetic_val(cfg: DataConfig, rank: int, world_size: int, device: torch.device) -> SyntheticLoader:
-    return SyntheticLoader(cfg, (cfg.val_batch_size or cfg.batch_size) // world_size, 1, rank, device)
+def build_val(cfg: DataConfig, samples, rank: int, world_size: int, device: torch.device) -> SyntheticLoader:
+    return SyntheticLoader(cfg, cfg.val_batch_per_process(world_size), 1, rank, device)
