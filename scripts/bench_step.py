@@ -1,7 +1,8 @@
 """The trainer's full training step against a bare hand-written torch loop doing the same work.
 
     python scripts/bench_step.py                         # resnet18, 32 px, batch 64, CPU, data in memory
-    python scripts/bench_step.py --data real             # trainer reads JPEGs through DALI's CPU pipeline
+    python scripts/bench_step.py --data real             # trainer reads the demo JPEGs (torchvision backend)
+    python scripts/bench_step.py --data real --backend dali   # ... through DALI's CPU pipeline
     python scripts/bench_step.py --device cuda --model resnet50 --image-size 224 --batch 256 \\
         --amp bf16 --channels-last [--compile]
 
@@ -56,9 +57,11 @@ def trainer_loop(args, device, run_dir):
                  "schedule.epochs=100", "schedule.warmup_epochs=1", "schedule.cooldown_epochs=0"]
     if args.data == "synthetic":
         overrides.append("data.backend=synthetic")
-    else:
+    elif args.backend == "dali":
         overrides += ["data.backend=dali", "data.dali_device=cpu" if device.type == "cpu" else "data.dali_device=gpu",
                       f"data.workers={args.workers}"]
+    else:
+        overrides += ["data.backend=torchvision", f"data.workers={args.workers}"]
     trainer = Trainer(build_config("smoke.yaml", overrides), run_dir, DistEnv(), device)
     trainer.model.train()
     batches = batches_forever(trainer)
@@ -84,8 +87,9 @@ def main():
     p.add_argument("--compile", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data", default="synthetic", choices=("synthetic", "real"),
-                   help="trainer data: one batch in memory, or the demo JPEGs through DALI")
-    p.add_argument("--workers", type=int, default=1, help="DALI threads with --data real")
+                   help="trainer data: one batch in memory, or the demo JPEGs (1000 train images, 64 px)")
+    p.add_argument("--backend", default="torchvision", choices=("torchvision", "dali"), help="with --data real")
+    p.add_argument("--workers", type=int, default=2, help="with --data real: loader workers or DALI threads")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rounds", type=int, default=5)
@@ -109,7 +113,8 @@ def main():
         trainer.close()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"{name}; {args.model}, {args.image_size} px, batch {args.batch}, amp {args.amp}, channels_last "
-          f"{args.channels_last}, compile {args.compile}; trainer data {args.data}; {args.rounds} rounds of "
+          f"{args.channels_last}, compile {args.compile}; trainer data {args.data}"
+          f"{f' ({args.backend}, {args.workers} workers)' if args.data == 'real' else ''}; {args.rounds} rounds of "
           f"{args.steps} steps after {args.warmup} warm-up; {threads} threads in the process; "
           f"python {sys.version.split()[0]}, torch {torch.__version__}")
     print(f"trainer/bare: {statistics.median(ratios):.3f} [{min(ratios):.3f}-{max(ratios):.3f}] "

@@ -22,7 +22,7 @@ PER_CLASS = {"train": 100, "val": 30}
 VERSION = "v1"
 
 
-def _draw(kind: str, rng: np.random.Generator) -> Image.Image:
+def draw(kind: str, rng: np.random.Generator) -> Image.Image:
     s = IMAGE_SIZE
     bg = tuple(int(v) for v in rng.integers(0, 256, 3))
     # A foreground colour far from the background, so the shape is always visible.
@@ -78,7 +78,7 @@ def write_demo_dataset(root: Path, per_class: dict[str, int] = PER_CLASS, seed: 
             folder.mkdir(parents=True, exist_ok=True)
             rng = np.random.default_rng([seed, split_index, class_index])
             for i in range(count):
-                _draw(kind, rng).save(folder / f"{kind}_{i:04d}.jpg", quality=90)
+                draw(kind, rng).save(folder / f"{kind}_{i:04d}.jpg", quality=90)
 
 
 def ensure_demo_dataset() -> Path:
