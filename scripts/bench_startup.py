@@ -28,8 +28,9 @@ from powergrad_train.data.demo import write_demo_dataset
 
 
 def build_tree(root: Path, count: int, classes: int) -> None:
-    """`count` files in `classes` folders: hard links to 10 distinct small JPEGs."""
-    write_demo_dataset(root / "sources", {"train": 1})
+    """`count` files in `classes` folders: hard links to a few distinct small JPEGs (a file takes
+    at most 65,000 links on ext4)."""
+    write_demo_dataset(root / "sources", {"train": count // 600_000 + 1})  # 10 JPEGs each
     originals = sorted((root / "sources" / "train").rglob("*.jpg"))
     train = root / "data" / "train"
     for c in range(classes):

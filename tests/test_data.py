@@ -292,3 +292,16 @@ def test_every_backend_is_registered_once_and_builds_the_declared_loaders(tiny_r
         assert images.shape == (8, 3, 16, 16) and targets.shape == (8,), name
         train.close()
         val.close()
+
+
+def test_the_fused_to_tensor_and_normalize_is_bit_identical_to_torchvision(tiny_root):
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from torchvision import transforms
+
+    from powergrad_train.data.imagefolder import normalized_tensor
+    reference = transforms.Compose([transforms.ToTensor(),
+                                    transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    for path in sorted((tiny_root / "train").rglob("*.jpg"))[::7]:
+        image = Image.open(path).convert("RGB")
+        for crop in (image, image.crop((3, 5, 40, 29))):
+            assert torch.equal(normalized_tensor(crop), reference(crop))

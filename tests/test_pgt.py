@@ -8,7 +8,7 @@ from powergrad_train.pgt import power_grad_cross_entropy
 
 
 def reference_grad(logits, target, alpha, eps, upstream):
-    """upstream * (softmax(alpha z) - q) / N in float64, with q the smoothed one-hot (NOTES.md eq. 9)."""
+    """upstream * (softmax(alpha z) - q) / N in float64, with q the smoothed one-hot."""
     z = logits.double()
     n, c = z.shape
     p_alpha = torch.exp(alpha * z - torch.logsumexp(alpha * z, dim=1, keepdim=True))
