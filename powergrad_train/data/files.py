@@ -178,7 +178,8 @@ def _list(top: Path, earlier: dict, verbose: bool) -> dict:
     change. Files are checked in parallel, a bounded chunk of one folder per task."""
     started = time.time_ns()
     classes = sorted(d.name for d in os.scandir(top) if d.is_dir())
-    reuse = {f["path"]: f for f in earlier.get("folders", []) if f["mtime_ns"] < earlier.get("started_ns", 0) - RACY_NS}
+    trusted = earlier.get("started_ns", 0) - RACY_NS
+    reuse = {f["path"]: f for f in earlier.get("folders", []) if f["mtime_ns"] is not None and f["mtime_ns"] < trusted}
     folders, loops, todo = [], [], []
     for label, name in enumerate(classes):
         for folder, names in sorted(_walk(top / name, loops)):
