@@ -45,8 +45,8 @@ def init(env: DistEnv, device: torch.device) -> None:
     if env.distributed and not torch_dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch_dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                                timeout=timedelta(minutes=30),
-                                device_id=device if device.type == "cuda" else None)
+                                      timeout=timedelta(minutes=30),
+                                      device_id=device if device.type == "cuda" else None)
 
 
 def close() -> None:
