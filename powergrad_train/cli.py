@@ -87,8 +87,12 @@ def _dry_run(cfg: Config, env) -> None:
     from powergrad_train.engine import build_data, build_model_on
     from powergrad_train.optim import lr_at_step
 
+    from powergrad_train.models import load_initial_weights
+
     print(dump(cfg), end="")
     model = build_model_on(cfg, env, torch.device("cpu"))
+    if cfg.model.init_from:
+        print(load_initial_weights(model, Path(cfg.model.init_from).expanduser()))
     data = build_data(cfg, env, torch.device("cpu"))
     data.close()
     steps = data.train.batches_per_epoch

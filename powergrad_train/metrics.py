@@ -251,12 +251,12 @@ class JsonLines(Output):
     row, messages. build_run first drops the records written after the checkpoint it resumes."""
 
     def start(self, info: RunInfo) -> None:
-        self.path, self.step = info.run_dir / JSONL, info.start_step
+        self.path, self.last_step = info.run_dir / JSONL, info.start_step
         self._write({"kind": "start", "step": info.start_step, "epoch": info.start_epoch,
                      "resumed_from": str(info.resumed_from) if info.resumed_from else None})
 
     def _write(self, record: dict) -> None:
-        self.step = record["step"]
+        self.last_step = record["step"]
         with open(self.path, "a") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
 
@@ -267,7 +267,7 @@ class JsonLines(Output):
         self._write({"kind": "epoch", **row})
 
     def message(self, text: str) -> None:
-        self._write({"kind": "message", "step": self.step, "text": text})
+        self._write({"kind": "message", "step": self.last_step, "text": text})
 
 
 def trim_jsonl(run_dir: Path, start_step: int) -> None:

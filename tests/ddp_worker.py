@@ -1,4 +1,4 @@
-"""Run the real Trainer under torchrun and save every rank's final weights (for tests).
+"""Run the real Trainer under torchrun and save every rank's final weights (and EMA weights) for tests.
 
     torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py RUN_DIR KEY=VALUE ...
 """
@@ -23,4 +23,6 @@ if __name__ == "__main__":
     trainer.fit()
     trainer.close()
     torch.save(trainer.model.state_dict(), run_dir / f"weights-rank{env.rank}.pt")
+    if trainer.ema is not None:
+        torch.save(trainer.ema.state_dict(), run_dir / f"ema-rank{env.rank}.pt")
     dist.close()

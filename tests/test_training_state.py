@@ -149,9 +149,11 @@ def test_no_checkpoint_holds_a_nonfinite_tensor(tiny_root, tmp_path, where):
 
 
 def test_ddp_batch_norm_buffers_agree_and_eval_matches_validate(tiny_root, tmp_path, capsys):
-    """2 gloo processes, a batch-norm model: one model on every rank, evaluated and saved."""
+    """2 gloo processes, a batch-norm model: one model on every rank, evaluated and saved; the same
+    for its EMA, whose batch-norm statistics each rank averaged from its own."""
     run_dir = tmp_path / "bn"
-    overrides = [o.removeprefix("--set=") for o in tiny_overrides(tiny_root, **{"schedule.epochs": 1})]
+    overrides = [o.removeprefix("--set=") for o in tiny_overrides(tiny_root, **{"schedule.epochs": 1,
+                                                                                  "ema.decay": 0.9})]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "tests" / "ddp_worker.py"), str(run_dir), *overrides]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -160,6 +162,9 @@ def test_ddp_batch_norm_buffers_agree_and_eval_matches_validate(tiny_root, tmp_p
     assert any(k.endswith("running_mean") for k in ranks[0])
     assert_same_weights(*ranks)  # buffers included
     assert_same_weights(ranks[0], load_weights(run_dir / "last.pt"))
+    averages = [torch.load(run_dir / f"ema-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert_same_weights(*averages)
+    assert_same_weights(averages[0], checkpoint.load(run_dir / "last.pt")["ema"])
     eval_top1 = float((run_dir / "summary.csv").read_text().splitlines()[1].split(",")[5])
     main(["validate", "--checkpoint", str(run_dir / "last.pt")])
     assert f"top1 {eval_top1:.2f}" in capsys.readouterr().out
