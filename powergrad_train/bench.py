@@ -55,8 +55,9 @@ def describe_setup(cfg: Config, world_size: int, device: torch.device) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     return (f"bench: {name}; {world_size} process(es); model {cfg.model.name}; global batch "
             f"{cfg.data.batch_size}; {cfg.data.image_size} px; amp {cfg.amp}; channels_last "
-            f"{cfg.channels_last}; compile {cfg.model.compile}; data {cfg.data.backend}; "
-            f"pgt_alpha {cfg.loss.pgt_alpha}; grad_clip {cfg.grad_clip.mode}")
+            f"{cfg.channels_last}; compile {cfg.model.compile}; data {cfg.data.backend}; optimizer "
+            f"{cfg.optim.name}; loss {cfg.loss.name}, pgt_alpha {cfg.loss.pgt_alpha}; grad_clip {cfg.grad_clip.mode}; "
+            f"batch_transform {cfg.batch_transform.name}; ema {cfg.ema.decay}")
 
 
 def thread_count() -> int:

@@ -1,9 +1,10 @@
 """Checkpoints: what a run's state is, atomic writes, and every check a resume needs.
 
 The state of a run is a set of named parts, each with state_dict() / load_state_dict():
-shared parts (model, optimizer, scaler, meters, the TrainState record) saved from rank 0,
-and per-rank parts (RNG states, the data pipeline's position) gathered from every rank.
-Adding a part (say an EMA of the weights) is one more entry in the Trainer's dict.
+shared parts (model, optimizer, scaler, the EMA weights, the TrainState record) saved from
+rank 0, and per-rank parts (RNG states, the data pipeline's position, the epoch's running
+metrics) gathered from every rank. Adding a part is one more entry in build_run's dicts; every
+part is copied to the host once when gathered and checked for non-finite values before a save.
 
 Files in the run folder: `epoch-NNNN.pt` (the last `keep_last` epochs), `last.pt` and
 `best.pt`, and `nonfinite.pt` for a state whose steps had non-finite losses (never
@@ -33,8 +34,18 @@ import torch
 from powergrad_train.config import KEYS, Config, build_config, get
 from powergrad_train.errors import CheckpointError
 
-FORMAT = "powergrad-train-checkpoint/2"
-FORMAT_1 = "powergrad-train-checkpoint/1"
+FORMAT = "powergrad-train-checkpoint/3"
+FORMAT_2 = "powergrad-train-checkpoint/2"  # the train meter was a shared part (sums reduced over ranks)
+FORMAT_1 = "powergrad-train-checkpoint/1"  # also: train-state fields at the top level
+
+# The file names of a run folder: numbered epochs, the newest good state, the best epoch, and a
+# state whose steps had non-finite losses.
+LAST, BEST, NONFINITE = "last.pt", "best.pt", "nonfinite.pt"
+CHECKPOINT_NAMES = re.compile(r"(last|best|nonfinite|epoch-\d+)\.pt")
+
+
+def epoch_file(epoch: int) -> str:
+    return f"epoch-{epoch:04d}.pt"
 
 
 class Stateful(Protocol):
@@ -96,6 +107,18 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def to_host(state):
+    """`state` with every tensor copied to the host once (a GPU tensor cannot be checksummed,
+    scanned or pickled for another rank as it is); containers rebuilt, other values kept."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: to_host(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_host(v) for v in state)
+    return state
 
 
 def state_bytes(state) -> int:
@@ -206,13 +229,17 @@ def load(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise load_failure(path, e) from None
-    if not isinstance(state, dict) or state.get("format") not in (FORMAT, FORMAT_1):
+    if not isinstance(state, dict) or state.get("format") not in (FORMAT, FORMAT_2, FORMAT_1):
         raise CheckpointError(f"{path}: not a powergrad-train checkpoint")
     saved_checksum = state.pop("checksum", None)  # format 1 has none
     if saved_checksum is not None and content_checksum(state) != saved_checksum:
         raise CheckpointError(f"{path}: damaged: its content no longer matches the checksum written with it "
                               "(changed in place after saving?); use another checkpoint of the run")
-    return _from_format_1(state) if state["format"] == FORMAT_1 else state
+    if state["format"] == FORMAT_1:
+        state = _from_format_1(state)
+    if state["format"] == FORMAT_2:
+        state = _from_format_2(state)
+    return state
 
 
 def load_failure(path: Path, error: Exception) -> Exception:
@@ -222,7 +249,7 @@ def load_failure(path: Path, error: Exception) -> Exception:
         return CheckpointError(f"cannot read checkpoint {path} ({error.strerror or first})")
     if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
         return CheckpointError(f"not enough memory to load checkpoint {path} ({first})")
-    if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in first:
+    if isinstance(error, pickle.UnpicklingError) and _unsafe_globals(path):
         # A file that needs arbitrary code to unpickle; powergrad-train never writes one.
         return CheckpointError(f"{path}: holds Python objects outside torch's weights-only allow-list, so it "
                                "was not written by powergrad-train and is not loaded (loading it could run code)")
@@ -233,13 +260,30 @@ def load_failure(path: Path, error: Exception) -> Exception:
     return error
 
 
+def _unsafe_globals(path: Path) -> list[str]:
+    """The Python objects a torch file needs that the weights-only loader does not allow."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a readable zip archive: not the allow-list's doing
+        return []
+
+
 def _from_format_1(old: dict) -> dict:
     """Format 1 kept the train-state fields at the top level and steps per epoch under 'schedule'."""
     fields = [f.name for f in dataclasses.fields(TrainState)]
     state = {k: v for k, v in old.items() if k not in fields and k != "schedule"}
-    state.update(format=FORMAT, train_state={k: old[k] for k in fields if k in old},
+    state.update(format=FORMAT_2, train_state={k: old[k] for k in fields if k in old},
                  steps_per_epoch=old["schedule"]["steps_per_epoch"], world_size=len(old["rng"]))
     return state
+
+
+def _from_format_2(old: dict) -> dict:
+    """Format 2 saved the epoch's train sums (loss, correct, images, logit norm) reduced over ranks,
+    once; now each rank saves its own (with a count of images whose loss was finite)."""
+    loss, correct, images, logit_norm = old["train_meter"].tolist()
+    sums = torch.tensor([loss, correct, images, logit_norm, images], dtype=torch.float64)
+    meters = [{"sums": sums}] + [{"sums": torch.zeros_like(sums)} for _ in range(old["world_size"] - 1)]
+    return {**old, "format": FORMAT, "train_meter": meters}
 
 
 def nonfinite_tensors(state, prefix: str = "") -> list[str]:
@@ -269,6 +313,15 @@ def load_model_weights(model: torch.nn.Module, state: dict, path: Path, model_na
         raise CheckpointError(f"{path}: weights do not fit model '{model_name}' ({_first_line(e)})") from None
 
 
+def check_classes(state: dict, path: Path, classes: list[str], where: str = "data.root") -> None:
+    """The data's class folders are the ones the checkpoint was trained on, in the same order."""
+    saved = list(state.get("classes") or [])
+    if saved and saved != list(classes):
+        first = next((f"'{a}' where it had '{b}'" for a, b in zip(classes, saved) if a != b),
+                     f"{len(classes)} classes where it had {len(saved)}")
+        raise CheckpointError(f"{path}: trained on other classes than {where} holds ({first})")
+
+
 def check_compatible(state: dict, path: Path, cfg: Config, *, classes: list[str], steps_per_epoch: int,
                      world_size: int, force: bool) -> None:
     """Every reason a checkpoint cannot continue this run, as one kind of error."""
@@ -279,8 +332,7 @@ def check_compatible(state: dict, path: Path, cfg: Config, *, classes: list[str]
         if changed:
             raise CheckpointError(f"--resume {path}: the recipe changes keys that define the run: "
                                   f"{'; '.join(changed)} (pass --resume-force to resume anyway)")
-    if state.get("classes") and list(state["classes"]) != list(classes):
-        raise CheckpointError(f"{path}: trained on other classes than data.root holds")
+    check_classes(state, path, classes)
     if state["steps_per_epoch"] != steps_per_epoch:
         raise CheckpointError(f"{path}: saved with {state['steps_per_epoch']} steps per epoch, "
                               f"this run has {steps_per_epoch} (another data set or batch size)")
@@ -306,15 +358,15 @@ class Checkpointer:
 
     @property
     def last(self) -> Path:
-        return self.run_dir / "last.pt"
+        return self.run_dir / LAST
 
     @property
     def best(self) -> Path:
-        return self.run_dir / "best.pt"
+        return self.run_dir / BEST
 
     @property
     def nonfinite(self) -> Path:
-        return self.run_dir / "nonfinite.pt"
+        return self.run_dir / NONFINITE
 
     def remove_partial_files(self) -> None:
         """Temporary files a killed run left behind (the checkpoints themselves are intact)."""
@@ -322,15 +374,22 @@ class Checkpointer:
             tmp.unlink(missing_ok=True)
 
     def state_dict(self, gather) -> dict:
-        """The whole state; `gather(obj)` returns the list of every rank's obj."""
+        """The whole state, on the host; `gather(obj)` returns the list of every rank's obj."""
         state = {"format": FORMAT, **self.meta}
-        state.update({name: part.state_dict() for name, part in self.parts.items()})
-        state.update({name: gather(part.state_dict()) for name, part in self.per_rank.items()})
+        state.update({name: to_host(part.state_dict()) for name, part in self.parts.items()})
+        state.update({name: gather(to_host(part.state_dict())) for name, part in self.per_rank.items()})
         return state
+
+    def nonfinite_parts(self, state: dict) -> list[str]:
+        """Names of the non-finite tensors in every part of `state` (a state from state_dict())."""
+        return nonfinite_tensors({name: state[name] for name in (*self.parts, *self.per_rank)})
 
     def restore(self, state: dict, path: Path, rank: int, world_size: int) -> None:
         """Load every part of `state` (checked by check_compatible) into this run."""
         for name, part in self.parts.items():
+            if name not in state:
+                raise CheckpointError(f"{path}: has no {name} (saved by a run without it); resume with the "
+                                      "recipe it was saved with")
             try:
                 part.load_state_dict(state[name])
             except (RuntimeError, ValueError, KeyError) as e:
@@ -344,7 +403,7 @@ class Checkpointer:
         if self.keep_last == 0 or not numbered:
             save_atomic(state, self.last)
         else:
-            path = self.run_dir / f"epoch-{epoch:04d}.pt"
+            path = self.run_dir / epoch_file(epoch)
             save_atomic(state, path)
             _link_atomic(path, self.last)
         if is_best:  # a copy, so damage to last.pt in place (an interrupted copy over it) spares best.pt

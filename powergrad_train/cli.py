@@ -1,4 +1,4 @@
-"""Command line: `powergrad-train [train] ...`, `powergrad-train validate ...`, `powergrad-train bench ...`.
+"""Command line: `powergrad-train [train]`, `validate`, `bench`, `env`, `report` and `reproduce`.
 
 The only place that prints a user error and exits: a UserError becomes one
 `error: ...` line on stderr and exit status 2; real bugs keep their tracebacks.
@@ -16,7 +16,7 @@ from typing import Optional
 # Only light imports here: `--help` and config errors answer without loading torch.
 from powergrad_train import __version__
 from powergrad_train.config import Config, build_config, check_runtime, describe_keys, dump
-from powergrad_train.errors import CheckpointError, ConfigError, InstallError, UserError
+from powergrad_train.errors import ConfigError, InstallError, UserError
 
 COMMANDS = ("train", "validate", "bench", "env", "report", "reproduce")
 
@@ -87,8 +87,12 @@ def _dry_run(cfg: Config, env) -> None:
     from powergrad_train.engine import build_data, build_model_on
     from powergrad_train.optim import lr_at_step
 
+    from powergrad_train.models import load_initial_weights
+
     print(dump(cfg), end="")
     model = build_model_on(cfg, env, torch.device("cpu"))
+    if cfg.model.init_from:
+        print(load_initial_weights(model, Path(cfg.model.init_from).expanduser()))
     data = build_data(cfg, env, torch.device("cpu"))
     data.close()
     steps = data.train.batches_per_epoch
@@ -113,8 +117,8 @@ def train_command(argv: list[str]) -> None:
         _dry_run(cfg, env)
         return
     from powergrad_train.data import check_data
-    from powergrad_train.engine import Trainer
     from powergrad_train.preemption import Preempted
+    from powergrad_train.run import build_run
 
     run_dir = Path(args.output or Path("runs") / Path(args.config).stem)
     resume_from, note = run_folder.resume_point(run_dir, args.resume)
@@ -127,7 +131,7 @@ def train_command(argv: list[str]) -> None:
     try:
         # Every check (data, classes, checkpoint compatibility) runs in here before the run folder
         # is created or locked, and before anything in it is written.
-        trainer = Trainer(cfg, run_dir, env, device, resume_from, resume_force=args.resume_force)
+        trainer = build_run(cfg, run_dir, env, device, resume_from, resume_force=args.resume_force)
         if env.is_main:
             (run_dir / "config.yaml").write_text(dump(cfg))
         trainer.announce(resume_from)
@@ -161,8 +165,7 @@ def validate_command(argv: list[str]) -> None:
         checkpoint.load_model_weights(model, state, path, cfg.model.name)
         data = build_data(cfg, env, device, train=False)
         try:
-            if state.get("classes") and list(state["classes"]) != list(data.classes):
-                raise CheckpointError(f"{path}: trained on other classes than {cfg.data.root}/val holds")
+            checkpoint.check_classes(state, path, data.classes, where=f"{cfg.data.root}/val")
             values = evaluate_model(model, data.val, device, autocast_for(cfg.amp, device))
         finally:
             data.close()
@@ -178,7 +181,7 @@ def bench_command(argv: list[str]) -> None:
     from powergrad_train import dist
     from powergrad_train.bench import describe_setup, measure
     from powergrad_train.data import check_data
-    from powergrad_train.engine import Trainer
+    from powergrad_train.run import build_run
 
     args = _bench_parser().parse_args(argv)
     overrides = args.set + (["data.backend=synthetic"] if args.data == "synthetic" else [])
@@ -190,7 +193,7 @@ def bench_command(argv: list[str]) -> None:
     dist.init(env, device)
     try:
         with tempfile.TemporaryDirectory(prefix="powergrad-bench-") as run_dir:
-            trainer = Trainer(cfg, Path(run_dir), env, device)
+            trainer = build_run(cfg, Path(run_dir), env, device)
             try:
                 lines = measure(trainer, args.steps, args.warmup)
             finally:

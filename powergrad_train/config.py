@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
+from powergrad_train import registry
 from powergrad_train.errors import ConfigError
 
 BUNDLED_RECIPES = Path(__file__).parent / "configs"
@@ -25,12 +26,14 @@ DEMO_ROOT = "builtin:demo"
 
 
 def opt(default, help, *, choices=None, ge=None, gt=None, le=None, lt=None, fixed=False):
-    """A config field: default, help text and the allowed values.
+    """A config field: default, help text and the allowed values (for a list: of each element).
 
     fixed=True: the key defines the run, so resuming with another value is refused
     (unless --resume-force).
     """
     meta = dict(help=help, choices=choices, ge=ge, gt=gt, le=le, lt=lt, fixed=fixed)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -42,6 +45,10 @@ class ModelConfig:
                                      "the PGT authors' runs effectively had false", fixed=True)
     sync_bn: bool = opt(False, "convert batch norm to SyncBatchNorm in distributed GPU runs, so statistics cover the global batch")
     compile: bool = opt(False, "torch.compile the model (and the loss with it) for speed; first steps compile")
+    init_from: Optional[str] = opt(None, "start from these weights instead of a random init: a state_dict file (timm or "
+                                         "torchvision .pth, or a file holding 'state_dict' or 'model') or a "
+                                         "powergrad-train checkpoint; the classifier head is re-initialised when its "
+                                         "class count differs; not used when resuming", fixed=True)
 
 
 @dataclass
@@ -49,7 +56,7 @@ class DataConfig:
     root: str = opt(DEMO_ROOT, f"ImageFolder root holding train/ and val/; '{DEMO_ROOT}' generates a small learnable demo set on first use")
     backend: str = opt("torchvision", "data pipeline: torchvision (portable), dali (NVIDIA DALI, pip install -e "
                                       "'.[dali]'), or synthetic (one random batch on the device, for benchmarks)",
-                       choices=("torchvision", "dali", "synthetic"))
+                       choices=tuple(registry.DATA_BACKENDS))
     dali_device: str = opt("auto", "dali: where to decode and augment; auto = gpu when CUDA is available",
                            choices=("auto", "gpu", "cpu"))
     image_size: int = opt(224, "train crop and val crop size in pixels", ge=8, fixed=True)
@@ -76,10 +83,16 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = opt("sgd", "optimizer: sgd (torch's fused SGD), adamw (torch's fused AdamW) or lamb (timm's LAMB)",
+                    choices=tuple(registry.OPTIMIZERS), fixed=True)
     lr: float = opt(0.1, "peak learning rate (reached at the end of warmup)", gt=0.0, fixed=True)
-    momentum: float = opt(0.9, "SGD momentum", ge=0.0, lt=1.0, fixed=True)
-    nesterov: bool = opt(True, "Nesterov momentum (needs momentum > 0)", fixed=True)
-    weight_decay: float = opt(5e-4, "L2 weight decay; never applied to biases and norm parameters", ge=0.0, fixed=True)
+    momentum: float = opt(0.9, "sgd: momentum", ge=0.0, lt=1.0, fixed=True)
+    nesterov: bool = opt(True, "sgd: Nesterov momentum (needs momentum > 0)", fixed=True)
+    weight_decay: float = opt(5e-4, "weight decay (L2 for sgd, decoupled for adamw and lamb); never applied to "
+                                    "biases and norm parameters", ge=0.0, fixed=True)
+    beta1: float = opt(0.9, "adamw, lamb: decay of the first moment estimate", ge=0.0, lt=1.0, fixed=True)
+    beta2: float = opt(0.999, "adamw, lamb: decay of the second moment estimate", ge=0.0, lt=1.0, fixed=True)
+    eps: float = opt(1e-8, "adamw, lamb: added to the denominator", gt=0.0, fixed=True)
 
 
 @dataclass
@@ -100,6 +113,9 @@ class ScheduleConfig:
 
 @dataclass
 class LossConfig:
+    name: str = opt("cross_entropy", "objective: cross_entropy (with the PowerGrad Transform and label smoothing "
+                                     "below; takes class indices or the class probabilities mixup makes)",
+                    choices=tuple(registry.OBJECTIVES), fixed=True)
     pgt_alpha: Optional[float] = opt(None, "PowerGrad Transform exponent alpha in (0, 1]; null = plain cross-entropy gradient", gt=0.0, le=1.0, fixed=True)
     label_smoothing: float = opt(0.0, "label smoothing epsilon", ge=0.0, lt=1.0, fixed=True)
 
@@ -108,6 +124,26 @@ class LossConfig:
 class GradClipConfig:
     mode: str = opt("none", "gradient stage: none | value (GC, clip each element) | norm (global L2 norm) | agc (adaptive, head excluded)", choices=("none", "value", "norm", "agc"), fixed=True)
     value: Optional[float] = opt(None, "threshold: max |g| for value, max norm for norm, clipping factor lambda for agc", gt=0.0, fixed=True)
+
+
+@dataclass
+class BatchTransformConfig:
+    name: str = opt("none", "applied to each training batch on the device before the forward: none, or mixup "
+                            "(timm's Mixup/CutMix: images are blended and targets become class probabilities)",
+                    choices=tuple(registry.BATCH_TRANSFORMS), fixed=True)
+    mixup_alpha: float = opt(0.8, "mixup: the mixing weight is drawn from Beta(mixup_alpha, mixup_alpha); 0 = no mixup",
+                             ge=0.0, fixed=True)
+    cutmix_alpha: float = opt(1.0, "mixup: the same for CutMix's box area; 0 = no CutMix", ge=0.0, fixed=True)
+    prob: float = opt(1.0, "mixup: probability that a batch is mixed", ge=0.0, le=1.0, fixed=True)
+    switch_prob: float = opt(0.5, "mixup: probability of CutMix instead of mixup when both are on", ge=0.0, le=1.0,
+                             fixed=True)
+
+
+@dataclass
+class EmaConfig:
+    decay: Optional[float] = opt(None, "exponential moving average of the weights (timm's ModelEmaV3), updated after "
+                                       "every applied step and evaluated beside the weights (eval_ema_top1); "
+                                       "null = off", gt=0.0, lt=1.0, fixed=True)
 
 
 @dataclass
@@ -124,6 +160,14 @@ class TrainConfig:
 
 
 @dataclass
+class LogConfig:
+    outputs: list[str] = opt(["console", "csv", "tensorboard"],
+                             "where rank 0 sends the run's numbers: console (progress and epoch lines), csv "
+                             "(summary.csv), tensorboard (event files), jsonl (log.jsonl, one JSON record per line)",
+                             choices=tuple(registry.OUTPUTS))
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -131,8 +175,11 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     grad_clip: GradClipConfig = field(default_factory=GradClipConfig)
+    batch_transform: BatchTransformConfig = field(default_factory=BatchTransformConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     amp: str = opt("off", "mixed precision: off | fp16 (GradScaler, CUDA only) | bf16", choices=("off", "fp16", "bf16"))
     channels_last: bool = opt(False, "channels_last memory format for model and images")
     tf32: bool = opt(True, "Ampere and newer GPUs: float32 convolutions and matmuls use TF32 tensor cores (torch's "
@@ -148,13 +195,14 @@ class Key:
     """One leaf of the schema: `section.name` (or `name` for top-level keys)."""
 
     dotted: str
-    type: Any  # int, float, str or bool
+    type: Any  # int, float, str, bool, or list (of `element`)
     nullable: bool
     default: Any
     meta: dict
+    element: Any = None  # a list's element type
 
     def type_name(self) -> str:
-        name = self.type.__name__
+        name = f"list of {self.element.__name__}" if self.type is list else self.type.__name__
         return f"{name} or null" if self.nullable else name
 
 
@@ -163,6 +211,10 @@ def _leaf_type(tp) -> tuple[Any, bool]:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0], True
     return tp, False
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def schema_keys(cls=Config, prefix: str = "") -> list[Key]:
@@ -174,7 +226,11 @@ def schema_keys(cls=Config, prefix: str = "") -> list[Key]:
             keys += schema_keys(tp, f"{prefix}{f.name}.")
         else:
             leaf, nullable = _leaf_type(tp)
-            keys.append(Key(prefix + f.name, leaf, nullable, f.default, dict(f.metadata)))
+            if typing.get_origin(leaf) is list:
+                keys.append(Key(prefix + f.name, list, nullable, _default(f), dict(f.metadata),
+                                element=typing.get_args(leaf)[0]))
+            else:
+                keys.append(Key(prefix + f.name, leaf, nullable, _default(f), dict(f.metadata)))
     return keys
 
 
@@ -235,6 +291,8 @@ def _coerce(key: Key, value, where: str):
         if key.nullable:
             return None
         raise bad(f"must be a {key.type.__name__}, not null")
+    if key.type is list:
+        return _coerce_list(key, value, bad)
     if key.type is bool:
         if not isinstance(value, bool):
             raise bad("must be true or false")
@@ -257,6 +315,20 @@ def _coerce(key: Key, value, where: str):
             or (m["le"] is not None and value > m["le"]) or (m["lt"] is not None and value >= m["lt"]):
         raise bad(f"is out of range: must be {_allowed_text(m)}")
     return value
+
+
+def _coerce_list(key: Key, value, bad) -> list:
+    """A list of distinct elements of the key's element type, each one of its choices (if any)."""
+    if not isinstance(value, list) or not all(isinstance(v, key.element) and not isinstance(v, bool) for v in value):
+        raise bad(f"must be a list of {key.element.__name__}, e.g. [{', '.join(key.meta['choices'] or ('a', 'b'))}]")
+    unknown = [v for v in value if key.meta["choices"] and v not in key.meta["choices"]]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], key.meta["choices"], n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise bad(f"holds {unknown[0]!r}, which is not allowed: {_allowed_text(key.meta)}{hint}")
+    if len(set(value)) != len(value):
+        raise bad("names an entry twice")
+    return list(value)
 
 
 def _unknown_key(dotted: str, where: str) -> ConfigError:
@@ -440,8 +512,12 @@ def check(cfg: Config, sources: dict[str, str]) -> None:
         at = where("schedule.mode", "schedule.warmup_epochs", "schedule.decay_epochs")
         raise ConfigError(f"{at}: schedule.mode = authors_per_epoch steps the LR once per epoch: schedule.warmup_epochs "
                           f"({s.warmup_epochs:g}) and schedule.decay_epochs ({s.decay_epochs:g}) must be whole numbers")
-    if cfg.optim.nesterov and cfg.optim.momentum == 0:
+    if cfg.optim.name == "sgd" and cfg.optim.nesterov and cfg.optim.momentum == 0:
         raise ConfigError(f"{where('optim.nesterov', 'optim.momentum')}: optim.nesterov needs optim.momentum > 0")
+    b = cfg.batch_transform
+    if b.name == "mixup" and b.mixup_alpha == 0 and b.cutmix_alpha == 0:
+        raise ConfigError(f"{where('batch_transform.name', 'batch_transform.mixup_alpha', 'batch_transform.cutmix_alpha')}: "
+                          "batch_transform.name = mixup needs batch_transform.mixup_alpha or cutmix_alpha > 0")
 
 
 def check_runtime(cfg: Config, world_size: int, cuda: bool, capability: Optional[tuple[int, int]] = None) -> None:
@@ -454,6 +530,10 @@ def check_runtime(cfg: Config, world_size: int, cuda: bool, capability: Optional
         raise ConfigError(f"data.batch_size {cfg.data.batch_size} does not split evenly over {world_size} "
                           f"process(es) x {acc} accumulation step(s); choose a multiple of {world_size * acc}")
     cfg.data.val_batch_per_process(world_size)
+    if cfg.batch_transform.name == "mixup" and (cfg.data.batch_size // world_size) % 2:
+        raise ConfigError(f"batch_transform.name = mixup pairs each image with another of its process's batch: "
+                          f"data.batch_size {cfg.data.batch_size} over {world_size} process(es) gives "
+                          f"{cfg.data.batch_size // world_size} per process; choose an even number per process")
     if cfg.model.sync_bn and world_size > 1 and not cuda:
         raise ConfigError("model.sync_bn needs CUDA GPUs (torch's SyncBatchNorm runs on GPUs only); "
                           "set model.sync_bn: false on the CPU")

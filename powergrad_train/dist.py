@@ -100,8 +100,3 @@ def on_main(compute):
     if error is not None:
         raise error
     return result
-
-
-def barrier() -> None:
-    if torch_dist.is_initialized():
-        torch_dist.barrier()

@@ -1,86 +1,46 @@
-"""The Trainer: wires model, data, loss, optimizer, checkpoints and metrics together.
+"""The Trainer: the training loop over parts that build_run (run.py) assembled.
 
-fit() runs epochs and decides when to log, evaluate, checkpoint and stop; train_step()
-is one optimizer step and nothing else.
+fit() runs epochs and decides when to log, evaluate, checkpoint and stop; train_step() is one
+optimizer step and nothing else. Model and data are built here by build_model_on() and
+build_data(), which training, --dry-run, validate and bench share.
 """
 
 from __future__ import annotations
 
 import contextlib
-import random
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional
 
-import numpy as np
 import torch
 from timm.utils import distribute_bn
-from torch.nn.parallel import DistributedDataParallel
 
-from powergrad_train import __version__, checkpoint, dist
-from powergrad_train.checkpoint import Checkpointer, RngState, TrainState
-from powergrad_train.config import Config, check_schedule, to_dict
+from powergrad_train import checkpoint, dist
+from powergrad_train.batch_transforms import BatchTransform
+from powergrad_train.checkpoint import Checkpointer, TrainState
+from powergrad_train.config import Config, check_schedule
 from powergrad_train.data import Loaders, build_loaders
 from powergrad_train.diagnostics import PooledFeatureWatch, epoch_diagnostics
 from powergrad_train.dist import DistEnv
+from powergrad_train.ema import WeightAverage
 from powergrad_train.errors import CheckpointError, TrainingError
 from powergrad_train.hardware import precision_in_use
-from powergrad_train.metrics import EvalMeter, Output, RunLog, TrainMeter, default_outputs
+from powergrad_train.metrics import EvalMeter, RunLog, TrainMeter
 from powergrad_train.models import build_model
-from powergrad_train.optim import build_grad_clipper, build_optimizer, lr_at_step, set_lr
-from powergrad_train.pgt import power_grad_cross_entropy
+from powergrad_train.objectives import Objective
+from powergrad_train.optim import lr_at_step, set_lr
 from powergrad_train.preemption import Preempted, StopRequest
 from powergrad_train.run_folder import RunFolderLock
-from powergrad_train.step_guard import BufferSnapshot, nonfinite_gradients, zero_momentum_buffers
+from powergrad_train.step_guard import BufferSnapshot, StepSkipper, nonfinite_gradients
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DIVERGENCE_ADVICE = "lower optim.lr, lengthen schedule.warmup_epochs or set grad_clip"
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def autocast_for(amp: str, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=AMP_DTYPES.get(amp), enabled=amp != "off")
-
-
-@torch.no_grad()
-def evaluate_model(model, loader, device, autocast, memory_format=torch.contiguous_format,
-                   stop_requested=lambda: None) -> Optional[dict]:
-    """Top-1/top-5/loss over the whole val split; every image counted once across ranks.
-
-    None when `stop_requested()` answered a signal number after some batch: a preemption's grace
-    period is too short to finish an ImageNet validation.
-    """
-    model.eval()
-    meter = EvalMeter(device)
-    for images, targets in loader:
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        targets = targets.to(device, non_blocking=True)
-        with autocast():
-            logits = model(images)
-        meter.update(logits, targets)
-        if stop_requested():
-            return None
-    return meter.read()
-
-
-class DataPosition:
-    """The train loader's position inside an epoch, as a checkpoint part (None at an epoch's end)."""
-
-    def __init__(self, loader, state: TrainState):
-        self.loader, self.state = loader, state
-
-    def state_dict(self):
-        return self.loader.state() if self.state.batch_in_epoch else None
-
-    def load_state_dict(self, position) -> None:
-        if position is not None:
-            self.loader.restore(position)
 
 
 def memory_format_for(cfg: Config) -> torch.memory_format:
@@ -104,54 +64,66 @@ def build_data(cfg: Config, env: DistEnv, device: torch.device, train: bool = Tr
     return data
 
 
+@torch.no_grad()
+def evaluate_model(model, loader, device, autocast, memory_format=torch.contiguous_format,
+                   stop_requested=lambda: None) -> Optional[dict]:
+    """Top-1/top-5/loss over the whole val split; every image counted once across ranks.
+
+    None when `stop_requested()` answered a signal number after some batch: a preemption's grace
+    period is too short to finish an ImageNet validation.
+    """
+    model.eval()
+    meter = EvalMeter(device)
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        with autocast():
+            logits = model(images)
+        meter.update(logits, targets)
+        if stop_requested():
+            return None
+    return meter.read()
+
+
+@dataclass(eq=False)
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, env: DistEnv, device: torch.device,
-                 resume_from: Optional[Path] = None, resume_force: bool = False, outputs: Sequence[Output] = ()):
-        """outputs: where the run's numbers go besides the console, progress bar, summary.csv and
-        TensorBoard (rank 0 only)."""
-        self.cfg, self.run_dir, self.env, self.device = cfg, Path(run_dir), env, device
-        seed_everything(cfg.seed)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # shapes are fixed: let cuDNN pick its fastest kernels
-            # One rule for float32 convolutions and matmuls (torch's defaults differ for the two).
-            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
-        self.memory_format = memory_format_for(cfg)
+    """The loop, handed every part it uses (run.build_run assembles them from a config)."""
 
-        # Training, --dry-run, validate and bench all build model and data with these two functions.
-        self.model = build_model_on(cfg, env, device)
-        self.data = build_data(cfg, env, device)
-        self.train_loader, self.val_loader, self.classes = self.data.train, self.data.val, self.data.classes
-        self.steps_per_epoch = self.train_loader.batches_per_epoch
-        self.optimizer = build_optimizer(cfg.optim, self.model)
-        zero_momentum_buffers(self.optimizer)
-        self.clip_gradients = build_grad_clipper(cfg.grad_clip, self.model)
-        self.buffers = BufferSnapshot(self.model)
-        self.feature_watch = PooledFeatureWatch(self.model)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-        self.autocast = autocast_for(cfg.amp, device)
-        # DDP broadcasts rank 0's initial weights; evaluation uses the unwrapped self.model.
-        self.train_model = DistributedDataParallel(
-            self.model, device_ids=[device.index] if device.type == "cuda" else None,
-        ) if env.distributed else self.model
-        self.forward_loss = torch.compile(self._forward_loss) if cfg.model.compile else self._forward_loss
+    cfg: Config
+    run_dir: Path
+    env: DistEnv
+    device: torch.device
+    model: torch.nn.Module  # the unwrapped model: evaluation, checkpoints, diagnostics
+    train_model: torch.nn.Module  # what the training step calls: the model, DDP-wrapped when distributed
+    data: Loaders
+    objective: Objective
+    batch_transform: BatchTransform
+    optimizer: torch.optim.Optimizer
+    skipper: StepSkipper  # how the optimizer leaves out a step whose gradients are not finite
+    clip_gradients: Callable[[], None]
+    scaler: torch.amp.GradScaler
+    ema: Optional[WeightAverage]
+    buffers: BufferSnapshot
+    feature_watch: PooledFeatureWatch
+    state: TrainState
+    meter: TrainMeter
+    checkpointer: Checkpointer
+    log: RunLog
+    folder_lock: Optional[RunFolderLock] = None
+    init_note: Optional[str] = None  # where the initial weights came from (model.init_from)
 
-        self.state = TrainState()
-        self.meter = TrainMeter(device, env.is_main)
-        self.checkpointer = Checkpointer(
-            self.run_dir, cfg.checkpoint.keep_last,
-            parts={"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler,
-                   "train_meter": self.meter, "train_state": self.state},
-            per_rank={"rng": RngState(), "data": DataPosition(self.train_loader, self.state)},
-            meta={"version": __version__, "config": to_dict(cfg), "classes": list(self.classes),
-                  "steps_per_epoch": self.steps_per_epoch, "world_size": env.world_size})
-        if resume_from is not None:
-            self.load_checkpoint(resume_from, resume_force)
-        # Only now, with every check passed, is the run folder created, locked and changed.
-        self.folder_lock = RunFolderLock(self.run_dir) if env.is_main else None
-        if env.is_main:
-            self.checkpointer.remove_partial_files()
-        self.log = RunLog(default_outputs(self.run_dir, self.state.epoch, self.state.step) + list(outputs)
-                          if env.is_main else [])
+    def __post_init__(self):
+        self.autocast = autocast_for(self.cfg.amp, self.device)
+        self.memory_format = memory_format_for(self.cfg)
+        self.forward_loss = torch.compile(self._forward_loss) if self.cfg.model.compile else self._forward_loss
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.data.train.batches_per_epoch
+
+    def lr(self) -> float:
+        """The schedule's LR at the current step (groups may scale it: optim.set_lr)."""
+        return lr_at_step(self.cfg.schedule, self.cfg.optim.lr, self.state.step, self.steps_per_epoch)
 
     # ------------------------------------------------------------------ the training step
 
@@ -160,15 +132,17 @@ class Trainer:
                 targets.to(self.device, non_blocking=True))
 
     def _forward_loss(self, images: torch.Tensor, targets: torch.Tensor):
-        """Logits under autocast, and the loss stage: PGT and label smoothing (pgt.py)."""
+        """Logits under autocast, and the objective (cross-entropy with PGT: pgt.py)."""
         with self.autocast():
             logits = self.train_model(images)
-        return logits, power_grad_cross_entropy(logits, targets, self.cfg.loss.pgt_alpha, self.cfg.loss.label_smoothing)
+        return logits, self.objective(logits, targets)
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> None:
-        """One optimizer step over this process's share of one global batch. No host sync."""
-        set_lr(self.optimizer, lr_at_step(self.cfg.schedule, self.cfg.optim.lr, self.state.step, self.steps_per_epoch))
+        """One optimizer step over this process's share of one global batch. No host sync (unless the
+        optimizer can only skip a bad step on the host: step_guard.py)."""
+        set_lr(self.optimizer, self.lr())
         self.buffers.take()  # the forward updates batch-norm statistics; a skipped step puts them back
+        images, targets = self.batch_transform(images, targets)
         accumulate = self.cfg.train.accumulate_steps
         micro_batches = list(zip(images.chunk(accumulate), targets.chunk(accumulate)))
         loss_sum = 0.0
@@ -184,16 +158,15 @@ class Trainer:
             loss_sum = loss_sum + loss.detach()
         # Decide before the gradient stage: clipping by value would make an inf gradient finite.
         # A bad loss on any rank reaches every rank's gradients through the all-reduce, so all
-        # ranks skip alike. Under fp16 this is also the GradScaler's own overflow test.
+        # ranks skip alike. Under fp16 the GradScaler's unscale_ below makes the same decision.
         skipped = nonfinite_gradients(self.model.parameters())
         self.scaler.unscale_(self.optimizer)  # clip true gradients, not scaled ones
         self.clip_gradients()
-        if not self.scaler.is_enabled():
-            self.optimizer.found_inf = skipped  # fused SGD skips the update on the device, no host sync
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.skipper.step(self.optimizer, self.scaler, skipped)  # optimizer and scaler step, or neither
         self.optimizer.zero_grad(set_to_none=True)
         self.buffers.restore_if(skipped)
+        if self.ema is not None:
+            self.ema.update(self.model, skipped)
         self.meter.count_step(skipped, ~torch.isfinite(loss_sum))
         self.state.step += 1
 
@@ -221,10 +194,11 @@ class Trainer:
                 log.epoch_end({
                     "epoch": s.epoch, "step": s.step, "train_loss": train["loss"], "train_top1": train["top1"],
                     "eval_loss": val["loss"], "eval_top1": val["top1"], "eval_top5": val["top5"],
-                    "lr": self.optimizer.param_groups[0]["lr"], "images_per_sec": train["images"] / s.epoch_elapsed,
-                    "epoch_time_s": s.epoch_elapsed, "logit_norm": train["logit_norm"],
-                    "eval_logit_norm": val["logit_norm"], "zeroed_filters": sum(zeroed.values()),
-                    "dead_features": self.dead_features,
+                    "lr": lr_at_step(cfg.schedule, cfg.optim.lr, s.step - 1, self.steps_per_epoch),
+                    "images_per_sec": train["images"] / s.epoch_elapsed, "epoch_time_s": s.epoch_elapsed,
+                    "logit_norm": train["logit_norm"], "eval_logit_norm": val["logit_norm"],
+                    "zeroed_filters": sum(zeroed.values()), "dead_features": val["dead_features"],
+                    "eval_ema_top1": val.get("ema_top1"),
                 })
                 log.scalars("zeroed_filters", s.step, zeroed)
                 self.save_checkpoint(val_top1=val["top1"])
@@ -268,8 +242,8 @@ class Trainer:
 
     def device_batches(self, epoch: int, start_batch: int = 0):
         """This process's training batches of `epoch` from `start_batch` on, on the device."""
-        self.train_loader.set_epoch(epoch, start_batch)
-        return (self.to_device(*batch) for batch in self.train_loader)
+        self.data.train.set_epoch(epoch, start_batch)
+        return (self.to_device(*batch) for batch in self.data.train)
 
     def _log_progress(self) -> None:
         s, values = self.state, self.meter.read()
@@ -278,7 +252,8 @@ class Trainer:
         self.log.progress({
             "step": s.step, "epoch": s.epoch + 1, "epochs": self.cfg.schedule.epochs, "batch": s.batch_in_epoch,
             "batches": self.steps_per_epoch, "loss": values["loss"], "top1": values["top1"],
-            "lr": self.optimizer.param_groups[0]["lr"], "images_per_sec": values["images"] / max(s.epoch_elapsed, 1e-9),
+            "lr": lr_at_step(self.cfg.schedule, self.cfg.optim.lr, s.step - 1, self.steps_per_epoch),
+            "images_per_sec": values["images"] / max(s.epoch_elapsed, 1e-9),
             "eta_epoch_s": per_step * (self.steps_per_epoch - s.batch_in_epoch),
             "eta_run_s": per_step * (self.cfg.schedule.epochs * self.steps_per_epoch - s.step),
         })
@@ -295,15 +270,27 @@ class Trainer:
                 f"{checkpoint.describe(self.checkpointer.last)}; {DIVERGENCE_ADVICE}")
 
     def evaluate(self, stop_requested=lambda: None) -> Optional[dict]:
-        """The val metrics; also leaves `dead_features`: pooled-feature channels zero on every val image."""
+        """The val metrics, with `dead_features` (pooled-feature channels zero on every val image) and,
+        with an EMA of the weights, `ema_top1`; None when a stop was requested during it."""
+        models = [self.model] + ([self.ema.module] if self.ema is not None else [])
         if self.env.distributed:
             # Each rank's running statistics saw only its own batches: average them, so every rank
             # evaluates, and rank 0 saves, the same model.
-            distribute_bn(self.model, self.env.world_size, reduce=True)
+            for model in models:
+                distribute_bn(model, self.env.world_size, reduce=True)
         self.feature_watch.start()
-        values = evaluate_model(self.model, self.val_loader, self.device, self.autocast, self.memory_format,
+        values = evaluate_model(self.model, self.data.val, self.device, self.autocast, self.memory_format,
                                 stop_requested)
-        self.dead_features = self.feature_watch.dead_channels()
+        dead = self.feature_watch.dead_channels()
+        if values is None:
+            return None
+        values["dead_features"] = dead
+        if self.ema is not None:
+            averaged = evaluate_model(self.ema.module, self.data.val, self.device, self.autocast, self.memory_format,
+                                      stop_requested)
+            if averaged is None:
+                return None
+            values["ema_top1"] = averaged["top1"]
         return values
 
     # ------------------------------------------------------------------ checkpoints
@@ -312,17 +299,17 @@ class Trainer:
         """Save the state (every rank takes part) and return the file written.
 
         A state whose steps since the last checkpoint had non-finite losses goes to nonfinite.pt,
-        never to last.pt or best.pt; a state with a non-finite tensor is not saved at all.
+        never to last.pt or best.pt; a state with a non-finite tensor in any part is not saved at all.
         """
         s, ckpt = self.state, self.checkpointer
-        bad_losses = self.meter.bad_losses_since_checkpoint()
+        bad_losses = self.meter.bad_losses_on_any_rank()
+        self.meter.clear_bad_losses()  # the next save counts from here
         is_best = not bad_losses and val_top1 is not None and val_top1 > s.best_top1
         if is_best:
             s.best_top1, s.best_epoch = val_top1, s.epoch
         self.log.flush()  # every event up to this checkpoint is on disk before it
         state = ckpt.state_dict(dist.all_gather_objects)
-        broken = dist.broadcast_object(checkpoint.nonfinite_tensors(
-            {k: state[k] for k in ("model", "optimizer", "scaler")}) if self.env.is_main else None)
+        broken = dist.broadcast_object(ckpt.nonfinite_parts(state) if self.env.is_main else None)
         if broken:
             raise TrainingError(f"{broken[0]} is not finite at step {s.step}: not saving a checkpoint. Last good "
                                 f"checkpoint: {checkpoint.describe(ckpt.last)}; {DIVERGENCE_ADVICE}")
@@ -332,8 +319,8 @@ class Trainer:
                 if bad_losses:
                     ckpt.write_nonfinite(state)
                     self.log.message(f"warning: {bad_losses} step(s) since the last checkpoint had non-finite losses "
-                                  f"(skipped); this state went to {path}, not last.pt, which stays at "
-                                  f"{checkpoint.describe(ckpt.last)}")
+                                     f"(skipped); this state went to {path}, not last.pt, which stays at "
+                                     f"{checkpoint.describe(ckpt.last)}")
                 else:
                     ckpt.write(state, s.epoch, is_best, numbered=s.batch_in_epoch == 0 and not s.eval_pending)
             except CheckpointError as e:  # a full disk, a quota, a vanished mount
@@ -343,12 +330,6 @@ class Trainer:
             raise CheckpointError(failure)
         return path
 
-    def load_checkpoint(self, path: Path, force: bool = False) -> None:
-        state = checkpoint.load(path)
-        checkpoint.check_compatible(state, path, self.cfg, classes=self.classes, steps_per_epoch=self.steps_per_epoch,
-                                    world_size=self.env.world_size, force=force)
-        self.checkpointer.restore(state, path, self.env.rank, self.env.world_size)
-
     def announce(self, resumed_from: Optional[Path]) -> None:
         """The start-up block: what is being trained, on what, where, and from where."""
         cfg, env, s = self.cfg, self.env, self.state
@@ -357,11 +338,11 @@ class Trainer:
         device = torch.cuda.get_device_name(self.device) if on_gpu else f"cpu ({torch.get_num_threads()} threads per process)"
         capability = tuple(torch.cuda.get_device_capability(self.device)) if on_gpu else None
         start = (f"resumed from {resumed_from} at epoch {s.epoch}, step {s.step}" if resumed_from
-                 else "fresh start")
+                 else f"fresh start from {self.init_note}" if self.init_note else "fresh start")
         lines = [
             f"model: {cfg.model.name}, {params:,} parameters, {cfg.model.num_classes} classes",
-            f"data: {cfg.data.root} ({cfg.data.backend}), {len(self.classes)} classes, "
-            f"{self.train_loader.num_samples} train / {self.val_loader.num_samples} val images, "
+            f"data: {cfg.data.root} ({cfg.data.backend}), {len(self.data.classes)} classes, "
+            f"{self.data.train.num_samples} train / {self.data.val.num_samples} val images, "
             f"{self.steps_per_epoch} steps per epoch, batch {cfg.data.batch_size} global = "
             f"{cfg.data.batch_size // env.world_size} per process",
             f"device: {device}; {env.world_size} process(es); precision: {precision_in_use(cfg.amp, cfg.tf32, capability)}",
@@ -374,6 +355,7 @@ class Trainer:
             self.log.message(warning)
 
     def close(self) -> None:
+        self.feature_watch.close()
         self.data.close()
         self.log.close()
         if self.folder_lock:

@@ -1,12 +1,15 @@
-"""Metrics: device-side accumulators, and the rank-0 outputs (progress bar, console lines,
-summary.csv, TensorBoard) behind one small interface, `Output`."""
+"""Metrics: device-side accumulators, and the rank-0 outputs (console, summary.csv, TensorBoard,
+JSON lines) behind one small interface, `Output`, chosen by `log.outputs` (registry.OUTPUTS)."""
 
 from __future__ import annotations
 
 import csv
+import json
+import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -16,26 +19,26 @@ from powergrad_train import dist
 
 SUMMARY_COLUMNS = ("epoch", "step", "train_loss", "train_top1", "eval_loss", "eval_top1", "eval_top5", "lr",
                    "images_per_sec", "epoch_time_s", "logit_norm", "eval_logit_norm", "zeroed_filters",
-                   "dead_features")
+                   "dead_features", "eval_ema_top1")
 
 
 class TrainMeter:
-    """Running sums of the epoch and counters of non-finite steps, kept on the device so the
-    training step never waits for the host; read (and reduced over ranks) at log time.
+    """Running sums of the epoch and counters of skipped steps, kept on the device so the training
+    step never waits for the host; read (and reduced over ranks) at log time.
 
-    Its state for a checkpoint is the epoch's sums already reduced over ranks: restored on
-    rank 0 only, so they are counted once.
+    A step whose loss was not finite adds to the image count (throughput) but not to the loss,
+    top-1 and logit-norm sums, which therefore stay finite. Targets may be class probabilities
+    (mixup): a hit is then the target's most probable class. Each rank checkpoints its own sums.
     """
 
-    SUMS = ("loss", "correct", "images", "logit_norm")
-    LOSS, CORRECT, IMAGES, LOGIT_NORM = range(len(SUMS))
+    SUMS = ("loss", "correct", "images", "logit_norm", "scored")
+    LOSS, CORRECT, IMAGES, LOGIT_NORM, SCORED = range(len(SUMS))
 
-    def __init__(self, device: torch.device, is_main: bool):
-        self.is_main = is_main
+    def __init__(self, device: torch.device):
         self.sums = torch.zeros(len(self.SUMS), dtype=torch.float64, device=device)
         self.skip_streak = torch.zeros(1, dtype=torch.float64, device=device)  # skipped steps in a row, now
         self.longest_skip_streak = torch.zeros(1, dtype=torch.float64, device=device)
-        self.bad_losses = torch.zeros(1, dtype=torch.float64, device=device)  # since the last checkpoint
+        self.bad_losses = torch.zeros(1, dtype=torch.float64, device=device)  # since clear_bad_losses()
 
     def reset(self) -> None:
         self.sums.zero_()
@@ -44,11 +47,16 @@ class TrainMeter:
     def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         # In-place adds of device values and Python numbers: no host-to-device copy, so no sync.
         logits = logits.detach().float()
+        labels = targets.argmax(1) if targets.is_floating_point() else targets
         n = targets.shape[0]
-        self.sums[self.LOSS] += loss.detach() * n
-        self.sums[self.CORRECT] += (logits.argmax(1) == targets).sum()
+        loss, norms = loss.detach(), logits.norm(dim=1).sum()
+        finite = torch.isfinite(loss) & torch.isfinite(norms)
+        zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
+        self.sums[self.LOSS] += torch.where(finite, loss, zero) * n
+        self.sums[self.CORRECT] += (logits.argmax(1) == labels).sum() * finite
         self.sums[self.IMAGES] += n
-        self.sums[self.LOGIT_NORM] += logits.norm(dim=1).sum()
+        self.sums[self.LOGIT_NORM] += torch.where(finite, norms, zero)
+        self.sums[self.SCORED] += finite * n
 
     @torch.no_grad()
     def count_step(self, skipped: torch.Tensor, bad_loss: torch.Tensor) -> None:
@@ -57,28 +65,29 @@ class TrainMeter:
         torch.maximum(self.longest_skip_streak, self.skip_streak, out=self.longest_skip_streak)
         self.bad_losses += bad_loss
 
-    def bad_losses_since_checkpoint(self) -> int:
-        """Steps with a non-finite loss on any rank since the last call (which resets the count)."""
-        count = dist.all_reduce_sum(self.bad_losses.clone()).item()
+    def bad_losses_on_any_rank(self) -> int:
+        """Steps with a non-finite loss on any rank since clear_bad_losses() (a collective)."""
+        return int(dist.all_reduce_sum(self.bad_losses.clone()).item())
+
+    def clear_bad_losses(self) -> None:
         self.bad_losses.zero_()
-        return int(count)
 
-    def reduced_sums(self) -> torch.Tensor:
-        return dist.all_reduce_sum(self.sums.clone()).cpu()
+    def state_dict(self) -> dict:
+        """This rank's sums and streaks, on the host."""
+        return {"sums": self.sums.cpu(), "skip_streak": self.skip_streak.cpu(),
+                "longest_skip_streak": self.longest_skip_streak.cpu(), "bad_losses": self.bad_losses.cpu()}
 
-    def state_dict(self) -> torch.Tensor:
-        return self.reduced_sums()
-
-    def load_state_dict(self, sums: torch.Tensor) -> None:
-        if self.is_main:
-            self.sums.copy_(sums)
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            getattr(self, name).copy_(value)
 
     def read(self) -> dict:
-        values = dict(zip(self.SUMS, self.reduced_sums().tolist()))
+        """The epoch so far over all ranks (a collective: every rank calls it)."""
+        values = dict(zip(self.SUMS, dist.all_reduce_sum(self.sums.clone()).cpu().tolist()))
         streak = dist.all_reduce_max(self.longest_skip_streak.clone()).item()
-        count = max(values["images"], 1.0)
-        return {"loss": values["loss"] / count, "top1": 100 * values["correct"] / count, "images": values["images"],
-                "logit_norm": values["logit_norm"] / count, "longest_skip_streak": streak}
+        scored = values["scored"] or math.nan  # no finite step yet: the means are undefined
+        return {"loss": values["loss"] / scored, "top1": 100 * values["correct"] / scored, "images": values["images"],
+                "logit_norm": values["logit_norm"] / scored, "longest_skip_streak": streak}
 
 
 class EvalMeter:
@@ -106,16 +115,31 @@ class EvalMeter:
                 "images": count, "logit_norm": sums["logit_norm"] / count}
 
 
+@dataclass(frozen=True)
+class RunInfo:
+    """What an output is told when the run starts: enough for an external tracker to resume its run."""
+
+    run_dir: Path
+    config: dict  # the resolved config, as config.yaml holds it
+    start_epoch: int  # epochs already done
+    start_step: int  # optimizer steps already done (0 for a fresh start)
+    resumed_from: Path | None
+
+
 class Output:
     """One place a run's numbers go, on rank 0. Every method does nothing unless overridden, so an
-    output (a JSON-lines log, an experiment tracker) implements only what it needs and is handed
-    to the Trainer in its `outputs` list.
+    output (an experiment tracker, say) implements only what it needs. It is registered in
+    registry.OUTPUTS for `log.outputs`, or handed to build_run in its `outputs` list.
 
-    Per epoch: epoch_start, then step() after every optimizer step and progress(values) every
-    train.log_every_steps, epoch_stop; then epoch_end(row) after evaluation, with the summary.csv
-    columns. scalars() carries other series (zeroed filters per layer), message() start-up lines
-    and warnings; flush() comes before every checkpoint, close() at the end.
+    start(info) comes first, once. Per epoch: epoch_start, then step() after every optimizer step
+    and progress(values) every train.log_every_steps, epoch_stop; then epoch_end(row) after
+    evaluation, with the summary.csv columns. scalars() carries other series (zeroed filters per
+    layer), message() start-up lines and warnings; flush() comes before every checkpoint, close()
+    at the end.
     """
+
+    def start(self, info: RunInfo) -> None:
+        """The run begins (or resumes at info.start_step)."""
 
     def epoch_start(self, epoch: int, epochs: int, batches: int, batch: int) -> None:
         """Training of `epoch` (counted from 1) of `epochs` begins (or resumes) at `batch` of `batches`."""
@@ -145,63 +169,55 @@ class Output:
         pass
 
 
-class ProgressBar(Output):
-    """A tqdm bar per epoch, on a terminal."""
+class Console(Output):
+    """The terminal: messages and each epoch's summary line; during an epoch a tqdm bar on a
+    terminal, and elsewhere (SLURM, nohup, a pipe) a compact line every train.log_every_steps."""
 
     def __init__(self):
+        self.terminal = sys.stderr.isatty()
         self.bar = None
 
     def epoch_start(self, epoch: int, epochs: int, batches: int, batch: int) -> None:
-        from tqdm import tqdm
-        self.bar = tqdm(total=batches, initial=batch, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False,
-                        dynamic_ncols=True)
+        if self.terminal:
+            from tqdm import tqdm
+            self.bar = tqdm(total=batches, initial=batch, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False,
+                            dynamic_ncols=True)
 
     def step(self) -> None:
-        self.bar.update()
-
-    def progress(self, values: dict) -> None:
-        self.bar.set_postfix(loss=f"{values['loss']:.4f}", top1=f"{values['top1']:.1f}", lr=f"{values['lr']:.4g}")
-
-    def epoch_stop(self) -> None:
-        self.bar.close()
-
-
-class Console(Output):
-    """Lines on stdout: messages, each epoch's summary, and (off a terminal, e.g. under SLURM or
-    nohup, where no bar is drawn) a compact progress line every train.log_every_steps."""
-
-    def __init__(self, progress_lines: bool):
-        self.progress_lines = progress_lines
+        if self.bar is not None:
+            self.bar.update()
 
     def progress(self, p: dict) -> None:
-        if self.progress_lines:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{p['loss']:.4f}", top1=f"{p['top1']:.1f}", lr=f"{p['lr']:.4g}")
+        else:
             print(f"epoch {p['epoch']}/{p['epochs']} step {p['batch']}/{p['batches']} | loss {p['loss']:.4f} "
                   f"top1 {p['top1']:.2f} | lr {p['lr']:.4g} | {p['images_per_sec']:.0f} img/s | "
                   f"ETA epoch {_duration(p['eta_epoch_s'])}, run {_duration(p['eta_run_s'])}", flush=True)
 
+    def epoch_stop(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
     def epoch_end(self, row: dict) -> None:
+        ema = f" (ema {row['eval_ema_top1']:.2f})" if row.get("eval_ema_top1") is not None else ""
         print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f} | "
-              f"val loss {row['eval_loss']:.4f} top1 {row['eval_top1']:.2f} top5 {row['eval_top5']:.2f} | "
+              f"val loss {row['eval_loss']:.4f} top1 {row['eval_top1']:.2f}{ema} top5 {row['eval_top5']:.2f} | "
               f"lr {row['lr']:.4g} | {row['images_per_sec']:.0f} img/s | {row['epoch_time_s']:.1f}s", flush=True)
 
     def message(self, text: str) -> None:
         print(text, flush=True)
 
 
-class SummaryCsv(Output):
-    """summary.csv: one row per epoch. On resume, rows of epochs after the checkpoint are dropped."""
+SUMMARY_CSV = "summary.csv"
 
-    def __init__(self, run_dir: Path, start_epoch: int):
-        self.path = Path(run_dir) / "summary.csv"
-        if self.path.exists():
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("epoch", "").isdigit() and int(r["epoch"]) <= start_epoch]
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, SUMMARY_COLUMNS, extrasaction="ignore")
-                w.writeheader()
-                w.writerows(rows)
-            os.replace(tmp, self.path)  # a kill now leaves the old file or the new one
+
+class SummaryCsv(Output):
+    """summary.csv: one row per epoch (build_run first trims rows after the checkpoint it resumes)."""
+
+    def start(self, info: RunInfo) -> None:
+        self.path = info.run_dir / SUMMARY_CSV
 
     def epoch_end(self, row: dict) -> None:
         new = not self.path.exists()
@@ -212,26 +228,74 @@ class SummaryCsv(Output):
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
+def trim_summary_csv(run_dir: Path, start_epoch: int) -> None:
+    """Drop the summary rows of epochs after `start_epoch`: a resumed run writes them again."""
+    path = Path(run_dir) / SUMMARY_CSV
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("epoch", "").isdigit() and int(r["epoch"]) <= start_epoch]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, SUMMARY_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)  # a kill now leaves the old file or the new one
+
+
+JSONL = "log.jsonl"
+
+
+class JsonLines(Output):
+    """log.jsonl: one JSON object per line: a start record, progress every log interval, each epoch's
+    row, messages. build_run first drops the records written after the checkpoint it resumes."""
+
+    def start(self, info: RunInfo) -> None:
+        self.path, self.last_step = info.run_dir / JSONL, info.start_step
+        self._write({"kind": "start", "step": info.start_step, "epoch": info.start_epoch,
+                     "resumed_from": str(info.resumed_from) if info.resumed_from else None})
+
+    def _write(self, record: dict) -> None:
+        self.last_step = record["step"]
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, allow_nan=True) + "\n")
+
+    def progress(self, values: dict) -> None:
+        self._write({"kind": "progress", **values})
+
+    def epoch_end(self, row: dict) -> None:
+        self._write({"kind": "epoch", **row})
+
+    def message(self, text: str) -> None:
+        self._write({"kind": "message", "step": self.last_step, "text": text})
+
+
+def trim_jsonl(run_dir: Path, start_step: int) -> None:
+    """Drop the log.jsonl records of steps after `start_step`: a resumed run writes them again."""
+    path = Path(run_dir) / JSONL
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line)["step"] <= start_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 class TensorBoard(Output):
     """Event files in the run folder: train/* every log interval, epoch/* per epoch, other groups."""
 
-    def __init__(self, run_dir: Path, start_step: int):
+    def start(self, info: RunInfo) -> None:
         from torch.utils.tensorboard import SummaryWriter
-        earlier = list(Path(run_dir).glob("events.out.tfevents.*"))
-        if not start_step:  # a fresh start: events of an earlier try that left no checkpoint are stale
-            for stale in earlier:
-                stale.unlink()
-        else:
-            _wait_for_a_later_second(earlier)
         # Events up to a checkpoint's step are written before it; purge_step drops those a killed
         # run wrote after its last checkpoint.
-        self.writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if start_step else None)
+        self.writer = SummaryWriter(str(info.run_dir), purge_step=info.start_step + 1 if info.start_step else None)
 
     def progress(self, values: dict) -> None:
         self.scalars("train", values["step"], {k: values[k] for k in ("loss", "top1", "lr")})
 
     def epoch_end(self, row: dict) -> None:
-        self.scalars("epoch", row["step"], {k: v for k, v in row.items() if k not in ("epoch", "step")})
+        self.scalars("epoch", row["step"], {k: v for k, v in row.items() if k not in ("epoch", "step") and v is not None})
         self.writer.flush()
 
     def scalars(self, group: str, step: int, values: dict) -> None:
@@ -245,10 +309,21 @@ class TensorBoard(Output):
         self.writer.close()
 
 
-def default_outputs(run_dir: Path, start_epoch: int, start_step: int) -> list[Output]:
-    terminal = sys.stderr.isatty()
-    return ([ProgressBar()] if terminal else []) + [Console(progress_lines=not terminal),
-                                                    SummaryCsv(run_dir, start_epoch), TensorBoard(run_dir, start_step)]
+def prepare_tensorboard_folder(run_dir: Path, start_step: int) -> None:
+    """Before a TensorBoard writer opens: a fresh start drops the event files of an earlier try that
+    left no checkpoint; a resume makes sure the new file sorts after the existing ones."""
+    earlier = list(Path(run_dir).glob("events.out.tfevents.*"))
+    if not start_step:
+        for stale in earlier:
+            stale.unlink()
+    else:
+        _wait_for_a_later_second(earlier)
+
+
+def build_outputs(names: Sequence[str]) -> list[Output]:
+    """The outputs log.outputs names, in its order."""
+    from powergrad_train import registry
+    return [registry.load(registry.OUTPUTS, name)() for name in names]
 
 
 class RunLog(Output):
@@ -260,6 +335,9 @@ class RunLog(Output):
     def _each(self, method: str, *args) -> None:
         for output in self.outputs:
             getattr(output, method)(*args)
+
+    def start(self, info: RunInfo) -> None:
+        self._each("start", info)
 
     def epoch_start(self, epoch: int, epochs: int, batches: int, batch: int) -> None:
         self._each("epoch_start", epoch, epochs, batches, batch)

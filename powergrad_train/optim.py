@@ -1,9 +1,10 @@
-"""Optimizer, the LR as a pure function of the global step, and the gradient stage (GC / AGC)."""
+"""Optimizers (chosen by `optim.name`, registry.OPTIMIZERS), the LR as a pure function of the
+global step, and the gradient stage (GC / AGC)."""
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from timm.optim import param_groups_weight_decay
@@ -11,16 +12,41 @@ from timm.utils import dispatch_clip_grad
 
 from powergrad_train.config import GradClipConfig, OptimConfig, ScheduleConfig
 from powergrad_train.models import classifier_parameters
+from powergrad_train.step_guard import SKIP_ON_DEVICE, SKIP_ON_HOST, StepSkipper, zero_momentum_buffers
 
 
-def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.SGD:
-    """SGD (Nesterov by default); biases and norm parameters (all 1-d tensors) get no weight decay.
+class OptimizerBuilder(Protocol):
+    def __call__(self, cfg: OptimConfig, groups: list[dict]) -> tuple[torch.optim.Optimizer, StepSkipper]:
+        """The optimizer over these parameter groups, and how it skips a step whose gradients are bad."""
 
-    The fused implementation is several times faster than foreach on the CPU, and it can skip
-    a step on the device (found_inf) without a host sync.
-    """
+
+def sgd(cfg: OptimConfig, groups: list[dict]) -> tuple[torch.optim.Optimizer, StepSkipper]:
+    """torch's fused SGD (Nesterov by default): several times faster than foreach on the CPU, and it
+    skips a step on the device. Its momentum buffers exist as zeros from the start, so a skipped
+    first step leaves no garbage in them."""
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
+    zero_momentum_buffers(optimizer)
+    return optimizer, SKIP_ON_DEVICE
+
+
+def adamw(cfg: OptimConfig, groups: list[dict]) -> tuple[torch.optim.Optimizer, StepSkipper]:
+    """torch's fused AdamW, which skips a step on the device (its state is created by then)."""
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+    return optimizer, SKIP_ON_DEVICE
+
+
+def lamb(cfg: OptimConfig, groups: list[dict]) -> tuple[torch.optim.Optimizer, StepSkipper]:
+    """timm's LAMB, for large batches; it cannot skip on the device, so the check is read on the host."""
+    from timm.optim import Lamb
+    optimizer = Lamb(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return optimizer, SKIP_ON_HOST
+
+
+def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, StepSkipper]:
+    """optim.name's optimizer; biases and norm parameters (all 1-d tensors) get no weight decay."""
+    from powergrad_train import registry
     groups = param_groups_weight_decay(model, cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
+    return registry.load(registry.OPTIMIZERS, cfg.name)(cfg, groups)
 
 
 def lr_at_step(cfg: ScheduleConfig, base_lr: float, step: int, steps_per_epoch: int) -> float:
@@ -71,8 +97,10 @@ def lr_at_epoch_like_authors(cfg: ScheduleConfig, base_lr: float, t: int) -> flo
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's LR in every group, times the group's `lr_scale` where it has one (timm's
+    layer-wise LR decay gives each group its own)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def build_grad_clipper(cfg: GradClipConfig, model: torch.nn.Module) -> Callable[[], None]:

@@ -1,16 +1,16 @@
-"""Skipping a bad optimizer step completely, on the device, without a host sync.
+"""Skipping a bad optimizer step completely, on the device where the optimizer allows it.
 
 A step is bad when any gradient is non-finite (a NaN/inf loss on any rank reaches every
 rank through DDP's all-reduce, so all ranks decide alike). Skipping it must leave no
-trace: the optimizer does not update (fused SGD reads `found_inf`), the momentum buffers
-exist before the first step (fused SGD would otherwise start from uninitialised memory
-when that step is skipped), and the module buffers the forward pass already changed
-(batch-norm running statistics, num_batches_tracked) are put back.
+trace: the optimizer does not update (each optimizer comes with a StepSkipper saying how),
+SGD's momentum buffers exist before the first step (fused SGD would otherwise start from
+uninitialised memory when that step is skipped), and the module buffers the forward pass
+already changed (batch-norm running statistics, num_batches_tracked) are put back.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Protocol
 
 import torch
 
@@ -29,6 +29,38 @@ def nonfinite_gradients(parameters: Iterable[torch.nn.Parameter]) -> torch.Tenso
         found = found if found is not None else torch.zeros(1, device=device)
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=device))
     return found if found is not None else torch.zeros(1)
+
+
+class StepSkipper(Protocol):
+    def step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, skipped: torch.Tensor) -> None:
+        """optimizer.step() and scaler.update(), the update left out where `skipped` (a device flag) is set."""
+
+
+class _SkipOnDevice:
+    """For torch's fused SGD, Adam and AdamW: their kernels leave parameters and state untouched when
+    the optimizer's `found_inf` tensor is 1, the attribute the GradScaler itself sets for them
+    (tests/test_optim.py checks that every registered optimizer still honours it). No host sync."""
+
+    def step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, skipped: torch.Tensor) -> None:
+        if not scaler.is_enabled():  # under fp16 the GradScaler sets found_inf from its own check
+            optimizer.found_inf = skipped.reshape(())
+        scaler.step(optimizer)
+        scaler.update()
+
+
+class _SkipOnHost:
+    """For any other optimizer: the flag is read on the host, one sync per step (the GradScaler does
+    the same under fp16 for optimizers that cannot skip on the device)."""
+
+    def step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, skipped: torch.Tensor) -> None:
+        if scaler.is_enabled():
+            scaler.step(optimizer)
+        elif not skipped.item():
+            optimizer.step()
+        scaler.update()
+
+
+SKIP_ON_DEVICE, SKIP_ON_HOST = _SkipOnDevice(), _SkipOnHost()
 
 
 def zero_momentum_buffers(optimizer: torch.optim.SGD) -> None:

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from powergrad_train.bench import batches_forever, synchronize, thread_count
 from powergrad_train.config import build_config
 from powergrad_train.dist import DistEnv
-from powergrad_train.engine import AMP_DTYPES, Trainer
+from powergrad_train.engine import AMP_DTYPES
+from powergrad_train.run import build_run
 
 
 def bare_loop(args, device, images, targets):
@@ -62,7 +63,7 @@ def trainer_loop(args, device, run_dir):
                       f"data.workers={args.workers}"]
     else:
         overrides += ["data.backend=torchvision", f"data.workers={args.workers}"]
-    trainer = Trainer(build_config("smoke.yaml", overrides), run_dir, DistEnv(), device)
+    trainer = build_run(build_config("smoke.yaml", overrides), run_dir, DistEnv(), device)
     trainer.model.train()
     batches = batches_forever(trainer)
     return trainer, lambda: trainer.train_step(*next(batches))
@@ -97,7 +98,7 @@ def main():
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer, trainer_step = trainer_loop(args, device, Path(run_dir))
-        images, targets = next(iter(trainer.train_loader))
+        images, targets = next(iter(trainer.data.train))
         bare_step = bare_loop(args, device, images.clone(), targets.clone())
         for step in (bare_step, trainer_step):
             for _ in range(args.warmup):

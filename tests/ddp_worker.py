@@ -1,4 +1,4 @@
-"""Run the real Trainer under torchrun and save every rank's final weights (for tests).
+"""Run the real Trainer under torchrun and save every rank's final weights (and EMA weights) for tests.
 
     torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py RUN_DIR KEY=VALUE ...
 """
@@ -10,7 +10,7 @@ import torch
 
 from powergrad_train import dist
 from powergrad_train.config import build_config, check_runtime
-from powergrad_train.engine import Trainer
+from powergrad_train.run import build_run
 
 if __name__ == "__main__":
     run_dir, overrides = Path(sys.argv[1]), sys.argv[2:]
@@ -19,11 +19,10 @@ if __name__ == "__main__":
     check_runtime(cfg, env.world_size, cuda=False)
     device = dist.device_for(env)
     dist.init(env, device)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    trainer = Trainer(cfg, run_dir, env, device)
+    trainer = build_run(cfg, run_dir, env, device)  # rank 0 creates the run folder
     trainer.fit()
     trainer.close()
     torch.save(trainer.model.state_dict(), run_dir / f"weights-rank{env.rank}.pt")
+    if trainer.ema is not None:
+        torch.save(trainer.ema.state_dict(), run_dir / f"ema-rank{env.rank}.pt")
     dist.close()

@@ -90,10 +90,10 @@ def test_resume_inside_an_epoch_gives_the_same_batches(tiny_root):
     for i, (x, y) in enumerate(loader):
         batches.append((x.clone(), y.clone()))
         if i == 6:
-            state = loader.state()
+            state = loader.state_dict()
     resumed, _ = build_train_loader(cfg, seed=3, rank=0, world_size=1)
     resumed.set_epoch(1, start_batch=7)
-    resumed.restore(state)
+    resumed.load_state_dict(state)
     rest = [(x.clone(), y.clone()) for x, y in resumed]
     assert len(rest) == len(batches) - 7
     for (x, y), (rx, ry) in zip(batches[7:], rest):

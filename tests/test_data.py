@@ -278,18 +278,29 @@ def test_the_listing_cache_is_compact(tmp_path, monkeypatch):
 
 
 def test_every_backend_is_registered_once_and_builds_the_declared_loaders(tiny_root):
+    """Each backend's loaders implement the interface themselves (not the Protocol's stubs) and keep
+    what it promises: batches_per_epoch batches of this process's share, num_samples val images."""
     from powergrad_train.config import KEYS
-    from powergrad_train.data import BACKENDS, TrainLoader, ValLoader
-    assert set(BACKENDS) == set(KEYS["data.backend"].meta["choices"])
-    for name in BACKENDS:
+    from powergrad_train.data import TrainLoader, ValLoader
+    from powergrad_train.registry import DATA_BACKENDS
+    assert set(DATA_BACKENDS) == set(KEYS["data.backend"].meta["choices"])
+
+    def implemented(obj, protocol, *names):
+        for name in names:
+            defined_in = next(c for c in type(obj).__mro__ if name in vars(c))
+            assert defined_in is not protocol and defined_in is not ValLoader, f"{type(obj).__name__}.{name}"
+
+    for name in DATA_BACKENDS:
         cfg = build_config(None, [f"data.root={tiny_root}", f"data.backend={name}", "data.image_size=16",
                                   "data.batch_size=8", "data.workers=1"]).data
         train, _ = build_train_loader(cfg, seed=0, rank=0, world_size=1)
         val, _ = build_val_loader(cfg, rank=0, world_size=1)
-        assert isinstance(train, TrainLoader) and isinstance(val, ValLoader), name
+        implemented(train, TrainLoader, "__iter__", "set_epoch", "close")
+        implemented(val, ValLoader, "__iter__", "close")
         train.set_epoch(0)
-        images, targets = next(iter(train))
-        assert images.shape == (8, 3, 16, 16) and targets.shape == (8,), name
+        batches = [(images.shape, targets.shape) for images, targets in train]
+        assert batches == [((8, 3, 16, 16), (8,))] * train.batches_per_epoch, name
+        assert sum(targets.shape[0] for _, targets in val) == val.num_samples, name
         train.close()
         val.close()
 

@@ -10,7 +10,7 @@ import torch
 from powergrad_train.cli import main
 from powergrad_train.config import build_config
 from powergrad_train.dist import DistEnv
-from powergrad_train.engine import Trainer
+from powergrad_train.run import build_run
 from powergrad_train.metrics import Output
 from powergrad_train.optim import lr_at_step
 from tests.conftest import tiny_overrides
@@ -18,7 +18,7 @@ from tests.conftest import tiny_overrides
 
 def trainer(root, tmp_path, *extra):
     overrides = [o.removeprefix("--set=") for o in tiny_overrides(root, **{"loss.pgt_alpha": 0.25})]
-    return Trainer(build_config("smoke.yaml", overrides + list(extra)), tmp_path, DistEnv(), torch.device("cpu"))
+    return build_run(build_config("smoke.yaml", overrides + list(extra)), tmp_path, DistEnv(), torch.device("cpu"))
 
 
 def snapshot(t):
@@ -28,7 +28,7 @@ def snapshot(t):
 def test_compiled_step_makes_the_same_update_as_eager(tiny_root, tmp_path):
     eager = trainer(tiny_root, tmp_path / "e")
     compiled = trainer(tiny_root, tmp_path / "c", "model.compile=true")
-    images, targets = next(iter(eager.train_loader))
+    images, targets = next(iter(eager.data.train))
     before = snapshot(eager)
     updates = []
     for t in (eager, compiled):
@@ -62,7 +62,7 @@ def head_bias_gradient(t, images, targets):
 def test_loss_variants_reach_the_gradient(tiny_root, tmp_path, variant, expected_probabilities):
     """d loss / d bias = mean over the batch of (p~ - q): PGT changes p~, label smoothing q."""
     t = trainer(tiny_root, tmp_path, "loss.pgt_alpha=null", *variant)
-    images, targets = next(iter(t.train_loader))
+    images, targets = next(iter(t.data.train))
     grad, logits = head_bias_gradient(t, images, targets)
     eps = t.cfg.loss.label_smoothing
     one_hot = torch.nn.functional.one_hot(targets, logits.shape[1]).float() * (1 - eps)
@@ -74,7 +74,7 @@ def test_loss_variants_reach_the_gradient(tiny_root, tmp_path, variant, expected
 def test_agc_changes_the_body_update_and_leaves_the_head_alone(tiny_root, tmp_path):
     plain = trainer(tiny_root, tmp_path / "p")
     agc = trainer(tiny_root, tmp_path / "a", "grad_clip.mode=agc", "grad_clip.value=0.001")
-    images, targets = next(iter(plain.train_loader))
+    images, targets = next(iter(plain.data.train))
     before = snapshot(plain)
     for t in (plain, agc):
         t.train_model.train()
@@ -95,7 +95,7 @@ def test_agc_changes_the_body_update_and_leaves_the_head_alone(tiny_root, tmp_pa
 def test_bf16_runs_the_forward_in_bf16_and_stays_close_to_float32(tiny_root, tmp_path):
     fp32 = trainer(tiny_root, tmp_path / "f")
     bf16 = trainer(tiny_root, tmp_path / "b", "amp=bf16")
-    images, targets = next(iter(fp32.train_loader))
+    images, targets = next(iter(fp32.data.train))
     assert bf16.forward_loss(images, targets)[0].dtype == torch.bfloat16
     assert fp32.forward_loss(images, targets)[0].dtype == torch.float32
     before = snapshot(fp32)
@@ -140,7 +140,7 @@ class JsonLines(Output):
 def test_an_added_output_receives_what_summary_csv_gets(tiny_root, tmp_path):
     overrides = [o.removeprefix("--set=") for o in tiny_overrides(tiny_root)]
     log = tmp_path / "log.jsonl"
-    t = Trainer(build_config("smoke.yaml", overrides), tmp_path / "run", DistEnv(), torch.device("cpu"),
+    t = build_run(build_config("smoke.yaml", overrides), tmp_path / "run", DistEnv(), torch.device("cpu"),
                 outputs=[JsonLines(log)])
     t.fit()
     t.close()

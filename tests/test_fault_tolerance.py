@@ -16,7 +16,7 @@ from powergrad_train import checkpoint
 from powergrad_train.cli import main
 from powergrad_train.config import build_config
 from powergrad_train.dist import DistEnv
-from powergrad_train.engine import Trainer
+from powergrad_train.run import build_run
 from powergrad_train.preemption import Preempted, StopRequest
 from tests.conftest import REPO, assert_same_weights, load_weights, tiny_overrides
 
@@ -149,9 +149,9 @@ def test_sigterm_to_the_whole_process_group_still_checkpoints(tiny_root, tmp_pat
 def test_sigterm_during_validation_saves_at_once_and_validates_again_on_resume(straight_run, tiny_root, tmp_path):
     run_dir = tmp_path / "val"
     overrides = tiny_overrides(tiny_root, **SMALL_BATCH)
-    trainer = Trainer(build_config("smoke.yaml", [o.removeprefix("--set=") for o in overrides]), run_dir,
+    trainer = build_run(build_config("smoke.yaml", [o.removeprefix("--set=") for o in overrides]), run_dir,
                       DistEnv(), torch.device("cpu"))
-    real_val_loader = trainer.val_loader
+    real_val_loader = trainer.data.val
 
     class SignalledDuringValidation:  # a real SIGTERM to this process after the first val batch
         def __iter__(self):
@@ -163,7 +163,7 @@ def test_sigterm_during_validation_saves_at_once_and_validates_again_on_resume(s
         def close(self):
             real_val_loader.close()
 
-    trainer.val_loader = SignalledDuringValidation()
+    trainer.data.val = SignalledDuringValidation()
     with pytest.raises(Preempted, match="stopped by SIGTERM while validating epoch 1") as stop:
         trainer.fit()
     trainer.close()

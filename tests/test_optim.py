@@ -50,7 +50,7 @@ def test_step_matches_timm():
 def test_no_weight_decay_on_biases_and_norms():
     cfg = build_config(None, ["optim.weight_decay=0.001"])
     model = build_model(build_config(None, ["model.name=resnet18", "model.num_classes=5"]).model)
-    opt = build_optimizer(cfg.optim, model)
+    opt, _ = build_optimizer(cfg.optim, model)
     assert all(g["nesterov"] for g in opt.param_groups)
     for group in opt.param_groups:
         for p in group["params"]:

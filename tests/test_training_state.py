@@ -15,19 +15,19 @@ from powergrad_train import checkpoint
 from powergrad_train.cli import main
 from powergrad_train.config import build_config
 from powergrad_train.dist import DistEnv
-from powergrad_train.engine import Trainer
+from powergrad_train.run import build_run
 from powergrad_train.errors import CheckpointError, ConfigError, TrainingError
 from tests.conftest import REPO, assert_same_weights, load_weights, tiny_overrides
 
 DATA = REPO / "tests" / "data"
 
 
-def make_trainer(root, run_dir, **extra) -> Trainer:
+def make_trainer(root, run_dir, **extra):
     overrides = [o.removeprefix("--set=") for o in tiny_overrides(root, **extra)]
-    return Trainer(build_config("smoke.yaml", overrides), run_dir, DistEnv(), torch.device("cpu"))
+    return build_run(build_config("smoke.yaml", overrides), run_dir, DistEnv(), torch.device("cpu"))
 
 
-def full_state(trainer: Trainer) -> dict:
+def full_state(trainer) -> dict:
     """Weights, buffers and momentum: everything a step may change."""
     state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     for i, p in enumerate(trainer.model.parameters()):
@@ -42,7 +42,7 @@ def nan_batch(images):
 def test_a_skipped_first_step_leaves_no_trace(tiny_root, tmp_path):
     """Step 1 has a NaN loss and is skipped; step 2 must then equal a run that never had step 1."""
     skipped = make_trainer(tiny_root, tmp_path / "a")
-    images, targets = next(iter(skipped.train_loader))
+    images, targets = next(iter(skipped.data.train))
     skipped.train_step(nan_batch(images), targets)
     skipped.train_step(images, targets)
     clean = make_trainer(tiny_root, tmp_path / "b")
@@ -58,8 +58,8 @@ def test_a_skipped_first_step_leaves_no_trace(tiny_root, tmp_path):
 def test_fp16_overflow_on_the_first_step_leaves_no_trace(tiny_root, tmp_path):
     device = torch.device("cuda")
     overrides = [o.removeprefix("--set=") for o in tiny_overrides(tiny_root, amp="fp16")]
-    runs = [Trainer(build_config("smoke.yaml", overrides), tmp_path / n, DistEnv(), device) for n in "ab"]
-    images, targets = (t.to(device) for t in next(iter(runs[0].train_loader)))
+    runs = [build_run(build_config("smoke.yaml", overrides), tmp_path / n, DistEnv(), device) for n in "ab"]
+    images, targets = (t.to(device) for t in next(iter(runs[0].data.train)))
     for run in runs:
         run.scaler.scale(torch.ones((), device=device))  # the scaler creates its scale lazily
     runs[0].scaler.update(new_scale=2.0 ** 126)  # the first step's scaled gradients overflow
@@ -78,7 +78,7 @@ def test_fp16_overflow_on_the_first_step_leaves_no_trace(tiny_root, tmp_path):
 def test_nonfinite_gradient_is_caught_before_clipping_and_outside_the_head(tiny_root, tmp_path):
     """Clipping by value would turn an inf gradient finite, and the head alone would look fine."""
     trainer = make_trainer(tiny_root, tmp_path, **{"grad_clip.mode": "value", "grad_clip.value": 1.0})
-    images, targets = next(iter(trainer.train_loader))
+    images, targets = next(iter(trainer.data.train))
     trainer.train_step(images, targets)
     name, first_conv = next(trainer.model.named_parameters())
     handle = first_conv.register_hook(lambda g: torch.full_like(g, math.inf))
@@ -95,7 +95,7 @@ def test_nonfinite_gradient_is_caught_before_clipping_and_outside_the_head(tiny_
 
 def test_repeated_bad_steps_stop_the_run_and_name_a_good_checkpoint(tiny_root, tmp_path):
     trainer = make_trainer(tiny_root, tmp_path, **{"train.max_nonfinite_steps": 3})
-    images, targets = next(iter(trainer.train_loader))
+    images, targets = next(iter(trainer.data.train))
     trainer.train_step(images, targets)
     trainer.save_checkpoint()
     before = full_state(trainer)
@@ -112,7 +112,7 @@ def test_repeated_bad_steps_stop_the_run_and_name_a_good_checkpoint(tiny_root, t
 
 def test_a_state_with_nonfinite_losses_never_becomes_last_pt(tiny_root, tmp_path, capsys):
     trainer = make_trainer(tiny_root, tmp_path)
-    images, targets = next(iter(trainer.train_loader))
+    images, targets = next(iter(trainer.data.train))
     trainer.train_step(images, targets)
     assert trainer.save_checkpoint() == tmp_path / "last.pt"
     good = (tmp_path / "last.pt").read_bytes()
@@ -132,7 +132,7 @@ def test_a_state_with_nonfinite_losses_never_becomes_last_pt(tiny_root, tmp_path
 @pytest.mark.parametrize("where", ["parameter", "buffer", "optimizer"])
 def test_no_checkpoint_holds_a_nonfinite_tensor(tiny_root, tmp_path, where):
     trainer = make_trainer(tiny_root, tmp_path)
-    images, targets = next(iter(trainer.train_loader))
+    images, targets = next(iter(trainer.data.train))
     trainer.train_step(images, targets)
     if where == "parameter":
         name, tensor = next((f"model[.]{n}", p.data) for n, p in trainer.model.named_parameters())
@@ -149,9 +149,11 @@ def test_no_checkpoint_holds_a_nonfinite_tensor(tiny_root, tmp_path, where):
 
 
 def test_ddp_batch_norm_buffers_agree_and_eval_matches_validate(tiny_root, tmp_path, capsys):
-    """2 gloo processes, a batch-norm model: one model on every rank, evaluated and saved."""
+    """2 gloo processes, a batch-norm model: one model on every rank, evaluated and saved; the same
+    for its EMA, whose batch-norm statistics each rank averaged from its own."""
     run_dir = tmp_path / "bn"
-    overrides = [o.removeprefix("--set=") for o in tiny_overrides(tiny_root, **{"schedule.epochs": 1})]
+    overrides = [o.removeprefix("--set=") for o in tiny_overrides(tiny_root, **{"schedule.epochs": 1,
+                                                                                  "ema.decay": 0.9})]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "tests" / "ddp_worker.py"), str(run_dir), *overrides]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -160,6 +162,9 @@ def test_ddp_batch_norm_buffers_agree_and_eval_matches_validate(tiny_root, tmp_p
     assert any(k.endswith("running_mean") for k in ranks[0])
     assert_same_weights(*ranks)  # buffers included
     assert_same_weights(ranks[0], load_weights(run_dir / "last.pt"))
+    averages = [torch.load(run_dir / f"ema-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert_same_weights(*averages)
+    assert_same_weights(averages[0], checkpoint.load(run_dir / "last.pt")["ema"])
     eval_top1 = float((run_dir / "summary.csv").read_text().splitlines()[1].split(",")[5])
     main(["validate", "--checkpoint", str(run_dir / "last.pt")])
     assert f"top1 {eval_top1:.2f}" in capsys.readouterr().out
@@ -194,13 +199,13 @@ def test_mismatched_checkpoint_parts_are_one_kind_of_error(tiny_root, tmp_path):
     trainer = make_trainer(tiny_root, run_dir, **{"model.name": "test_efficientnet"})
     with pytest.raises(CheckpointError, match="saved with 10 steps per epoch, this run has 20"):
         checkpoint.check_compatible(checkpoint.load(DATA / "format1-test_efficientnet-epoch1.pt"), "x.pt",
-                                    trainer.cfg, classes=trainer.classes, steps_per_epoch=20, world_size=1,
+                                    trainer.cfg, classes=trainer.data.classes, steps_per_epoch=20, world_size=1,
                                     force=True)
     with pytest.raises(CheckpointError, match=r"optim\.lr: 0\.05 -> 0\.2"):
         checkpoint.check_compatible(checkpoint.load(DATA / "format1-test_efficientnet-epoch1.pt"), "x.pt",
                                     build_config("smoke.yaml", [o.removeprefix("--set=") for o in tiny_overrides(
                                         tiny_root, **{"model.name": "test_efficientnet", "optim.lr": 0.2})]),
-                                    classes=trainer.classes, steps_per_epoch=10, world_size=1, force=False)
+                                    classes=trainer.data.classes, steps_per_epoch=10, world_size=1, force=False)
     trainer.close()
 
 
@@ -249,12 +254,23 @@ def test_a_fresh_restart_drops_stale_tensorboard_events(tiny_root, tmp_path):
 
 
 def test_images_per_sec_counts_training_time_only(tiny_root, tmp_path, monkeypatch):
-    """A checkpoint after every step, each made 0.5 s slower: the epoch's training time must not grow."""
+    """A checkpoint after every step, each taking 1000 s of the trainer's clock: the epoch's training
+    time must not include them. The clock is the test's, so the machine's speed does not matter."""
+    from powergrad_train import engine
+
+    class Clock:  # every reading advances a millisecond; a checkpoint write advances 1000 s
+        now = 0.0
+
+        def perf_counter(self):
+            self.now += 1e-3
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(engine, "time", clock)
     write = checkpoint.Checkpointer.write
 
     def slow_write(self, *args, **kwargs):
-        import time
-        time.sleep(0.5)
+        clock.now += 1000.0
         return write(self, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint.Checkpointer, "write", slow_write)
@@ -262,7 +278,8 @@ def test_images_per_sec_counts_training_time_only(tiny_root, tmp_path, monkeypat
     main(["--config", "smoke.yaml", "--output", str(run_dir),
           *tiny_overrides(tiny_root, **{"schedule.epochs": 1, "checkpoint.every_steps": 1})])
     row = (run_dir / "summary.csv").read_text().splitlines()[1].split(",")
-    assert float(row[9]) < 9 * 0.5  # epoch_time_s: 9 in-epoch saves would add 4.5 s
+    assert 0 < float(row[9]) < 1.0  # epoch_time_s: the 9 in-epoch saves would add 9000 s
+    assert float(row[8]) == pytest.approx(160 / float(row[9]), rel=1e-3)  # images_per_sec over that time
 
 
 def test_progress_lines_and_start_block_when_not_on_a_terminal(tiny_root, tmp_path):

@@ -1,21 +1,20 @@
-"""Data pipelines. Each backend is one module registered in BACKENDS; `backend()` picks it.
+"""Data pipelines. Each backend is one module registered in registry.DATA_BACKENDS; `backend()` picks it.
 
-A backend module provides two builders with the signatures of `TrainBuilder` and
-`ValBuilder`, returning objects that satisfy `TrainLoader` and `ValLoader`. File backends
-read the same file lists (files.py) in the same order (sampling.py), so they see the same
-images in the same order; the trainer never branches on the backend.
+A backend module declares `BACKEND = Backend(...)`: two builders with the signatures of
+`TrainBuilder` and `ValBuilder`, returning objects that satisfy `TrainLoader` and `ValLoader`.
+File backends read the same file lists (files.py) in the same order (sampling.py), so they see
+the same images in the same order; the trainer never branches on the backend.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from pathlib import Path
 from typing import Any, Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 
-from powergrad_train import dist
+from powergrad_train import dist, registry
 from powergrad_train.config import DEMO_ROOT, DataConfig
 from powergrad_train.dist import DistEnv
 from powergrad_train.errors import DataError
@@ -45,13 +44,13 @@ class TrainLoader(ValLoader, Protocol):
     def __iter__(self) -> Iterator[Batch]:
         """This process's share of each global batch of the epoch, reshuffled every epoch."""
 
-    def state(self) -> Any:
-        """The backend's own position inside an epoch for a checkpoint; None when (epoch, start_batch)
-        says it all."""
+    def state_dict(self) -> Any:
+        """The backend's own position inside the pass under way, for a checkpoint; None when no pass
+        is under way or (epoch, start_batch) says it all."""
         return None
 
-    def restore(self, state: Any) -> None:
-        """Continue from a `state()` at the next pass."""
+    def load_state_dict(self, state: Any) -> None:
+        """Continue from a `state_dict()` at the next pass (None: nothing to restore)."""
 
 
 class TrainBuilder(Protocol):
@@ -66,25 +65,23 @@ class ValBuilder(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    module: str  # holds build_train (a TrainBuilder) and build_val (a ValBuilder)
-    reads_files: bool = True
+    build_train: TrainBuilder
+    build_val: ValBuilder
+    # A backend that reads no files (synthetic) brings its own class names.
+    classes: Optional[tuple[str, ...]] = None
+
+    @property
+    def reads_files(self) -> bool:
+        return self.classes is None
 
 
-# data.backend -> its module, imported only when picked (DALI may not be installed).
-BACKENDS = {
-    "torchvision": Backend("powergrad_train.data.imagefolder"),
-    "dali": Backend("powergrad_train.data.dali"),
-    "synthetic": Backend("powergrad_train.data.synthetic", reads_files=False),
-}
-
-
-def backend(name: str):
-    """The module of backend `name`."""
-    return importlib.import_module(BACKENDS[name].module)
+def backend(name: str) -> Backend:
+    """The backend registered as `name` (its module is imported now: DALI may not be installed)."""
+    return registry.load(registry.DATA_BACKENDS, name)
 
 
 def val_backend_name(cfg: DataConfig) -> str:
-    return cfg.backend if cfg.val_backend == "same" or not BACKENDS[cfg.backend].reads_files else cfg.val_backend
+    return cfg.backend if cfg.val_backend == "same" or not backend(cfg.backend).reads_files else cfg.val_backend
 
 
 def resolve_root(cfg: DataConfig) -> Path:
@@ -99,7 +96,7 @@ def resolve_root(cfg: DataConfig) -> Path:
 
 def check_data(cfg: DataConfig) -> None:
     """Fail early, before any process group exists, on a missing folder or split (cheap checks only)."""
-    if not BACKENDS[cfg.backend].reads_files or cfg.root == DEMO_ROOT:  # the demo set is made when first read
+    if not backend(cfg.backend).reads_files or cfg.root == DEMO_ROOT:  # the demo set is made when first read
         return
     from powergrad_train.data.files import check_split
     root = resolve_root(cfg)
@@ -110,8 +107,9 @@ def check_data(cfg: DataConfig) -> None:
 def read_split(cfg: DataConfig, split: str, verbose: bool = True):
     """The split's classes and samples (a backend that reads no files brings its own classes)."""
     from powergrad_train.data.files import Split, list_split
-    if not BACKENDS[cfg.backend].reads_files:
-        return Split(backend(cfg.backend).CLASSES, [])
+    chosen = backend(cfg.backend)
+    if not chosen.reads_files:
+        return Split(list(chosen.classes), [])
     return list_split(resolve_root(cfg), split, verbose)
 
 
@@ -119,7 +117,7 @@ def build_train_loader(cfg: DataConfig, seed: int, rank: int, world_size: int,
                        device: torch.device = torch.device("cpu"), split=None) -> tuple[TrainLoader, list[str]]:
     """(loader, class names): this process's share of every global batch, reshuffled each epoch."""
     split = split or read_split(cfg, "train", verbose=rank == 0)
-    if BACKENDS[cfg.backend].reads_files and len(split.samples) < cfg.batch_size:
+    if backend(cfg.backend).reads_files and len(split.samples) < cfg.batch_size:
         raise DataError(f"data.root: {cfg.root}/train has {len(split.samples)} images, fewer than one batch "
                         f"(data.batch_size = {cfg.batch_size})")
     return backend(cfg.backend).build_train(cfg, split.samples, seed, rank, world_size, device), split.classes

@@ -15,11 +15,13 @@ is the loader's state, so a run resumed inside an epoch sees the same batches.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from powergrad_train.config import DataConfig
-from powergrad_train.data import TrainLoader, ValLoader
+from powergrad_train.data import Backend, TrainLoader, ValLoader
 from powergrad_train.data.sampling import TrainSampler, sample_seed
 from powergrad_train.errors import ConfigError
 
@@ -80,9 +82,10 @@ def _pipeline(cfg: DataConfig, files: list[str], labels: list[int], batch_size: 
     return pipe
 
 
-def _batches(iterator):
+def _batches(iterator, on_end=lambda: None):
     for batch in iterator:
         yield batch[0]["images"], batch[0]["labels"].squeeze(1).long()
+    on_end()
 
 
 class DaliTrainLoader(TrainLoader):
@@ -99,12 +102,17 @@ class DaliTrainLoader(TrainLoader):
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
-    def restore(self, state: dict) -> None:
+    def load_state_dict(self, state: Optional[dict]) -> None:
         self._restore = state
 
-    def state(self) -> dict:
-        """Where the current pass stands: the batch its file list starts at, and DALI's checkpoint."""
+    def state_dict(self) -> Optional[dict]:
+        """Where the pass under way stands: the batch its file list starts at, and DALI's checkpoint."""
+        if self._iterator is None:  # no pass under way: (epoch, start_batch) says it all
+            return None
         return {"list_start": self._list_start, "pipeline": self._iterator.checkpoints()[0]}
+
+    def _pass_ended(self) -> None:
+        self._iterator = None
 
     def close(self) -> None:
         self._iterator = None  # releases the pipeline and its threads
@@ -122,7 +130,7 @@ class DaliTrainLoader(TrainLoader):
         self._iterator = dali_torch.DALIGenericIterator(
             pipe, ["images", "labels"], reader_name="Reader",
             last_batch_policy=dali_torch.LastBatchPolicy.DROP, auto_reset=False)
-        return _batches(self._iterator)
+        return _batches(self._iterator, on_end=self._pass_ended)
 
 
 class DaliValLoader(ValLoader):
@@ -153,3 +161,6 @@ def build_train(cfg: DataConfig, samples, seed: int, rank: int, world_size: int,
 
 def build_val(cfg: DataConfig, samples, rank: int, world_size: int, device: torch.device) -> DaliValLoader:
     return DaliValLoader(cfg, samples, rank, world_size)
+
+
+BACKEND = Backend(build_train, build_val)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms
 
 from powergrad_train.config import DataConfig
-from powergrad_train.data import TrainLoader, ValLoader
+from powergrad_train.data import Backend, TrainLoader, ValLoader
 from powergrad_train.data.sampling import TrainSampler, ValSampler
 from powergrad_train.errors import ImageError
 from powergrad_train.preemption import STOP_SIGNALS
@@ -144,7 +144,7 @@ def build_val(cfg: DataConfig, samples, rank: int, world_size: int, device: torc
 
 class TorchTrainLoader(TrainLoader):
     """A DataLoader behind the TrainLoader interface; the position is (epoch, start_batch): the sampler
-    and the per-sample seeds do the rest, so the default state()/restore() suffice."""
+    and the per-sample seeds do the rest, so the default state_dict()/load_state_dict() suffice."""
 
     def __init__(self, loader: DataLoader):
         self.loader, self.sampler = loader, loader.sampler
@@ -178,3 +178,6 @@ def stop_workers(loader: DataLoader) -> None:
     iterator, loader._iterator = getattr(loader, "_iterator", None), None
     if iterator is not None and hasattr(iterator, "_shutdown_workers"):
         iterator._shutdown_workers()
+
+
+BACKEND = Backend(build_train, build_val)

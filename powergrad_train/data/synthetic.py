@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 
 from powergrad_train.config import DataConfig
-from powergrad_train.data import TrainLoader
+from powergrad_train.data import Backend, TrainLoader
 
-CLASSES = ["synthetic"]  # one class: labels do not change the cost, and any model.num_classes fits
+CLASSES = ("synthetic",)  # one class: labels do not change the cost, and any model.num_classes fits
 BATCHES_PER_EPOCH = 100
 
 
@@ -40,3 +40,6 @@ def build_train(cfg: DataConfig, samples, seed: int, rank: int, world_size: int,
 
 def build_val(cfg: DataConfig, samples, rank: int, world_size: int, device: torch.device) -> SyntheticLoader:
     return SyntheticLoader(cfg, cfg.val_batch_per_process(world_size), 1, rank, device)
+
+
+BACKEND = Backend(build_train, build_val, classes=CLASSES)
