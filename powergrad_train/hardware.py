@@ -142,6 +142,12 @@ def dali_flavour() -> Optional[str]:
     return None
 
 
+def dali_runs_on(capability: tuple[int, int]) -> bool:
+    """Has the installed DALI wheel GPU kernels for a GPU of this compute capability?"""
+    flavour = dali_flavour()
+    return flavour is not None and capability >= DALI_MIN_CAPABILITY[flavour]
+
+
 def problems(gpus: list[Gpu], arch_list: list[str], torch_build: str, dali: Optional[str],
              dali_on_gpu: bool) -> list[str]:
     """One line per GPU the installed builds cannot drive, with the install that can."""
