@@ -192,6 +192,25 @@ def check_gpus(dali_on_gpu: bool) -> list[Gpu]:
     return gpus
 
 
+class MemoryOutsideTorch:
+    """GPU memory taken outside torch's caching allocator since construction: what the device's free
+    memory (torch.cuda.mem_get_info) lost, less what torch itself reserved meanwhile. DALI's pools,
+    prefetch queues and decoded images live there, where torch's allocator statistics cannot see them."""
+
+    def __init__(self, device):
+        import torch
+        self.device = device
+        torch.cuda.synchronize(device)
+        self.free, self.reserved = torch.cuda.mem_get_info(device)[0], torch.cuda.memory_reserved(device)
+
+    def taken(self) -> int:
+        """Bytes, now."""
+        import torch
+        torch.cuda.synchronize(self.device)
+        free, reserved = torch.cuda.mem_get_info(self.device)[0], torch.cuda.memory_reserved(self.device)
+        return (self.free - free) - (reserved - self.reserved)
+
+
 def precision_in_use(amp: str, tf32: bool, capability: Optional[tuple[int, int]]) -> str:
     """What the run computes in, for the start-up block (capability None: the CPU)."""
     if amp == "fp16":

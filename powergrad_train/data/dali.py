@@ -24,7 +24,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from powergrad_train.config import DataConfig
-from powergrad_train.data import TrainLoader, ValLoader
+from powergrad_train.data import TrainLoader, ValLoader, val_backend_name
 from powergrad_train.data.sampling import TrainSampler, sample_seed
 from powergrad_train.errors import ConfigError
 
@@ -203,3 +203,31 @@ def build_train(cfg: DataConfig, samples, seed: int, rank: int, world_size: int,
 
 def build_val(cfg: DataConfig, samples, rank: int, world_size: int, device: torch.device) -> DaliValLoader:
     return DaliValLoader(cfg, samples, rank, world_size, placement(cfg, device))
+
+
+def measure_gpu_memory(cfg: DataConfig, train_samples, val_samples, device: torch.device, world_size: int = 1,
+                       batches: int = 3) -> Optional[int]:
+    """Bytes of GPU memory one process's DALI pipelines take in a run on `device`: the train pipeline
+    and, unless data.val_backend validates with torchvision, the val pipeline, as the trainer builds
+    them (memory pools, prefetch queues, decoded and augmented images), measured with
+    torch.cuda.mem_get_info after `batches` batches through each; torch's own memory (the batches
+    handed over) is not counted. None in a run on the CPU (nothing to measure).
+
+    Built on the side, then closed: DALI keeps freed memory in its pool (until
+    nvidia.dali.backend.ReleaseUnusedMemory()), so pipelines built next reuse it rather than add to it."""
+    if device.type != "cuda":
+        return None
+    from powergrad_train.hardware import MemoryOutsideTorch
+    meter = MemoryOutsideTorch(device)
+    loaders = [build_train(cfg, train_samples, 0, 0, world_size, device)]
+    if val_backend_name(cfg) == "dali":
+        loaders.append(build_val(cfg, val_samples, 0, world_size, device))
+    try:
+        loaders[0].set_epoch(0)
+        for loader in loaders:
+            for _, _ in zip(range(batches), loader):
+                pass
+        return meter.taken()
+    finally:
+        for loader in loaders:
+            loader.close()
