@@ -22,6 +22,7 @@ On a CPU-only machine the measured table says it was not measured.
 """
 
 import argparse
+import gc
 import sys
 import tempfile
 from pathlib import Path
@@ -104,7 +105,8 @@ def torch_peak(name: str, batch: int, image_size: int, device: torch.device) -> 
         finally:
             trainer.close()
     peak = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
-    del trainer
+    del trainer, images, targets
+    gc.collect()  # the trainer's parts refer to each other
     torch.cuda.empty_cache()
     return peak
 
@@ -121,14 +123,20 @@ def dali_bytes(batch: int, image_size: int, data: Path, device: torch.device) ->
 
 
 def measure(models, batch: int, image_size: int, data: Path) -> None:
+    from powergrad_train.errors import ConfigError
+
     device = torch.device("cuda", torch.cuda.current_device())
     torch.zeros(1, device=device)  # the CUDA context exists from here on
     free, total = torch.cuda.mem_get_info(device)
     context = total - free - torch.cuda.memory_reserved(device)
-    dali = dali_bytes(batch, image_size, data, device)
+    try:
+        dali = dali_bytes(batch, image_size, data, device)
+        dali_text = f"the DALI train pipeline ({dali / GIB:.2f} GiB, measured on {data})"
+    except ConfigError as e:  # DALI is not installed
+        dali, dali_text = 0, f"no DALI pipeline ({e})"
     print(f"\nmeasured on {torch.cuda.get_device_name(device)} ({total / GIB:.1f} GiB) at {batch} images per GPU, "
-          f"{image_size} px, fp16, channels_last: torch's peak over 3 trainer steps + the DALI train pipeline "
-          f"({dali / GIB:.2f} GiB, measured on {data}) + CUDA context and other processes ({context / GIB:.2f} GiB)")
+          f"{image_size} px, fp16, channels_last: torch's peak over 3 trainer steps + {dali_text} + CUDA context "
+          f"and other processes ({context / GIB:.2f} GiB)")
     print("| model | torch peak allocated | torch peak reserved | + DALI + context | 16 GiB | 32 GiB |")
     print("|---|---|---|---|---|---|")
     for name in models:

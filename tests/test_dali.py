@@ -1,8 +1,10 @@
 """The DALI backend, run for real on the CPU (data.dali_device: cpu)."""
 
+import importlib.metadata
 import shutil
 import signal
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from powergrad_train.data.dali import Placement, choose_placement
 from powergrad_train.data.demo import write_demo_dataset
 from powergrad_train.errors import ConfigError
 from powergrad_train.data.files import list_split
-from tests.conftest import assert_same_weights, load_weights, tiny_overrides
+from tests.conftest import REPO, assert_same_weights, load_weights, tiny_overrides
 from tests.test_data import IMAGE_FORMATS, write_image_formats
 from tests.test_fault_tolerance import start, wait_for
 
@@ -281,3 +283,45 @@ def test_a_cpu_process_gets_a_cpu_only_pipeline(tiny_root):
     for dali_device in ("cpu", "auto") if not torch.cuda.is_available() else ("cpu",):
         assert dali_backend.placement(dali_cfg(tiny_root, f"data.dali_device={dali_device}"),
                                       torch.device("cpu")) == CPU_ONLY
+
+
+def test_the_gpu_checks_install_unpacks_wheels_into_site_packages_and_keeps_what_is_there(tmp_path, monkeypatch):
+    """scripts/gpu_check_install.py, for a GPU machine without network: a wheel that brings its own
+    nvidia/__init__.py (as nvimgcodec's does) must not replace the one the machine's packages use."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from gpu_check_install import extract_wheel
+    wheel = tmp_path / "fake_codec_cu13-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("nvidia/__init__.py", "# the wheel's\n")
+        zf.writestr("nvidia/fake_codec/__init__.py", "VERSION = 1\n")
+        zf.writestr("fake_codec_cu13-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: fake-codec-cu13\n"
+                                                               "Version: 1.0\n")
+        zf.writestr("fake_codec_cu13-1.0.data/platlib/fake_codec_native.py", "")
+        zf.writestr("fake_codec_cu13-1.0.data/scripts/fake-tool", "#!/bin/sh\n")
+    site = tmp_path / "site-packages"
+    (site / "nvidia").mkdir(parents=True)
+    (site / "nvidia" / "__init__.py").write_text("# the machine's\n")
+    assert extract_wheel(wheel, site) == 3
+    assert (site / "nvidia" / "__init__.py").read_text() == "# the machine's\n"
+    assert (site / "nvidia" / "fake_codec" / "__init__.py").exists() and (site / "fake_codec_native.py").exists()
+    assert not list(site.rglob("fake-tool")) and not list(site.rglob("*.partial"))
+    assert [d.version for d in importlib.metadata.distributions(path=[str(site)])] == ["1.0"]
+    assert extract_wheel(wheel, site) == 0  # a second run changes nothing
+
+
+def test_the_gpu_checks_jpeg_folder_is_written_once_and_whole(tmp_path, monkeypatch):
+    """scripts/make_jpeg_folder.py: photo-sized JPEGs of the demo classes, the same files for the same
+    arguments, a finished folder reused, another one never written into."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from make_jpeg_folder import make_folder
+    root = make_folder(tmp_path / "jpegs", train=1, val=1, size=(50, 40), workers=1)
+    split = list_split(root, "train", verbose=False)
+    assert len(split.classes) == 10 and len(split.samples) == 10
+    with Image.open(split.samples[0][0]) as img:
+        assert img.format == "JPEG" and img.size == (50, 40)
+    again = make_folder(tmp_path / "again", train=1, val=1, size=(50, 40), workers=1)
+    assert all((root / f.relative_to(again)).read_bytes() == f.read_bytes() for f in again.rglob("*.jpg"))
+    stamp = (root / "COMPLETE").stat().st_mtime_ns
+    assert make_folder(root, train=1, val=1, size=(50, 40)) == root and (root / "COMPLETE").stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit, match="exists and is not a folder written with these settings"):
+        make_folder(root, train=2, val=1, size=(50, 40))
