@@ -5,6 +5,8 @@ fails only at its first CUDA operation ("no kernel image is available"), after a
 that is easy to miss. PyTorch's CUDA 13 builds (the default wheel of torch 2.14.1) dropped
 Volta (V100, compute capability 7.0); its CUDA 12.6 builds still have it, and DALI's
 CUDA 12 build supports capability 5.0 and newer while its CUDA 13 build starts at 7.5.
+A driver too old for the CUDA build hides the GPUs altogether (torch.cuda.is_available() is
+false); the device files and nvidia-smi still show them, and that is checked too.
 """
 
 from __future__ import annotations
@@ -184,7 +186,7 @@ def check_gpus(dali_on_gpu: bool) -> list[Gpu]:
         problem = driver_problem(torch.version.cuda, torch.cuda.is_available(), probe_nvidia(), torch_build())
         if problem:
             raise InstallError(problem)
-    if gpus:
+    else:
         found = problems(gpus, torch.cuda.get_arch_list(), torch_build(), dali_flavour(), dali_on_gpu)
         if found:
             raise InstallError(found[0] + (f" (and {len(found) - 1} more problem(s): powergrad-train env lists them)"

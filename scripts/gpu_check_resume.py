@@ -93,7 +93,8 @@ def main():
     difference = max_relative_difference(reference, weights(stopped))
     results.check(difference <= 3 * floor,
                   f"the resumed run ends with the uninterrupted run's weights: largest relative difference "
-                  f"{difference:.2e}, noise floor {floor:.2e} (two uninterrupted runs; tolerance: three times the floor)")
+                  f"{difference:.2e}, noise floor {floor:.2e} (two uninterrupted runs; tolerance: three times "
+                  "the floor)")
     results.exit()
 
 
