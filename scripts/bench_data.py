@@ -1,10 +1,13 @@
-"""Images/s of the train loader alone: DALI's CPU pipeline against the torchvision loader.
+"""Images/s of the train loader alone: DALI's CPU pipeline against the torchvision loader (and
+DALI's GPU pipeline, on a machine with CUDA).
 
-    python scripts/bench_data.py [--images 600] [--workers 2] [--size 224] [--rounds 3]
+    python scripts/bench_data.py [--images 600] [--workers 2] [--size 224] [--rounds 3] [--root DIR]
 
-Both read the same generated folder of 400x350 JPEGs with the same augmentation at the
-same crop size, DALI with `--workers` threads and torchvision with `--workers` worker
-processes; the first batches of each pass (warm-up) are excluded. Last lines:
+All read the same folder of JPEGs (a generated one of 400x350 JPEGs, or --root's train/) with
+the same augmentation at the same crop size, DALI with `--workers` threads and torchvision with
+`--workers` worker processes; the first batches of each pass (warm-up) are excluded. On a GPU
+machine the loaders are those of a run on GPU 0: DALI hands over batches on the GPU (decoded
+there, or on the CPU and copied by DALI), torchvision on the CPU. Last lines:
     dali-cpu: 412.3 images/s [405.1-420.0]
     torchvision: 280.4 images/s [270.2-291.3]
 """
@@ -16,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from powergrad_train.config import build_config
@@ -42,10 +46,17 @@ def images_per_sec(loader, warmup_batches: int) -> float:
     count, start = 0, None
     for i, (_, targets) in enumerate(loader):
         if i == warmup_batches:
+            sync(targets)
             start = time.perf_counter()
         elif i > warmup_batches:
             count += targets.shape[0]
+    sync(targets)
     return count / (time.perf_counter() - start)
+
+
+def sync(tensor) -> None:
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
 
 
 def main():
@@ -55,21 +66,26 @@ def main():
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--root", type=Path, help="read this ImageFolder's train/ instead of generated JPEGs")
     args = p.parse_args()
+    backends = {"dali-cpu": ["data.backend=dali", "data.dali_device=cpu"], "torchvision": ["data.backend=torchvision"]}
+    if torch.cuda.is_available():
+        backends["dali-gpu"] = ["data.backend=dali", "data.dali_device=gpu"]
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        write_folder(root, args.images)
-        results = {"dali-cpu": [], "torchvision": []}
+        root = args.root or Path(tmp)
+        if not args.root:
+            write_folder(root, args.images)
+        results = {name: [] for name in backends}
         for _ in range(args.rounds):
-            for name, backend in (("dali-cpu", ["data.backend=dali", "data.dali_device=cpu"]),
-                                  ("torchvision", ["data.backend=torchvision"])):
+            for name, backend in backends.items():
                 cfg = build_config(None, [f"data.root={root}", f"data.image_size={args.size}",
                                           f"data.batch_size={args.batch}", f"data.workers={args.workers}", *backend])
-                loader, _ = build_train_loader(cfg.data, seed=0, rank=0, world_size=1)
+                loader, _ = build_train_loader(cfg.data, seed=0, rank=0, world_size=1, device=device)
                 results[name].append(images_per_sec(loader, warmup_batches=2))
-                del loader
-    print(f"{args.images} JPEGs of 400x350, crop {args.size}, batch {args.batch}, {args.workers} DALI threads / "
-          f"loader workers, {args.rounds} rounds")
+                loader.close()
+    print(f"{args.root or f'{args.images} JPEGs of 400x350'}, crop {args.size}, batch {args.batch}, {args.workers} "
+          f"DALI threads / loader workers, {args.rounds} rounds, loaders of a run on {device}")
     for name, values in results.items():
         print(f"{name}: {statistics.median(values):.1f} images/s [{min(values):.1f}-{max(values):.1f}]")
 

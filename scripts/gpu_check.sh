@@ -1,82 +1,98 @@
 #!/usr/bin/env bash
-# One prepared check of the GPU path, for a borrowed GPU machine (no network, torch preinstalled):
-#   bash scripts/gpu_check.sh [OUT_DIR]
-# PGT gradients on CUDA in fp32/fp16/bf16 against float64, the loss cost against cross-entropy,
-# the trainer step against a bare loop (resnet50, AMP, channels_last, batch 256, synthetic data,
-# eager and torch.compile), the bench command, and a short fp16 training run on the demo set.
+# The prepared check of the GPU path, for a borrowed GPU machine (no network, torch preinstalled), in
+# parts of at most 5 minutes each on one H200. Each part writes its summary, small text (settings and one
+# PASS / FAIL / SKIP line per check), to $OUT/part<N>-<name>.txt when it ends, so any part can be rerun alone:
+#   bash scripts/gpu_check.sh                  # every part, in order
+#   bash scripts/gpu_check.sh 1 5              # parts 1 and 5 only
+#   OUT=/data/check DALI_WHEELS=/data/wheels bash scripts/gpu_check.sh
+# Parts: 0 machine (GPU, driver, versions, powergrad-train env), 1 dali (DALI on the GPU end to end),
+# 2 fp16 (steps the GradScaler skips leave no trace), 3 checkpoint (SIGTERM mid-epoch and --resume auto),
+# 4 ddp (a BN model, 2 processes on one GPU), 5 step (trainer vs bare loop eager, PGT vs cross-entropy),
+# 6 compiled (the same compiled), 7 memory (peak of every paper model at 256 images per GPU, DALI's too).
+# DALI is rarely on a GPU image: put the wheel of nvidia-dali-cuda130 2.4.0 (cuda120 for a CUDA 12 torch)
+# and those its metadata requires that the image lacks (typically nvidia-nvimgcodec-cu13, nvidia-nvjpeg,
+# optree, gast, astunparse) in a folder and name it in DALI_WHEELS: scripts/gpu_check_install.py unpacks
+# them into site-packages first. Without DALI the DALI steps skip (parts 3 and 4 read with torchvision).
+# Runs never meet an earlier run's folders (each gets a fresh one under $OUT/work); the generated JPEGs
+# under $OUT/data are reused. Without a CUDA GPU every part runs what it can at small sizes and prints one
+# SKIP line per step it cannot run.
 set -uo pipefail
-OUT=${1:-${OUT:-/tmp/gpu_check}}
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check}
+export OUT PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export POWERGRAD_TRAIN_CACHE=${POWERGRAD_TRAIN_CACHE:-$OUT/cache}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 POWERGRAD_TRAIN_CACHE=/tmp/powergrad-cache
-exec > >(tee "$OUT/gpu_check.log") 2>&1
+GPU=$(python3 -c "import torch; print(int(torch.cuda.is_available()))")
+PARTS=${*:-0 1 2 3 4 5 6 7}
 
-echo "== machine"; nvidia-smi -L; python3 -c "import sys, torch, timm; print(sys.version.split()[0], torch.__version__, timm.__version__, torch.cuda.get_device_name(0))"
-python3 -c "import nvidia.dali" 2>/dev/null && echo "DALI present" || echo "DALI not installed here: the gpu placement is not checked"
+run() {  # run COMMAND...: echo it, run it, remember a failure
+  echo "\$ $*"
+  "$@" || failed=1
+}
 
-echo "== PGT gradient on CUDA vs float64 formula"
-python3 - <<'PY'
-import torch, torch.nn.functional as F
-from powergrad_train.pgt import power_grad_cross_entropy
-for dtype in (torch.float32, torch.float16, torch.bfloat16):
-    for alpha, eps in ((0.05, 0.0), (0.3, 0.1), (1.0, 0.1)):
-        g = torch.Generator(device="cuda").manual_seed(0)
-        z = (torch.randn(256, 1000, device="cuda", generator=g) * 4).to(dtype).requires_grad_()
-        t = torch.randint(0, 1000, (256,), device="cuda", generator=g)
-        (power_grad_cross_entropy(z, t, alpha, eps) * 65536.0).backward()
-        zd = z.detach().double()
-        q = torch.full_like(zd, eps / 1000); q[torch.arange(256), t] += 1 - eps
-        ref = 65536.0 * (torch.softmax(alpha * zd, 1) - q) / 256
-        rel = ((z.grad.double() - ref).norm() / ref.norm()).item()
-        print(f"{str(dtype):15s} alpha {alpha:4} eps {eps}: rel err {rel:.2e}, grad dtype {z.grad.dtype}")
-PY
+part0() {
+  if command -v nvidia-smi > /dev/null; then
+    run nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
+  else
+    echo "SKIP: nvidia-smi (not on this machine)"
+  fi
+  run python3 -c "import platform, torch, timm; print('Python', platform.python_version(), '| torch', torch.__version__,
+    '| CUDA', torch.version.cuda, '| cuDNN', torch.backends.cudnn.version(), '| timm', timm.__version__)"
+  cat "$OUT/install.txt"
+  run python3 -m powergrad_train env
+}
 
-echo "== loss cost (CUDA)"; python3 scripts/bench_loss.py --device cuda --rounds 5 --calls 200
-echo "== trainer step vs bare loop, resnet50 224px batch 256 bf16 channels_last (eager)"
-python3 scripts/bench_step.py --device cuda --model resnet50 --image-size 224 --batch 256 --amp bf16 --channels-last --steps 15 --rounds 5
-echo "== same, fp16 (GradScaler)"
-python3 scripts/bench_step.py --device cuda --model resnet50 --image-size 224 --batch 256 --amp fp16 --channels-last --steps 15 --rounds 3
-echo "== same, bf16 with torch.compile"
-python3 scripts/bench_step.py --device cuda --model resnet50 --image-size 224 --batch 256 --amp bf16 --channels-last --compile --steps 15 --rounds 3
-echo "== bench command (recipe resnet50_pgt.yaml, synthetic data)"
-python3 -m powergrad_train bench --config resnet50_pgt.yaml --data synthetic --set data.batch_size=256 --steps 30
-echo "== short fp16 training run on the demo set (GPU, torchvision loader)"
-python3 -m powergrad_train --config smoke.yaml --output /tmp/gpu_smoke --set amp=fp16 --set channels_last=true --set data.workers=8 --set schedule.epochs=6
-echo "== compiled vs eager step on CUDA (one step, same init)"
-python3 - <<'PY'
-import tempfile, torch
-from pathlib import Path
-from powergrad_train.config import build_config
-from powergrad_train.dist import DistEnv
-from powergrad_train.engine import Trainer
-ov = ["model.name=resnet50", "data.backend=synthetic", "data.batch_size=64", "data.image_size=64", "amp=bf16",
-      "loss.pgt_alpha=0.3", "schedule.epochs=10", "schedule.warmup_epochs=0", "schedule.cooldown_epochs=0"]
-ts = [Trainer(build_config("smoke.yaml", ov + [f"model.compile={c}"]), Path(tempfile.mkdtemp()), DistEnv(), torch.device("cuda")) for c in (False, True)]
-x, y = next(iter(ts[0].train_loader))
-for t in ts:
-    t.train_model.train(); t.train_step(x, y)
-err = max(((a - b).norm() / a.norm().clamp_min(1e-12)).item() for a, b in zip(ts[0].model.parameters(), ts[1].model.parameters()))
-print(f"compiled vs eager after one bf16 step: max relative parameter difference {err:.2e}")
-PY
-echo "== install check (powergrad-train env)"; python3 -m powergrad_train env
-echo "== peak memory at 256 images per GPU, fp16, channels_last (compare: scripts/estimate_memory.py)"
-python3 - <<'PY'
-import torch, timm
-import powergrad_train.models  # noqa: F401
-from powergrad_train.pgt import power_grad_cross_entropy
-for name in ["resnet18", "resnet18_nobn", "seresnet18", "resnet50", "seresnet50", "resnet101"]:
-    torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
-    m = timm.create_model(name, num_classes=1000).cuda().to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, fused=True)
-    scaler = torch.amp.GradScaler("cuda")
-    x = torch.randn(256, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (256,), device="cuda")
-    for _ in range(2):
-        with torch.autocast("cuda", dtype=torch.float16):
-            loss = power_grad_cross_entropy(m(x), y, 0.25)
-        scaler.scale(loss).backward(); scaler.step(opt); scaler.update(); opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    print(f"{name}: peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated, "
-          f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved")
-    del m, opt, x
-PY
-echo "== done"
+part1() { run python3 scripts/gpu_check_dali.py; }
+part2() { run python3 scripts/gpu_check_fp16.py; }
+part3() { run python3 scripts/gpu_check_resume.py; }
+part4() { run python3 scripts/gpu_check_ddp.py; }
+
+part5() {
+  if [ "$GPU" = 1 ]; then
+    for amp in fp16 bf16; do
+      run python3 scripts/bench_step.py --device cuda --model resnet50 --image-size 224 --batch 256 --amp $amp \
+        --channels-last --steps 15 --rounds 3
+    done
+    run python3 scripts/bench_loss.py --device cuda --rounds 5 --calls 200
+    run python3 -m powergrad_train bench --config resnet50_pgt.yaml --data synthetic --set data.batch_size=256 --steps 30
+  else
+    echo "SKIP: resnet50 at 224 px, batch 256, fp16 and bf16 on the GPU (no CUDA GPU here): the same scripts run small"
+    run python3 scripts/bench_step.py --model resnet10t --batch 16 --steps 3 --warmup 1 --rounds 1
+    run python3 scripts/bench_loss.py --rounds 1 --calls 20
+  fi
+}
+
+part6() {
+  if [ "$GPU" = 1 ]; then
+    run python3 scripts/bench_step.py --device cuda --model resnet50 --image-size 224 --batch 256 --amp bf16 \
+      --channels-last --compile --steps 15 --rounds 3
+  else
+    echo "SKIP: the compiled step's speed (no CUDA GPU here); the compiled update is checked below, small"
+  fi
+  run python3 scripts/gpu_check_compile.py
+}
+
+part7() {
+  if [ "$GPU" = 1 ]; then  # DALI's memory on part 1's JPEGs when they are there (else on JPEGs made for it)
+    run python3 scripts/estimate_memory.py --batch 256 $([ -d "$OUT/data/jpegs-1000-50" ] && echo --data "$OUT/data/jpegs-1000-50")
+  else
+    run python3 scripts/estimate_memory.py --models resnet18,resnet18_nobn --image-size 112
+  fi
+}
+
+NAMES=(machine dali fp16 checkpoint ddp step compiled memory)
+status=0
+echo "gpu check: parts $PARTS; summaries in $OUT"
+run python3 scripts/gpu_check_install.py > "$OUT/install.txt" 2>&1 || true
+tail -n 1 "$OUT/install.txt"
+for n in $PARTS; do
+  name=${NAMES[$n]:?no part $n}
+  summary="$OUT/part$n-$name.txt"
+  echo "== part $n: $name"
+  failed=0
+  { "part$n"; echo "part $n ($name): $([ $failed = 0 ] && echo 'no check failed' || echo 'FAILED')"; } 2>&1 \
+    | tee "$summary.partial"
+  grep -q "^part $n ($name): no check failed" "$summary.partial" || status=1
+  mv "$summary.partial" "$summary"  # written whole when the part ends
+done
+exit $status

@@ -1,8 +1,10 @@
 """The DALI backend, run for real on the CPU (data.dali_device: cpu)."""
 
+import importlib.metadata
 import shutil
 import signal
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -14,10 +16,12 @@ from powergrad_train import checkpoint
 from powergrad_train.cli import main
 from powergrad_train.config import build_config
 from powergrad_train.data import build_train_loader, build_val_loader
+from powergrad_train.data import dali as dali_backend
+from powergrad_train.data.dali import Placement, choose_placement
 from powergrad_train.data.demo import write_demo_dataset
 from powergrad_train.errors import ConfigError
 from powergrad_train.data.files import list_split
-from tests.conftest import assert_same_weights, load_weights, tiny_overrides
+from tests.conftest import REPO, assert_same_weights, load_weights, tiny_overrides
 from tests.test_data import IMAGE_FORMATS, write_image_formats
 from tests.test_fault_tolerance import start, wait_for
 
@@ -188,3 +192,136 @@ def test_dali_training_can_validate_the_way_the_paper_did(tiny_root):
     dali_bicubic, _ = build_val_loader(dali_cfg(tiny_root, "data.val_interpolation=bicubic"), rank=0, world_size=1)
     dali_bilinear, _ = build_val_loader(dali_cfg(tiny_root), rank=0, world_size=1)
     assert not torch.equal(next(iter(dali_bicubic))[0], next(iter(dali_bilinear))[0])  # DALI honours it too
+
+
+# ---------------------------------------------------------------- the GPU placements, read from the graph on the CPU
+
+def _graph_schema():
+    """The part of DALI's own dali.proto (PipelineDef, OpDef, Argument, InputOutput) that these tests read:
+    DALI serializes a defined pipeline without a GPU, but ships no Python module for its schema."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    F = descriptor_pb2.FieldDescriptorProto
+    file = descriptor_pb2.FileDescriptorProto(name="dali_graph.proto", package="dali_graph", syntax="proto2")
+
+    def message(name, fields):  # fields: number -> (name, type, repeated, message type)
+        m = file.message_type.add(name=name)
+        for number, (field, kind, repeated, of) in fields.items():
+            f = m.field.add(name=field, number=number, type=kind,
+                            label=F.LABEL_REPEATED if repeated else F.LABEL_OPTIONAL)
+            if of:
+                f.type_name = f".dali_graph.{of}"
+    message("Argument", {1: ("name", F.TYPE_STRING, False, None), 3: ("floats", F.TYPE_FLOAT, True, None),
+                         4: ("ints", F.TYPE_INT64, True, None), 5: ("strings", F.TYPE_STRING, True, None),
+                         6: ("bools", F.TYPE_BOOL, True, None), 7: ("extra_args", F.TYPE_MESSAGE, True, "Argument")})
+    message("InputOutput", {1: ("name", F.TYPE_STRING, False, None), 2: ("device", F.TYPE_STRING, False, None)})
+    message("OpDef", {1: ("name", F.TYPE_STRING, False, None), 4: ("args", F.TYPE_MESSAGE, True, "Argument")})
+    message("PipelineDef", {5: ("op", F.TYPE_MESSAGE, True, "OpDef"),
+                            7: ("pipe_outputs", F.TYPE_MESSAGE, True, "InputOutput")})
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("dali_graph.PipelineDef"))
+
+
+def _value(arg):
+    values = list(arg.bools) or list(arg.ints) or list(arg.floats) or list(arg.strings)
+    return values[0] if len(values) == 1 else [_value(a) for a in arg.extra_args]
+
+
+def dali_graph(cfg, train, where):
+    """(ops as (operator, {argument: value}), output devices) of the pipeline `where` describes, as DALI
+    serializes it: defined on this machine, never built, so GPU placements read the same as CPU ones."""
+    pipe = dali_backend.define_pipeline(cfg, ["a.jpg", "b.jpg"], [0, 1], 2, seed=0, train=train, where=where)
+    graph = _graph_schema().FromString(pipe.serialize())
+    ops = [(op.name, {a.name: _value(a) for a in op.args if not a.name.startswith("_")}) for op in graph.op]
+    return ops, [out.device for out in graph.pipe_outputs]
+
+
+GRAPH = Placement("mixed", gpu_outputs=True, device_id=None)  # device_id None: serializable without a GPU
+CPU_ONLY = Placement("cpu", gpu_outputs=False, device_id=None)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_gpu_decoding_asks_for_the_cpu_decoders_chroma_upsampling(tiny_root, train):
+    """nvJPEG's default (nearest-neighbour chroma) would make GPU images differ from DALI's CPU decoder and
+    PIL; the GPU pipeline is the CPU one with only the placement changed."""
+    cfg = dali_cfg(tiny_root)
+    gpu_ops, gpu_outputs = dali_graph(cfg, train, GRAPH)
+    cpu_ops, cpu_outputs = dali_graph(cfg, train, CPU_ONLY)
+    name, args = gpu_ops[1]
+    assert name == ("decoders__ImageRandomCrop" if train else "decoders__Image") and args["device"] == "mixed"
+    assert args["jpeg_fancy_upsampling"] is True and args["use_fast_idct"] is False
+    assert [n for n, _ in gpu_ops] == [n for n, _ in cpu_ops]
+    for (_, gpu_args), (_, cpu_args) in zip(gpu_ops, cpu_ops):
+        assert {k: v for k, v in gpu_args.items() if k != "device"} == {k: v for k, v in cpu_args.items()
+                                                                         if k != "device"}
+    assert {name: a["device"] for name, a in gpu_ops if name in ("Resize", "CropMirrorNormalize")} == \
+        {"Resize": "gpu", "CropMirrorNormalize": "gpu"}  # augmented on the GPU too
+    assert gpu_outputs == ["gpu", "gpu"] and cpu_outputs == ["cpu", "cpu"]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_cpu_decoding_in_a_gpu_run_hands_over_batches_on_the_gpu(tiny_root, train):
+    """dali_device: cpu on a CUDA machine (how the paper's authors ran): every operator on the CPU, and DALI
+    copies the batch to the GPU itself, so the trainer's .to(device) has nothing left to copy."""
+    ops, outputs = dali_graph(dali_cfg(tiny_root), train, Placement("cpu", gpu_outputs=True, device_id=None))
+    assert {args["device"] for _, args in ops} == {"cpu"}
+    assert outputs == ["gpu", "gpu"]
+
+
+@pytest.mark.parametrize("dali_device,gpu,dali_runs_on,expected", [
+    ("cpu", None, False, CPU_ONLY), ("auto", None, False, CPU_ONLY),  # a CPU-only run: as before
+    ("cpu", 1, True, Placement("cpu", gpu_outputs=True, device_id=1)),
+    ("cpu", 1, False, CPU_ONLY),  # a DALI build without kernels for this GPU (a V100 under DALI's CUDA 13 wheel)
+    ("gpu", 1, True, Placement("mixed", gpu_outputs=True, device_id=1)),
+    ("auto", 0, True, Placement("mixed", gpu_outputs=True, device_id=0)),
+])
+def test_where_the_pipelines_run(dali_device, gpu, dali_runs_on, expected):
+    assert choose_placement(dali_device, gpu, dali_runs_on) == expected
+
+
+def test_a_cpu_process_gets_a_cpu_only_pipeline(tiny_root):
+    for dali_device in ("cpu", "auto") if not torch.cuda.is_available() else ("cpu",):
+        assert dali_backend.placement(dali_cfg(tiny_root, f"data.dali_device={dali_device}"),
+                                      torch.device("cpu")) == CPU_ONLY
+
+
+def test_the_gpu_checks_install_unpacks_wheels_into_site_packages_and_keeps_what_is_there(tmp_path, monkeypatch):
+    """scripts/gpu_check_install.py, for a GPU machine without network: a wheel that brings its own
+    nvidia/__init__.py (as nvimgcodec's does) must not replace the one the machine's packages use."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from gpu_check_install import extract_wheel
+    wheel = tmp_path / "fake_codec_cu13-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("nvidia/__init__.py", "# the wheel's\n")
+        zf.writestr("nvidia/fake_codec/__init__.py", "VERSION = 1\n")
+        zf.writestr("fake_codec_cu13-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: fake-codec-cu13\n"
+                                                               "Version: 1.0\n")
+        zf.writestr("fake_codec_cu13-1.0.data/platlib/fake_codec_native.py", "")
+        zf.writestr("fake_codec_cu13-1.0.data/scripts/fake-tool", "#!/bin/sh\n")
+    site = tmp_path / "site-packages"
+    (site / "nvidia").mkdir(parents=True)
+    (site / "nvidia" / "__init__.py").write_text("# the machine's\n")
+    assert extract_wheel(wheel, site) == 3
+    assert (site / "nvidia" / "__init__.py").read_text() == "# the machine's\n"
+    assert (site / "nvidia" / "fake_codec" / "__init__.py").exists() and (site / "fake_codec_native.py").exists()
+    assert not list(site.rglob("fake-tool")) and not list(site.rglob("*.partial"))
+    assert [d.version for d in importlib.metadata.distributions(path=[str(site)])] == ["1.0"]
+    assert extract_wheel(wheel, site) == 0  # a second run changes nothing
+
+
+def test_the_gpu_checks_jpeg_folder_is_written_once_and_whole(tmp_path, monkeypatch):
+    """scripts/make_jpeg_folder.py: photo-sized JPEGs of the demo classes, the same files for the same
+    arguments, a finished folder reused, another one never written into."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from make_jpeg_folder import make_folder
+    root = make_folder(tmp_path / "jpegs", train=1, val=1, size=(50, 40), workers=1)
+    split = list_split(root, "train", verbose=False)
+    assert len(split.classes) == 10 and len(split.samples) == 10
+    with Image.open(split.samples[0][0]) as img:
+        assert img.format == "JPEG" and img.size == (50, 40)
+    again = make_folder(tmp_path / "again", train=1, val=1, size=(50, 40), workers=1)
+    assert all((root / f.relative_to(again)).read_bytes() == f.read_bytes() for f in again.rglob("*.jpg"))
+    stamp = (root / "COMPLETE").stat().st_mtime_ns
+    assert make_folder(root, train=1, val=1, size=(50, 40)) == root and (root / "COMPLETE").stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit, match="exists and is not a folder written with these settings"):
+        make_folder(root, train=2, val=1, size=(50, 40))

@@ -1,7 +1,9 @@
 """The NVIDIA DALI backend: one pipeline definition, run on the GPU or the CPU.
 
 `data.dali_device: gpu` decodes JPEGs with the `mixed` (nvJPEG) decoder and augments on
-the GPU; `cpu` does everything on the CPU (what tests and CI run). The file lists come
+the GPU; `cpu` decodes and augments on the CPU (what tests and CI run) and, in a run on a
+GPU, has DALI copy each batch to the GPU ahead of the step. Both decode with the same
+arguments, so the placement changes speed, not the images. The file lists come
 from files.py (bad files already left out) and the order from sampling.py, so DALI reads
 the same images in the same order as the torchvision backend.
 
@@ -15,13 +17,14 @@ is the loader's state, so a run resumed inside an epoch sees the same batches.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from powergrad_train.config import DataConfig
-from powergrad_train.data import Backend, TrainLoader, ValLoader
+from powergrad_train.data import Backend, TrainLoader, ValLoader, val_backend_name
 from powergrad_train.data.sampling import TrainSampler, sample_seed
 from powergrad_train.errors import ConfigError
 
@@ -41,35 +44,71 @@ def _dali():
     return dali, dali_torch
 
 
-def placement(cfg: DataConfig) -> str:
-    """'gpu' or 'cpu' for data.dali_device (auto = gpu when CUDA is available)."""
-    cuda = torch.cuda.is_available()
-    if cfg.dali_device == "gpu" and not cuda:
-        raise ConfigError("data.dali_device = gpu needs a CUDA GPU; use cpu (or auto) on this machine")
-    return "gpu" if cfg.dali_device == "gpu" or (cfg.dali_device == "auto" and cuda) else "cpu"
+@dataclass(frozen=True)
+class Placement:
+    decoder: str  # 'mixed' (nvJPEG; the augmentation then runs on the GPU too) or 'cpu'
+    gpu_outputs: bool  # DALI hands over batches already on the GPU (a no-op .to() in the trainer)
+    device_id: Optional[int]  # the pipeline's GPU; None: a CPU-only pipeline
 
 
-def _pipeline(cfg: DataConfig, files: list[str], labels: list[int], batch_size: int, seed: int, train: bool,
-              checkpoint=None):
-    """Decode, crop/resize, flip and normalise, on the GPU ('mixed' decoder) or the CPU."""
+def placement(cfg: DataConfig, device: torch.device) -> Placement:
+    """Where the pipelines of a process on `device` run (data.dali_device; auto = gpu in a run on a GPU)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return choose_placement(cfg.dali_device, index, dali_runs_on=_dali_runs_on(index))
+    if cfg.dali_device == "gpu":
+        if not torch.cuda.is_available():
+            raise ConfigError("data.dali_device = gpu needs a CUDA GPU; use cpu (or auto) on this machine")
+        index = torch.cuda.current_device()  # a CPU process on a GPU machine (--dry-run)
+        return choose_placement("gpu", index, dali_runs_on=_dali_runs_on(index))
+    return choose_placement("cpu", None, dali_runs_on=False)
+
+
+def choose_placement(dali_device: str, gpu: Optional[int], dali_runs_on: bool) -> Placement:
+    """gpu: the process's GPU (None: a CPU-only run); dali_runs_on: the installed DALI has kernels for it."""
+    if gpu is None:
+        return Placement("cpu", gpu_outputs=False, device_id=None)
+    if dali_device == "cpu":
+        # Decoded on the CPU, as the paper's authors ran it; DALI's copy to the GPU (from its pinned
+        # buffers, on its own stream, batches ahead) keeps the step from waiting on a pageable copy.
+        # A DALI build without kernels for this GPU (hardware.DALI_MIN_CAPABILITY) hands over CPU batches.
+        return Placement("cpu", gpu_outputs=dali_runs_on, device_id=gpu if dali_runs_on else None)
+    return Placement("mixed", gpu_outputs=True, device_id=gpu)
+
+
+def _dali_runs_on(index: int) -> bool:
+    from powergrad_train.hardware import dali_runs_on
+    return dali_runs_on(tuple(torch.cuda.get_device_capability(index)))
+
+
+def decoder_args() -> dict:
+    """The decoders' pixel-affecting arguments, the same for both placements (DALI 2.4's defaults
+    differ between them): `mixed` defaults to nearest-neighbour chroma upsampling, while DALI's
+    CPU decoder (libjpeg-turbo) and PIL interpolate ("fancy" upsampling). nvImageCodec applies the
+    flag to its hardware JPEG decoder (A100/H100, `hw_decoder_load` of each batch) and its CUDA
+    decoder alike, so the load split changes speed only; the fast IDCT stays off in both."""
+    return {"output_type": _dali()[0].types.RGB, "jpeg_fancy_upsampling": True, "use_fast_idct": False}
+
+
+def define_pipeline(cfg: DataConfig, files: list[str], labels: list[int], batch_size: int, seed: int, train: bool,
+                    where: Placement, checkpoint=None):
+    """Decode, crop/resize, flip and normalise, on the GPU ('mixed' decoder) or the CPU; defined, not
+    built (`serialize()` describes it without a GPU)."""
     dali, _ = _dali()
     fn, types = dali.fn, dali.types
-    on_gpu = placement(cfg) == "gpu"
-    pipe = dali.Pipeline(batch_size=batch_size, num_threads=max(1, cfg.workers),
-                         device_id=torch.cuda.current_device() if on_gpu else None,
+    pipe = dali.Pipeline(batch_size=batch_size, num_threads=max(1, cfg.workers), device_id=where.device_id,
                          seed=seed % (1 << 31), enable_checkpointing=True, checkpoint=checkpoint)
-    decoder = "mixed" if on_gpu else "cpu"
     with pipe:
         jpegs, targets = fn.readers.file(files=files, labels=labels, random_shuffle=False, name="Reader")
         if train:
             images = fn.decoders.image_random_crop(
-                jpegs, device=decoder, output_type=types.RGB, random_area=[cfg.crop_scale_min, 1.0],
-                random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
+                jpegs, device=where.decoder, random_area=[cfg.crop_scale_min, 1.0],
+                random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, **decoder_args())
             images = fn.resize(images, resize_x=cfg.image_size, resize_y=cfg.image_size,
                                interp_type=types.INTERP_LINEAR)
             mirror = fn.random.coin_flip(probability=0.5)
         else:
-            images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+            images = fn.decoders.image(jpegs, device=where.decoder, **decoder_args())
             images = fn.resize(images, resize_shorter=int(cfg.image_size / cfg.crop_pct),
                                interp_type=types.INTERP_CUBIC if cfg.val_interpolation == "bicubic"
                                else types.INTERP_LINEAR)
@@ -77,7 +116,13 @@ def _pipeline(cfg: DataConfig, files: list[str], labels: list[int], batch_size: 
         images = fn.crop_mirror_normalize(
             images, crop=(cfg.image_size, cfg.image_size), crop_pos_x=0.5, crop_pos_y=0.5, mirror=mirror,
             mean=MEAN, std=STD, dtype=types.FLOAT, output_layout="CHW")
-        pipe.set_outputs(images, targets.gpu() if on_gpu else targets)
+        pipe.set_outputs(*((images.gpu(), targets.gpu()) if where.gpu_outputs else (images, targets)))
+    return pipe
+
+
+def _pipeline(cfg: DataConfig, files: list[str], labels: list[int], batch_size: int, seed: int, train: bool,
+              where: Placement, checkpoint=None):
+    pipe = define_pipeline(cfg, files, labels, batch_size, seed, train, where, checkpoint)
     pipe.build()
     return pipe
 
@@ -91,8 +136,9 @@ def _batches(iterator, on_end=lambda: None):
 class DaliTrainLoader(TrainLoader):
     """This rank's training batches through a per-epoch DALI pipeline."""
 
-    def __init__(self, cfg: DataConfig, samples: list[tuple[str, int]], seed: int, rank: int, world_size: int):
-        self.cfg, self.samples, self.seed, self.rank = cfg, samples, seed, rank
+    def __init__(self, cfg: DataConfig, samples: list[tuple[str, int]], seed: int, rank: int, world_size: int,
+                 where: Placement):
+        self.cfg, self.samples, self.seed, self.rank, self.where = cfg, samples, seed, rank, where
         self.sampler = TrainSampler(len(samples), cfg.batch_size, rank, world_size, seed)
         self.batches_per_epoch, self.num_samples = self.sampler.batches_per_epoch, len(samples)
         self.epoch, self.start_batch = 0, 0
@@ -126,7 +172,7 @@ class DaliTrainLoader(TrainLoader):
         self._iterator = None  # release the previous epoch's pipeline first
         pipe = _pipeline(self.cfg, [self.samples[i][0] for i in indices], [self.samples[i][1] for i in indices],
                          self.sampler.local_batch, sample_seed(self.seed, self.epoch, self.rank), train=True,
-                         checkpoint=saved["pipeline"] if saved else None)
+                         where=self.where, checkpoint=saved["pipeline"] if saved else None)
         self._iterator = dali_torch.DALIGenericIterator(
             pipe, ["images", "labels"], reader_name="Reader",
             last_batch_policy=dali_torch.LastBatchPolicy.DROP, auto_reset=False)
@@ -136,12 +182,14 @@ class DaliTrainLoader(TrainLoader):
 class DaliValLoader(ValLoader):
     """Every val image once across ranks; the last batch may be short (PARTIAL, no padding)."""
 
-    def __init__(self, cfg: DataConfig, samples: list[tuple[str, int]], rank: int, world_size: int):
+    def __init__(self, cfg: DataConfig, samples: list[tuple[str, int]], rank: int, world_size: int,
+                 where: Placement):
         _, dali_torch = _dali()
         mine = samples[rank::world_size]
         self.num_samples = len(samples)
         batch = cfg.val_batch_per_process(world_size)
-        pipe = _pipeline(cfg, [p for p, _ in mine], [label for _, label in mine], batch, seed=0, train=False)
+        pipe = _pipeline(cfg, [p for p, _ in mine], [label for _, label in mine], batch, seed=0, train=False,
+                         where=where)
         self._iterator = dali_torch.DALIGenericIterator(
             pipe, ["images", "labels"], reader_name="Reader",
             last_batch_policy=dali_torch.LastBatchPolicy.PARTIAL, auto_reset=True)
@@ -155,12 +203,40 @@ class DaliValLoader(ValLoader):
 
 def build_train(cfg: DataConfig, samples, seed: int, rank: int, world_size: int,
                 device: torch.device) -> DaliTrainLoader:
-    placement(cfg)  # a gpu request on a machine without CUDA fails here, before any pipeline
-    return DaliTrainLoader(cfg, samples, seed, rank, world_size)
+    # a gpu request on a machine without CUDA fails here, before any pipeline
+    return DaliTrainLoader(cfg, samples, seed, rank, world_size, placement(cfg, device))
 
 
 def build_val(cfg: DataConfig, samples, rank: int, world_size: int, device: torch.device) -> DaliValLoader:
-    return DaliValLoader(cfg, samples, rank, world_size)
+    return DaliValLoader(cfg, samples, rank, world_size, placement(cfg, device))
+
+
+def measure_gpu_memory(cfg: DataConfig, train_samples, val_samples, device: torch.device, world_size: int = 1,
+                       batches: int = 3) -> Optional[int]:
+    """Bytes of GPU memory one process's DALI pipelines take in a run on `device`: the train pipeline
+    and, unless data.val_backend validates with torchvision, the val pipeline, as the trainer builds
+    them (memory pools, prefetch queues, decoded and augmented images), measured with
+    torch.cuda.mem_get_info after `batches` batches through each; torch's own memory (the batches
+    handed over) is not counted. None in a run on the CPU (nothing to measure).
+
+    Built on the side, then closed: DALI keeps freed memory in its pool (until
+    nvidia.dali.backend.ReleaseUnusedMemory()), so pipelines built next reuse it rather than add to it."""
+    if device.type != "cuda":
+        return None
+    from powergrad_train.hardware import MemoryOutsideTorch
+    meter = MemoryOutsideTorch(device)
+    loaders = [build_train(cfg, train_samples, 0, 0, world_size, device)]
+    if val_backend_name(cfg) == "dali":
+        loaders.append(build_val(cfg, val_samples, 0, world_size, device))
+    try:
+        loaders[0].set_epoch(0)
+        for loader in loaders:
+            for _, _ in zip(range(batches), loader):
+                pass
+        return meter.taken()
+    finally:
+        for loader in loaders:
+            loader.close()
 
 
 BACKEND = Backend(build_train, build_val)
