@@ -102,6 +102,11 @@ class ScheduleConfig:
 class LossConfig:
     pgt_alpha: Optional[float] = opt(None, "PowerGrad Transform exponent alpha in (0, 1]; null = plain cross-entropy gradient", gt=0.0, le=1.0, fixed=True)
     label_smoothing: float = opt(0.0, "label smoothing epsilon", ge=0.0, lt=1.0, fixed=True)
+    pgt_impl: str = opt("exact", "how the PGT gradient is computed: exact = softmax(alpha * logits) from the logits "
+                                 "themselves; authors_hook = the PGT authors' tensor hook, which rebuilds the "
+                                 "probabilities from the incoming gradient in the logits' dtype, so it depends on "
+                                 "the fp16 loss scale and the per-process batch (to study their numbers)",
+                        choices=("exact", "authors_hook"), fixed=True)
 
 
 @dataclass

@@ -163,7 +163,8 @@ class Trainer:
         """Logits under autocast, and the loss stage: PGT and label smoothing (pgt.py)."""
         with self.autocast():
             logits = self.train_model(images)
-        return logits, power_grad_cross_entropy(logits, targets, self.cfg.loss.pgt_alpha, self.cfg.loss.label_smoothing)
+        return logits, power_grad_cross_entropy(logits, targets, self.cfg.loss.pgt_alpha, self.cfg.loss.label_smoothing,
+                                                impl=self.cfg.loss.pgt_impl)
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> None:
         """One optimizer step over this process's share of one global batch. No host sync."""

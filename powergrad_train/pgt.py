@@ -15,6 +15,14 @@ when S == N^2 (for example 256 images per GPU and GradScaler's initial scale 655
 Here the result does not depend on loss scale, batch size, reduction, logit precision or
 the number of processes.
 
+impl="authors_hook" reproduces the authors' computation instead, to study where their numbers
+come from: the ordinary cross-entropy, whose gradient reaches the logits (in their dtype, fp16
+under autocast) as S * (p - q) / N, then a hook that rebuilds p = grad / N + q, raises it to
+alpha, renormalises and returns N * (ptilde - q), every step in the logits' dtype. Its result
+is right only when S == N^2; for S > N^2 the rebuilt target probability is negative and the
+power gives NaN (the GradScaler then skips the step and halves S), for S < N^2 it is wrong, and
+in fp16 probabilities below about 3e-8 become 0 before the power.
+
 Paper: B. Das, M. Mondal, B. Lall, S. D. Joshi, S. Dutta Roy, "Altering Backward Pass
 Gradients improves Convergence", arXiv:2111.12495. Authors' code:
 https://github.com/bishshoy/power-grad-transform
@@ -58,17 +66,46 @@ class _PowerGradCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.dtype), None, None, None
 
 
+def authors_hook_gradient(grad: torch.Tensor, target: torch.Tensor, alpha: float,
+                          label_smoothing: float) -> torch.Tensor:
+    """What the authors' hook returns for the incoming logits gradient `grad` (N x C).
+
+    Every operation stays in grad's dtype, in their order: q = the smoothed one-hot target,
+    p = grad / N + q, ptilde = p^alpha / sum(p^alpha), returned as N * (ptilde - q).
+    """
+    n, num_classes = grad.shape
+    q = F.one_hot(target, num_classes).to(grad.dtype).mul_(1.0 - label_smoothing).add_(label_smoothing / num_classes)
+    # The power in float32, rounded to the dtype: what CUDA's half kernels do (the CPU's own half
+    # power is an approximation that can be one unit in the last place off).
+    p = grad.div(n).add_(q).float().pow_(alpha).to(grad.dtype)
+    p.div_(p.sum(dim=1, keepdim=True))
+    return p.sub_(q).mul_(n)
+
+
+def _authors_hook(logits: torch.Tensor, target: torch.Tensor, alpha: float, label_smoothing: float) -> torch.Tensor:
+    # The loss as theirs: cross-entropy in float32, its gradient cast back to the logits' dtype.
+    loss = F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
+    if logits.requires_grad:
+        logits.register_hook(lambda grad: authors_hook_gradient(grad, target, alpha, label_smoothing))
+    return loss
+
+
 def power_grad_cross_entropy(logits: torch.Tensor, target: torch.Tensor, alpha: Optional[float],
-                             label_smoothing: float = 0.0) -> torch.Tensor:
+                             label_smoothing: float = 0.0, impl: str = "exact") -> torch.Tensor:
     """Mean cross-entropy of `logits` (N x C) against class indices `target` (N,).
 
     alpha=None gives torch's cross-entropy (plain gradient). A float alpha in (0, 1]
-    gives the PGT gradient; alpha=1 equals plain cross-entropy.
+    gives the PGT gradient; alpha=1 equals plain cross-entropy. impl: "exact", or
+    "authors_hook" for the authors' computation (see the module docstring).
     """
     if logits.ndim != 2 or target.ndim != 1 or target.shape[0] != logits.shape[0]:
         raise ValueError(f"expected logits (N, C) and target (N,), got {tuple(logits.shape)} and {tuple(target.shape)}")
+    if impl not in ("exact", "authors_hook"):
+        raise ValueError(f"pgt impl must be 'exact' or 'authors_hook', got {impl!r}")
     if alpha is None:
         return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"pgt alpha must be in (0, 1], got {alpha}")
+    if impl == "authors_hook":
+        return _authors_hook(logits, target, float(alpha), float(label_smoothing))
     return _PowerGradCrossEntropy.apply(logits, target, float(alpha), float(label_smoothing))
