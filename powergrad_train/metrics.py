@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from powergrad_train import dist
+from powergrad_train.errors import RunFolderError
 
 SUMMARY_COLUMNS = ("epoch", "step", "train_loss", "train_top1", "eval_loss", "eval_top1", "eval_top5", "lr",
                    "images_per_sec", "epoch_time_s", "logit_norm", "eval_logit_norm", "zeroed_filters",
@@ -189,24 +190,40 @@ class Console(Output):
 
 
 class SummaryCsv(Output):
-    """summary.csv: one row per epoch. On resume, rows of epochs after the checkpoint are dropped."""
+    """summary.csv: one row per epoch. On resume, rows of epochs after the checkpoint are dropped
+    (they are trained again); what was added by hand is kept: columns (after ours, left empty in
+    new rows) and rows whose epoch cell is not a whole number (notes). A file whose first line is
+    not a header with an `epoch` column is refused rather than rewritten."""
 
     def __init__(self, run_dir: Path, start_epoch: int):
         self.path = Path(run_dir) / "summary.csv"
+        self.columns = list(SUMMARY_COLUMNS)
         if self.path.exists():
             with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("epoch", "").isdigit() and int(r["epoch"]) <= start_epoch]
+                header, *rows = list(csv.reader(f)) or [None]
+            if header is None:
+                return
+            if "epoch" not in header:
+                raise RunFolderError(f"{self.path}: its first line is not a header with an 'epoch' column (edited by "
+                                     f"hand?); put the header back ({','.join(SUMMARY_COLUMNS)}) or move the file away")
+            self.columns += [c for c in header if c not in self.columns]
+            where = {c: i for i, c in enumerate(header)}
+            epoch = where["epoch"]
+            kept = [row for row in rows if row and not (len(row) > epoch and row[epoch].isascii()
+                                                        and row[epoch].isdigit() and int(row[epoch]) > start_epoch)]
             tmp = self.path.with_name(f".{self.path.name}.tmp")
             with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, SUMMARY_COLUMNS, extrasaction="ignore")
-                w.writeheader()
-                w.writerows(rows)
+                w = csv.writer(f)
+                w.writerow(self.columns)
+                # Each cell under its column's new position; cells beyond the old header stay at the end.
+                w.writerows([row[where[c]] if c in where and where[c] < len(row) else "" for c in self.columns]
+                            + row[len(header):] for row in kept)
             os.replace(tmp, self.path)  # a kill now leaves the old file or the new one
 
     def epoch_end(self, row: dict) -> None:
-        new = not self.path.exists()
+        new = not self.path.exists() or self.path.stat().st_size == 0
         with open(self.path, "a", newline="") as f:
-            w = csv.DictWriter(f, SUMMARY_COLUMNS)
+            w = csv.DictWriter(f, self.columns, restval="")
             if new:
                 w.writeheader()
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
