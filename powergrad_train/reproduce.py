@@ -92,7 +92,8 @@ def parse_rows(text: Optional[str], table: int) -> Optional[list[int]]:
     if text is None:
         return None
     count = len(paper.table_rows(table))
-    where, span = f"reproduce --rows {text}", f"Table {table} has rows 1 to {count}"
+    where = f"reproduce --rows {text}" if text.strip() else "reproduce --rows"
+    span = f"Table {table} has rows 1 to {count}"
     rows = []
     for item in text.split(","):
         item = item.strip()
@@ -221,7 +222,7 @@ def describe(runs: list[PlannedRun], nproc: int, throughput: Throughput, data: P
                   f"x {run.cfg.schedule.epochs} epochs, about {hours:.0f} GPU hours at {speed:.0f} images/s"
                   f"{'' if given else ' (estimate)'}", f"  {shlex.join(run.command)}"]
     images = runs[0].train_images if runs else IMAGENET_TRAIN_IMAGES
-    lines.append(f"steps per epoch: from the {images:,} files in {data / 'train'}" if count_train_images(data)
+    lines.append(f"steps per epoch: from the {images:,} files in {data / 'train'}" if (data / "train").is_dir()
                  else f"steps per epoch: from ImageNet's {IMAGENET_TRAIN_IMAGES:,} train images ({data / 'train'} "
                       "not found)")
     lines += lr_table(runs)
@@ -247,8 +248,8 @@ def lr_table(runs: list[PlannedRun]) -> list[str]:
     lines = ["LR at the first step of each epoch: " + " | ".join(heads)]
     longest = max((run.cfg.schedule.epochs for run, _ in columns.values()), default=0)
     for epoch in range(longest):
-        cells = [f"{lr_at_step(run.cfg.schedule, run.cfg.optim.lr, epoch * run.steps_per_epoch, run.steps_per_epoch):.6g}"
-                 if epoch < run.cfg.schedule.epochs else "-" for run, _ in columns.values()]
+        cells = [f"{lr_at_step(r.cfg.schedule, r.cfg.optim.lr, epoch * r.steps_per_epoch, r.steps_per_epoch):.6g}"
+                 if epoch < r.cfg.schedule.epochs else "-" for r, _ in columns.values()]
         lines.append(f"  epoch {epoch + 1:4d}: " + " | ".join(cells))
     return lines
 

@@ -18,7 +18,7 @@ from powergrad_train.cli import main
 from powergrad_train.config import KEYS, build_config, dump, get
 from powergrad_train.diagnostics import save_filter_norms
 from powergrad_train.metrics import SUMMARY_COLUMNS, SummaryCsv
-from powergrad_train.report import alpha_groups, main_path_convs, read_run
+from powergrad_train.report import alpha_groups, main_path_convs, read_run, tables
 from tests.conftest import tiny_overrides
 
 ROW = {r.label: r for r in paper.table_rows(1)}
@@ -64,6 +64,11 @@ def row_run(tmp_path, row, name, test_top1, seed=0, **kw):
 def report_text(capsys, *args):
     main(["report", *map(str, args)])
     return capsys.readouterr().out
+
+
+def tables_of(*folders, reading="global"):
+    """The report's text without its figures (the statistics tests need no PNGs)."""
+    return tables([read_run(f) for f in folders], reading=reading)
 
 
 def row_line(text, label):
@@ -131,12 +136,12 @@ def test_table2_per_gpu_reading_files_a_b256_run_at_batch_1024_under_256(tmp_pat
 
 # ----------------------------------------------------------------------------- seeds and statistics
 
-def test_seeds_of_a_row_give_mean_sd_and_the_gain_with_its_interval(tmp_path, capsys):
+def test_seeds_of_a_row_give_mean_sd_and_the_gain_with_its_interval(tmp_path):
     base = {0: 70.1, 1: 70.3, 2: 70.2}
     pgt = {0: 70.4, 1: 70.55, 2: 70.55}  # 0.3, 0.25 and 0.35 above their seed's baseline
     folders = [row_run(tmp_path, R18_BASE, f"b{s}", v, seed=s, best_offset=0.1) for s, v in base.items()]
     folders += [row_run(tmp_path, R18_PGT, f"p{s}", v, seed=s, best_offset=0.2) for s, v in pgt.items()]
-    text = report_text(capsys, *folders, "--out", tmp_path / "out")
+    text = tables_of(*folders)
     line = row_line(text, R18_PGT.label)
     assert "| 3 seeds (0, 1, 2), finished |" in line
     mean, sd = statistics.fmean(pgt.values()), statistics.stdev(pgt.values())
@@ -178,18 +183,16 @@ def test_seeds_needed_by_hand():
     assert seed_stats.seeds_needed(0.12, 0.73) == 2  # SE-ResNet-50's gain stands out at 2 seeds
 
 
-def test_one_seed_per_arm_says_no_statement_is_possible(tmp_path, capsys):
-    folders = [row_run(tmp_path, R18_BASE, "b", 70.0), row_run(tmp_path, R18_PGT, "p", 70.5)]
-    text = report_text(capsys, *folders, "--out", tmp_path / "out")
+def test_one_seed_per_arm_says_no_statement_is_possible(tmp_path):
+    text = tables_of(row_run(tmp_path, R18_BASE, "b", 70.0), row_run(tmp_path, R18_PGT, "p", 70.5))
     gains = next(line for line in text.splitlines() if line.startswith(f"| {R18_PGT.label} | +0.09 |"))
     assert "+0.50 (n 1/1): no statement about noise is possible (needs at least 2 seeds per arm)" in gains
     assert "unknown (needs 2 seeds per arm)" in gains
     assert "| epoch 99 of 100 (baseline final 70.00) |" in gains  # epoch 99 is at its final value already
 
 
-def test_time_to_accuracy_never(tmp_path, capsys):
-    folders = [row_run(tmp_path, R18_BASE, "b", 70.0), row_run(tmp_path, R18_PGT, "p", 69.0)]
-    text = report_text(capsys, *folders, "--out", tmp_path / "out")
+def test_time_to_accuracy_never(tmp_path):
+    text = tables_of(row_run(tmp_path, R18_BASE, "b", 70.0), row_run(tmp_path, R18_PGT, "p", 69.0))
     assert "| never (baseline final 70.00) |" in text
 
 
@@ -210,11 +213,10 @@ def test_tiny_runs_are_other_runs_related_to_the_rows_they_are_about(two_epoch_r
     assert (tmp_path / "out" / "report.md").read_text() == text.split("\nwritten: ")[0]
 
 
-def test_a_try_out_of_a_recipe_is_related_and_says_what_differs(tmp_path, capsys):
+def test_a_try_out_of_a_recipe_is_related_and_says_what_differs(tmp_path):
     cfg = build_config(R18_PGT.recipe, ["schedule.epochs=3", "schedule.mode=per_step", "data.batch_size=64",
                                         "schedule.warmup_epochs=1", "schedule.cooldown_epochs=0"])
-    write_run(tmp_path / "tryout", cfg, 30.0)
-    text = report_text(capsys, tmp_path / "tryout", "--out", tmp_path / "out")
+    text = tables_of(write_run(tmp_path / "tryout", cfg, 30.0))
     assert "| not run; related: tryout (see other runs) |" in row_line(text, R18_PGT.label)
     assert ("- tryout: related to Table 1 resnet18 cosine PGT 0.25: differs in data.batch_size (run 64, row 1024), "
             "schedule.mode (run per_step, row authors_per_epoch), schedule.epochs (run 3, row 100), "
@@ -352,8 +354,9 @@ def test_figures_are_written(two_epoch_run, pgt_run, tmp_path):
     main(["report", *map(str, pair), str(two_epoch_run), str(pgt_run), "--out", str(tmp_path / "out"),
           "--reference", str(authors_tree(tmp_path / "authors"))])
     names = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
-    assert names == ["accuracy.png", "alpha.png", "filters-pgt.png", "filters-run.png",
-                     "filters-table1-resnet18-cosine-PGT-0.25.png", "pair-table1-resnet18-cosine-PGT-0.25.png",
+    # The tiny runs are no row, but equal in every key a row fixes but alpha: a pair of their own.
+    assert names == ["accuracy.png", "alpha.png", "filters-run-vs-pgt.png", "filters-table1-resnet18-cosine-PGT-0.25.png",
+                     "pair-run-vs-pgt.png", "pair-table1-resnet18-cosine-PGT-0.25.png",
                      "pair-table2-batch-256-PGT-0.25.png"]
     for path in (tmp_path / "out").glob("*.png"):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000

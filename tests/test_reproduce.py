@@ -73,7 +73,7 @@ def test_gpu_hours_per_model_and_stated_estimates_without_a_measurement(tmp_path
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--rows="], "error: reproduce --rows : give row numbers separated by commas, e.g. --rows 1,2 "
+    (["--rows="], "error: reproduce --rows: give row numbers separated by commas, e.g. --rows 1,2 "
                   "(Table 1 has rows 1 to 14)"),
     (["--rows", "1,x"], "error: reproduce --rows 1,x: 'x' is not a row number (Table 1 has rows 1 to 14)"),
     (["--rows", "15"], "error: reproduce --rows 15: Table 1 has rows 1 to 14"),
