@@ -293,7 +293,8 @@ def gains_table(table: int, placed: Placed) -> list[str]:
              "PGT reaches the baseline's final test top-1 |", "|---|---|---|---|---|---|"]
     shown = 0
     for base_row, row in pairs(table):
-        base, pgt = arm(placed.exact[base_row]), arm(placed.exact[row])
+        # Runs with a logged test top-1 (a diverged run's may be NaN throughout).
+        base, pgt = ([r for r in arm(placed.exact[x]) if r.final("eval_top1") is not None] for x in (base_row, row))
         if not base and not pgt:
             continue
         shown += 1
@@ -430,9 +431,11 @@ def accuracy_figure(runs: list[Run], theirs: list[Run], title: str, path: Path, 
     panels = 3 if compare else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
     color_of = dict(zip(map(id, runs), colors)) if colors else {}
+    seeds = sorted({r.seed for r in runs})
     for run, label in zip(runs, _legend_labels(runs, setting)):
+        style = ("-", "-.", ":")[seeds.index(run.seed) % 3] if colors else "-"  # the authors' are dashed
         for ax, column in zip(axes, ("train_top1", "eval_top1")):
-            ax.plot(*run.curve(column), label=label, color=color_of.get(id(run)))
+            ax.plot(*run.curve(column), style, label=label, color=color_of.get(id(run)))
     for t in theirs:
         for ax, column in zip(axes, ("train_top1", "eval_top1")):
             ax.plot(*t.curve(column), "--", color="C0" if t.cfg.loss.pgt_alpha is None else "C1",
@@ -496,19 +499,22 @@ def filter_norm_figure(runs: list[Run], title: str, path: Path, plt) -> Optional
     if not all(epochs for epochs, _ in data):
         return None
     layers = [n for n in main_path_convs(list(data[0][1][0])) if all(n in d[1][0] for d in data)]
-    cols = max(2, len(runs))
-    fig, axes = plt.subplots(len(layers) + 1, cols, figsize=(5.2 * cols, 3.1 * (len(layers) + 1)), squeeze=False)
+    if len(runs) == 1:  # the layers in a row, the summaries below them
+        fig, axes = plt.subplots(2, 3, figsize=(15.6, 6.4), squeeze=False)
+        layer_axes, summary = [[ax] for ax in axes[0]], axes[1]
+    else:  # a row per layer, the runs side by side
+        fig, axes = plt.subplots(len(layers) + 1, 2, figsize=(10.4, 3.1 * (len(layers) + 1)), squeeze=False)
+        layer_axes, summary = axes[:-1], axes[-1]
     labels = _legend_labels(runs, setting=False)
-    for i, layer in enumerate(layers):
+    for row_axes, layer in zip(layer_axes, layers):
         top = max(max(norms[layer].max() for norms in d[1]) for d in data)
-        for j, ((epochs, norms), label) in enumerate(zip(data, labels)):
-            ax = axes[i][j]
+        for ax, (epochs, norms), label in zip(row_axes, data, labels):
             ax.plot(epochs, np.stack([n[layer] for n in norms]), lw=0.6, alpha=0.6)
             ax.set(xlabel="epoch", ylabel="filter L2 norm", ylim=(0, 1.05 * top),
                    title=f"{label}: {layer} ({len(norms[0][layer])} filters)")
-        for j in range(len(runs), cols):
-            axes[i][j].axis("off")
-    zero_ax, dead_ax = axes[-1][0], axes[-1][1]
+    for ax in summary[2:]:
+        ax.axis("off")
+    zero_ax, dead_ax = summary[0], summary[1]
     for (epochs, norms), label, run, style in zip(data, labels, runs, ("-", "--")):
         for color, layer in enumerate(layers):
             zero_ax.plot(epochs, [100 * (n[layer] < ZEROED_NORM).mean() for n in norms], style, color=f"C{color}",
@@ -518,8 +524,6 @@ def filter_norm_figure(runs: list[Run], title: str, path: Path, plt) -> Optional
     zero_ax.set_ylim(bottom=0, top=max(1.0, zero_ax.get_ylim()[1]))
     dead_ax.set(xlabel="epoch", ylabel="dead channels", title="pooled features zero on every val image (Fig. 5c)")
     dead_ax.set_ylim(bottom=0, top=max(1.0, dead_ax.get_ylim()[1]))
-    for j in range(2, cols):
-        axes[-1][j].axis("off")
     for ax in (zero_ax, dead_ax):
         ax.legend(fontsize=7)
     for ax in fig.axes:
