@@ -377,3 +377,10 @@ def test_logit_norm_rises_as_alpha_falls(two_epoch_run, pgt_run):
         return float(list(csv.DictReader(open(folder / "summary.csv")))[-1][column])
     assert last(pgt_run, "logit_norm") > 1.5 * last(two_epoch_run, "logit_norm")
     assert np.isfinite(last(pgt_run, "train_loss"))
+
+
+def test_report_without_runs_or_reference_is_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["report"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: report: give run folders, or --reference AUTHORS_DIR, or both"
