@@ -47,7 +47,9 @@ def _train_parser() -> argparse.ArgumentParser:
 def _validate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="powergrad-train validate",
                                 description="Evaluate a checkpoint on the val split: top-1, top-5, loss.")
-    p.add_argument("--checkpoint", required=True, metavar="PATH")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a checkpoint of this program (.pt), or one of the PGT authors' (.pth.tar, timm 0.4.12's "
+                        "format: their args are printed and their weights evaluated here)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the checkpoint's config, e.g. --set data.root=/data/imagenet")
     return p
@@ -149,13 +151,18 @@ def train_command(argv: list[str]) -> None:
 
 def validate_command(argv: list[str]) -> None:
     args = _validate_parser().parse_args(argv)
-    from powergrad_train import checkpoint, dist
+    from powergrad_train import authors, checkpoint, dist
     from powergrad_train.engine import autocast_for, build_data, build_model_on, evaluate_model
     from powergrad_train.metrics import format_eval
 
     path = Path(args.checkpoint)
-    state = checkpoint.load(path)
-    cfg = build_config(None, args.set, start=(f"{path} (its config)", state["config"]), lenient=True)
+    about = None
+    if authors.is_timm_checkpoint(path):  # the PGT authors' published files (timm 0.4.12's format)
+        theirs = authors.load_checkpoint(path)
+        about, state, cfg = theirs.describe(), {"model": theirs.state_dict}, theirs.config(args.set)
+    else:
+        state = checkpoint.load(path)
+        cfg = build_config(None, args.set, start=(f"{path} (its config)", state["config"]), lenient=True)
     env = dist.env_from_torchrun()
     _check_machine(cfg, env.world_size)
     device = dist.device_for(env)
@@ -170,6 +177,7 @@ def validate_command(argv: list[str]) -> None:
         finally:
             data.close()
         if env.is_main:
+            print(f"{about}\n" if about else "", end="")
             print(f"{path}: {format_eval(values)}")
     finally:
         dist.close()
@@ -225,50 +233,69 @@ def env_command(argv: list[str]) -> None:
 def report_command(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="powergrad-train report",
                                 description="Put runs beside the paper's Tables 1-3 (matched by their resolved "
-                                            "config) and draw the paper's figures from them.")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, finished or not")
+                                            "config, several seeds of a row with statistics) and draw the paper's "
+                                            "figures from them.")
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folders, finished or not")
     p.add_argument("--out", default="report", metavar="DIR", help="where report.md and the PNG figures go "
                                                                   "(default: ./report)")
+    p.add_argument("--reference", metavar="AUTHORS_DIR",
+                   help="the PGT authors' published folder (<model>/<schedule>-scheduler-alpha-<a>/summary.csv): "
+                        "their final and best test top-1 beside each row, their curves in the figures")
+    p.add_argument("--table2-batch", choices=paper_readings(), default="global",
+                   help="read Table 2's batch as the global batch (the recipes) or per GPU on the authors' 4 GPUs")
     args = p.parse_args(argv)
+    if not args.runs and not args.reference:
+        raise ConfigError("report: give run folders, or --reference AUTHORS_DIR, or both")
     from powergrad_train.report import write_report
-    text, figures = write_report([Path(r) for r in args.runs], Path(args.out))
+    text, figures = write_report([Path(r) for r in args.runs], Path(args.out),
+                                 Path(args.reference) if args.reference else None, args.table2_batch)
     print(text)
     print(f"written: {Path(args.out) / 'report.md'}" + "".join(f", {f}" for f in figures))
 
 
+def paper_readings() -> tuple[str, ...]:
+    from powergrad_train.paper import BATCH_READINGS
+    return BATCH_READINGS
+
+
 def reproduce_command(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="powergrad-train reproduce",
-                                description="Run every row of one of the paper's tables in turn (finished rows "
-                                            "skipped, interrupted ones resumed), then write the report.")
+                                description="Run every row of one of the paper's tables in turn, once per seed "
+                                            "(finished runs skipped, interrupted ones resumed), then write the report.")
     p.add_argument("table", type=int, choices=(1, 2, 3))
     p.add_argument("--data", required=True, metavar="DIR", help="ImageNet root holding train/ and val/")
     p.add_argument("--nproc", type=_count(1), default=1, help="processes (GPUs) per row, under torchrun")
-    p.add_argument("--out", default="runs/reproduce", metavar="DIR", help="a run folder per row, and report/")
+    p.add_argument("--out", default="runs/reproduce", metavar="DIR", help="a run folder per row and seed, and report/")
     p.add_argument("--rows", metavar="N,N", help="only these rows of the table, counted from 1 (default: all)")
+    p.add_argument("--seeds", metavar="S,S", help="run every row once per seed, e.g. 0,1,2 (folder OUT/<recipe> for "
+                                                  "seed 0, OUT/<recipe>-seed<S> for the others)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every row")
-    p.add_argument("--images-per-sec", type=float, metavar="X",
-                   help="measured training images/s on --nproc GPUs (powergrad-train bench), for the estimate")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--table2-batch", choices=paper_readings(), default="global",
+                   help="Table 2's batch as the global batch (the recipes) or per GPU on the authors' 4 GPUs "
+                        "(global batch 4x; folders OUT/<recipe>-per-gpu)")
+    p.add_argument("--images-per-sec", metavar="X|MODEL=X,...",
+                   help="measured training images/s on --nproc GPUs (powergrad-train bench), for all models or "
+                        "per model; without it the plan uses stated V100 estimates")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit (needs no data folder)")
     args = p.parse_args(argv)
-    from powergrad_train import paper, reproduce
+    from powergrad_train import reproduce
     from powergrad_train.report import write_report
-    count = sum(r.table == args.table for r in paper.ROWS)
-    try:
-        rows = [int(n) for n in args.rows.split(",")] if args.rows else None
-    except ValueError:
-        rows = [0]
-    if rows and not all(1 <= n <= count for n in rows):
-        raise ConfigError(f"reproduce --rows {args.rows}: Table {args.table} has rows 1 to {count}")
-    runs = reproduce.plan(args.table, Path(args.data), args.nproc, Path(args.out), args.set, rows)
-    print(reproduce.describe(runs, args.nproc, args.images_per_sec), flush=True)
+    rows = reproduce.parse_rows(args.rows, args.table)
+    seeds = reproduce.parse_seeds(args.seeds, args.set)
+    throughput = reproduce.parse_throughput(args.images_per_sec)
+    out = Path(args.out)
+    runs = reproduce.plan(args.table, Path(args.data), args.nproc, out, args.set, rows, seeds, args.table2_batch)
+    reproduce.check_reuse(runs)
+    print(reproduce.describe(runs, args.nproc, throughput, Path(args.data)), flush=True)
     if args.dry_run:
         return
     code, failure = reproduce.execute(runs)
     if code:
         print(failure, file=sys.stderr, flush=True)
         sys.exit(code)
-    _, figures = write_report([r.output for r in runs], Path(args.out) / "report")
-    print(f"report: {Path(args.out) / 'report' / 'report.md'}" + "".join(f", {f}" for f in figures))
+    # Every run in OUT, of every table: reports of tables sharing OUT never erase each other's runs.
+    _, figures = write_report(reproduce.run_folders(out), out / "report", reading=args.table2_batch)
+    print(f"report: {out / 'report' / 'report.md'}" + "".join(f", {f}" for f in figures))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

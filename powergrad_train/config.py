@@ -118,6 +118,11 @@ class LossConfig:
                     choices=tuple(registry.OBJECTIVES), fixed=True)
     pgt_alpha: Optional[float] = opt(None, "PowerGrad Transform exponent alpha in (0, 1]; null = plain cross-entropy gradient", gt=0.0, le=1.0, fixed=True)
     label_smoothing: float = opt(0.0, "label smoothing epsilon", ge=0.0, lt=1.0, fixed=True)
+    pgt_impl: str = opt("exact", "how the PGT gradient is computed: exact = softmax(alpha * logits) from the logits "
+                                 "themselves; authors_hook = the PGT authors' tensor hook, which rebuilds the "
+                                 "probabilities from the incoming gradient in the logits' dtype, so it depends on "
+                                 "the fp16 loss scale and the per-process batch (to study their numbers)",
+                        choices=("exact", "authors_hook"), fixed=True)
 
 
 @dataclass
@@ -515,6 +520,10 @@ def check(cfg: Config, sources: dict[str, str]) -> None:
     if cfg.optim.name == "sgd" and cfg.optim.nesterov and cfg.optim.momentum == 0:
         raise ConfigError(f"{where('optim.nesterov', 'optim.momentum')}: optim.nesterov needs optim.momentum > 0")
     b = cfg.batch_transform
+    if b.name != "none" and cfg.loss.pgt_impl == "authors_hook":
+        raise ConfigError(f"{where('batch_transform.name', 'loss.pgt_impl')}: loss.pgt_impl = authors_hook is the "
+                          "authors' computation for class-index targets; it cannot take the probabilities "
+                          f"batch_transform.name = {b.name} makes")
     if b.name == "mixup" and b.mixup_alpha == 0 and b.cutmix_alpha == 0:
         raise ConfigError(f"{where('batch_transform.name', 'batch_transform.mixup_alpha', 'batch_transform.cutmix_alpha')}: "
                           "batch_transform.name = mixup needs batch_transform.mixup_alpha or cutmix_alpha > 0")

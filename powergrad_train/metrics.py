@@ -11,11 +11,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from powergrad_train import dist
+from powergrad_train.errors import RunFolderError
 
 SUMMARY_COLUMNS = ("epoch", "step", "train_loss", "train_top1", "eval_loss", "eval_top1", "eval_top5", "lr",
                    "images_per_sec", "epoch_time_s", "logit_norm", "eval_logit_norm", "zeroed_filters",
@@ -214,32 +215,60 @@ SUMMARY_CSV = "summary.csv"
 
 
 class SummaryCsv(Output):
-    """summary.csv: one row per epoch (build_run first trims rows after the checkpoint it resumes)."""
+    """summary.csv: one row per epoch, with our columns and then any added by hand (left empty in
+    new rows). build_run first trims the rows of epochs after the checkpoint it resumes."""
 
     def start(self, info: RunInfo) -> None:
         self.path = info.run_dir / SUMMARY_CSV
+        self.columns = summary_columns(info.run_dir)
 
     def epoch_end(self, row: dict) -> None:
-        new = not self.path.exists()
+        new = not self.path.exists() or self.path.stat().st_size == 0
         with open(self.path, "a", newline="") as f:
-            w = csv.DictWriter(f, SUMMARY_COLUMNS)
+            w = csv.DictWriter(f, self.columns, restval="")
             if new:
                 w.writeheader()
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def trim_summary_csv(run_dir: Path, start_epoch: int) -> None:
-    """Drop the summary rows of epochs after `start_epoch`: a resumed run writes them again."""
-    path = Path(run_dir) / SUMMARY_CSV
+def _read_csv(path: Path) -> tuple[Optional[list[str]], list[list[str]]]:
     if not path.exists():
-        return
+        return None, []
     with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("epoch", "").isdigit() and int(r["epoch"]) <= start_epoch]
+        header, *rows = list(csv.reader(f)) or [None]
+    return header, rows
+
+
+def summary_columns(run_dir: Path) -> list[str]:
+    """The columns summary.csv is written with: ours, then those added to it by hand. A file whose
+    first line is not a header with an `epoch` column is refused rather than rewritten."""
+    path = Path(run_dir) / SUMMARY_CSV
+    header, _ = _read_csv(path)
+    if header is not None and "epoch" not in header:
+        raise RunFolderError(f"{path}: its first line is not a header with an 'epoch' column (edited by hand?); "
+                             f"put the header back ({','.join(SUMMARY_COLUMNS)}) or move the file away")
+    return list(SUMMARY_COLUMNS) + [c for c in header or () if c not in SUMMARY_COLUMNS]
+
+
+def trim_summary_csv(run_dir: Path, start_epoch: int) -> None:
+    """Drop the summary rows of epochs after `start_epoch` (a resumed run trains them again); keep
+    what was added by hand: columns, and rows whose epoch cell is not a whole number (notes)."""
+    path = Path(run_dir) / SUMMARY_CSV
+    header, rows = _read_csv(path)
+    if header is None:
+        return
+    columns = summary_columns(run_dir)
+    where = {c: i for i, c in enumerate(header)}
+    epoch = where["epoch"]
+    kept = [row for row in rows if row and not (len(row) > epoch and row[epoch].isascii()
+                                                and row[epoch].isdigit() and int(row[epoch]) > start_epoch)]
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, SUMMARY_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+        w = csv.writer(f)
+        w.writerow(columns)
+        # Each cell under its column's new position; cells beyond the old header stay at the end.
+        w.writerows([row[where[c]] if c in where and where[c] < len(row) else "" for c in columns]
+                    + row[len(header):] for row in kept)
     os.replace(tmp, path)  # a kill now leaves the old file or the new one
 
 

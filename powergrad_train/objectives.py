@@ -29,13 +29,14 @@ class CrossEntropy:
     """Cross-entropy with label smoothing; with loss.pgt_alpha set, its gradient is the PGT one (pgt.py)."""
 
     def __init__(self, cfg: LossConfig):
-        self.alpha, self.label_smoothing = cfg.pgt_alpha, cfg.label_smoothing
+        self.alpha, self.label_smoothing, self.impl = cfg.pgt_alpha, cfg.label_smoothing, cfg.pgt_impl
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return power_grad_cross_entropy(logits, targets, self.alpha, self.label_smoothing)
+        return power_grad_cross_entropy(logits, targets, self.alpha, self.label_smoothing, impl=self.impl)
 
     def describe(self) -> str:
-        gradient = "plain gradient" if self.alpha is None else f"PowerGrad Transform alpha {self.alpha:g}"
+        gradient = "plain gradient" if self.alpha is None else f"PowerGrad Transform alpha {self.alpha:g}" + (
+            " (the authors' hook)" if self.impl == "authors_hook" else "")
         return f"cross-entropy, {gradient}, label smoothing {self.label_smoothing:g}"
 
 

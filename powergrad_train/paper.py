@@ -2,63 +2,106 @@
 
 From "Altering Backward Pass Gradients improves Convergence", the paper that introduces the
 PowerGrad Transform (code: github.com/bishshoy/power-grad-transform): ImageNet train / test
-top-1 %, 4 V100s, 100 epochs.
-A run matches a row when its resolved config trains what the row did (model, schedule, PGT
-alpha, label smoothing, gradient clipping, and for Table 2 the global batch).
+top-1 %, 4 V100s.
+
+A run IS a row when its resolved config equals the resolved config of the row's bundled recipe
+on every key in ROW_KEYS (everything the row fixes). A run that is about the row (same model,
+schedule, PGT alpha, label smoothing and clipping: SUBJECT_KEYS, and Table 2's batch) but
+differs in other keys is only related to it, and the differing keys are named.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
+
+from powergrad_train.config import Config, build_config, get
+
+# Every key a row fixes. Not compared: where the data lives and how it is read (data.root,
+# backend, dali_device, val_backend, workers, val_batch_size), speed settings that keep the
+# numbers (channels_last, tf32, model.compile, train.accumulate_steps, which keeps the global
+# batch), bookkeeping (checkpoint.*, train.log_every_steps, train.max_nonfinite_steps, log.*),
+# model.sync_bn, an EMA of the weights (it leaves the weights the row reports as they train), and
+# the seed: the runs of one row differ in it. The other optimizers' betas and eps, and mixup's
+# settings, only matter once optim.name or batch_transform.name differ, which is compared.
+ROW_KEYS = (
+    "model.name", "model.num_classes", "model.zero_init_last", "model.init_from",
+    "data.image_size", "data.crop_pct", "data.crop_scale_min", "data.batch_size", "data.val_interpolation",
+    "optim.name", "optim.lr", "optim.momentum", "optim.nesterov", "optim.weight_decay",
+    "schedule.name", "schedule.mode", "schedule.epochs", "schedule.warmup_epochs", "schedule.warmup_lr",
+    "schedule.min_lr", "schedule.cooldown_epochs", "schedule.decay_epochs", "schedule.decay_rate",
+    "loss.name", "loss.pgt_alpha", "loss.label_smoothing", "loss.pgt_impl", "grad_clip.mode", "grad_clip.value",
+    "batch_transform.name", "amp",
+)
+STEP_ONLY = ("schedule.decay_epochs", "schedule.decay_rate")  # unused by the cosine schedule (as is
+# grad_clip.value without clipping)
+SUBJECT_KEYS = ("model.name", "schedule.name", "loss.pgt_alpha", "loss.label_smoothing", "grad_clip.mode")
+
+# Table 2's batch: "global" reads 256/512/1024 as the global batch (what the recipes run);
+# "per-gpu" as the authors' -b, per GPU on their 4 GPUs (a global batch 4x as large).
+BATCH_READINGS = ("global", "per-gpu")
+AUTHORS_GPUS = 4
 
 
 @dataclass(frozen=True)
 class Row:
     table: int
+    number: int  # the row's place in its table, from 1
     label: str  # the row as the paper names it
     model: str
     schedule: str
-    alphas: tuple  # PGT alpha(s) that match: (None,) for the plain gradient
+    alpha: Optional[float]  # PGT alpha; None for the plain gradient
     train: float
     test: float
     recipe: str  # the bundled recipe that trains this row
     label_smoothing: float = 0.0
     clip: str = "none"
-    batch: Optional[int] = None  # Table 2 only: the global batch
+    batch: Optional[int] = None  # Table 2 only: the batch the paper prints
 
     @property
     def baseline(self) -> bool:
-        return self.alphas == (None,)
+        return self.alpha is None
+
+    @property
+    def title(self) -> str:
+        """`Table 1 row 13: resnet18 cosine baseline` (Table 3's labels start with their row)."""
+        return f"Table {self.table} {self.label}" if self.table == 3 else \
+            f"Table {self.table} row {self.number}: {self.label}"
 
 
-def _t1(model, schedule, alpha, train, test, alphas=None):
-    method = "baseline" if alpha is None else f"PGT {alpha}"
+def method_name(alpha, clip="none", ls=0.0) -> str:
+    parts = [{"value": "GC", "agc": "AGC", "norm": "norm clipping"}[clip]] if clip != "none" else []
+    parts += [f"LS {ls:g}"] if ls else []
+    parts += [f"PGT {alpha:g}"] if alpha is not None else []
+    return " + ".join(parts) or "baseline"
+
+
+def _t1(model, schedule, alpha, train, test, note=""):
     recipe = f"{model}{'_step' if schedule == 'step' else ''}_{'baseline' if alpha is None else 'pgt'}.yaml"
-    return Row(1, f"{model} {schedule} {method}", model, schedule, alphas or (alpha,), train, test, recipe)
+    return dict(table=1, label=f"{model} {schedule} {method_name(alpha)}{note}", model=model, schedule=schedule,
+                alpha=alpha, train=train, test=test, recipe=recipe)
 
 
 def _t2(batch, clip, alpha, train, test):
-    method = {"none": "", "value": "GC", "agc": "AGC"}[clip]
-    if alpha is not None:
-        method = f"{method} + PGT {alpha}" if method else f"PGT {alpha}"
     parts = [{"value": "gc", "agc": "agc"}.get(clip, "")] + (["pgt"] if alpha is not None else [])
     recipe = f"nobn_b{batch}_{'_'.join(p for p in parts if p) or 'baseline'}.yaml"
-    return Row(2, f"batch {batch} {method or 'baseline'}", "resnet18_nobn", "cosine", (alpha,), train, test, recipe,
-               clip=clip, batch=batch)
+    return dict(table=2, label=f"batch {batch} {method_name(alpha, clip)}", model="resnet18_nobn", schedule="cosine",
+                alpha=alpha, train=train, test=test, recipe=recipe, clip=clip, batch=batch)
 
 
 def _t3(row, schedule, ls, alpha, train, test, recipe):
     parts = [f"row {row}: {schedule}"] + (["LS 0.1"] if ls else []) + ([f"PGT {alpha}"] if alpha else [])
-    return Row(3, ", ".join(parts), "resnet50", schedule, (alpha,), train, test, recipe, label_smoothing=ls)
+    return dict(table=3, label=", ".join(parts), model="resnet50", schedule=schedule, alpha=alpha, train=train,
+                test=test, recipe=recipe, label_smoothing=ls)
 
 
-ROWS = [
+_SPECS = [
     _t1("seresnet50", "cosine", None, 81.50, 77.218), _t1("seresnet50", "cosine", 0.3, 82.47, 77.952),
     _t1("resnet50", "cosine", None, 79.18, 76.56), _t1("resnet50", "cosine", 0.05, 79.68, 77.216),
     _t1("resnet50", "step", None, 78.99, 75.97),
-    # Table 1 prints 0.05 here; Table 3 (row 2) and the authors' README say 0.3.
-    _t1("resnet50", "step", 0.05, 79.56, 76.494, alphas=(0.05, 0.3)),
+    # Table 1 prints 0.05 here; Table 3 (row 2) and the authors' README say 0.3, which the recipe runs.
+    _t1("resnet50", "step", 0.3, 79.56, 76.494, note=" (Table 1 prints 0.05)"),
     _t1("resnet101", "cosine", None, 82.29, 77.896), _t1("resnet101", "cosine", 0.3, 83.10, 78.258),
     _t1("seresnet18", "cosine", None, 71.42, 71.09), _t1("seresnet18", "cosine", 0.25, 71.60, 71.436),
     _t1("resnet18", "step", None, 69.95, 69.704), _t1("resnet18", "step", 0.25, 70.30, 69.844),
@@ -77,13 +120,44 @@ ROWS = [
     _t3(7, "cosine", 0.0, 0.05, 79.68, 77.216, "resnet50_pgt.yaml"),
     _t3(8, "cosine", 0.1, 0.05, 77.69, 76.39, "resnet50_ls_pgt.yaml"),
 ]
+ROWS = [Row(number=sum(s["table"] == spec["table"] for s in _SPECS[:i]) + 1, **spec) for i, spec in enumerate(_SPECS)]
 
 
-def matches(row: Row, cfg) -> bool:
-    """Does a resolved config train what this row trained?"""
-    return (cfg.model.name == row.model and cfg.schedule.name == row.schedule
-            and cfg.loss.pgt_alpha in row.alphas and cfg.loss.label_smoothing == row.label_smoothing
-            and cfg.grad_clip.mode == row.clip and (row.batch is None or cfg.data.batch_size == row.batch))
+def table_rows(table: int) -> list[Row]:
+    return [r for r in ROWS if r.table == table]
+
+
+def batch_overrides(row: Row, reading: str = "global") -> list[str]:
+    """The --set a Table 2 row needs under a reading of its batch (none for the recipes' own reading)."""
+    if row.batch is None or reading == "global":
+        return []
+    return [f"data.batch_size={row.batch * AUTHORS_GPUS}"]
+
+
+@functools.lru_cache(maxsize=None)
+def row_config(row: Row, reading: str = "global") -> Config:
+    """What the row trains: its recipe's resolved config (not to be changed by callers)."""
+    return build_config(row.recipe, batch_overrides(row, reading))
+
+
+def differences(row: Row, cfg: Config, reading: str = "global") -> list[tuple[str, Any, Any]]:
+    """(key, run value, row value) for every key in ROW_KEYS where the run differs from the row."""
+    want = row_config(row, reading)
+    unused = (STEP_ONLY if cfg.schedule.name == want.schedule.name == "cosine" else ()) + \
+        (("grad_clip.value",) if cfg.grad_clip.mode == want.grad_clip.mode == "none" else ())
+    return [(k, get(cfg, k), get(want, k)) for k in ROW_KEYS if k not in unused and get(cfg, k) != get(want, k)]
+
+
+def is_about(row: Row, cfg: Config, reading: str = "global") -> bool:
+    """Does the run train the row's subject (model, schedule, method, and Table 2's batch)?"""
+    want = row_config(row, reading)
+    keys = SUBJECT_KEYS + (("data.batch_size",) if row.batch is not None else ())
+    return all(get(cfg, k) == get(want, k) for k in keys)
+
+
+def matches(row: Row, cfg: Config, reading: str = "global") -> bool:
+    """Does a resolved config train exactly what this row trained?"""
+    return is_about(row, cfg, reading) and not differences(row, cfg, reading)
 
 
 def baseline_of(row: Row) -> Optional[Row]:

@@ -16,6 +16,14 @@ when S == N^2 (for example 256 images per GPU and GradScaler's initial scale 655
 Here the result does not depend on loss scale, batch size, reduction, logit precision or
 the number of processes.
 
+impl="authors_hook" reproduces the authors' computation instead, to study where their numbers
+come from: the ordinary cross-entropy, whose gradient reaches the logits (in their dtype, fp16
+under autocast) as S * (p - q) / N, then a hook that rebuilds p = grad / N + q, raises it to
+alpha, renormalises and returns N * (ptilde - q), every step in the logits' dtype. Its result
+is right only when S == N^2; for S > N^2 the rebuilt target probability is negative and the
+power gives NaN (the GradScaler then skips the step and halves S), for S < N^2 it is wrong, and
+in fp16 probabilities below about 3e-8 become 0 before the power.
+
 As a library (torch alone is imported):
 
     from powergrad_train import PowerGradCrossEntropy
@@ -35,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 REDUCTIONS = ("mean", "sum", "none")
+IMPLS = ("exact", "authors_hook")
 
 
 class _PowerGradCrossEntropy(torch.autograd.Function):
@@ -101,18 +110,45 @@ class _PowerGradCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.dtype), None, None, None, None, None
 
 
+def authors_hook_gradient(grad: torch.Tensor, target: torch.Tensor, alpha: float,
+                          label_smoothing: float) -> torch.Tensor:
+    """What the authors' hook returns for the incoming logits gradient `grad` (N x C).
+
+    Every operation stays in grad's dtype, in their order: q = the smoothed one-hot target,
+    p = grad / N + q, ptilde = p^alpha / sum(p^alpha), returned as N * (ptilde - q).
+    """
+    n, num_classes = grad.shape
+    q = F.one_hot(target, num_classes).to(grad.dtype).mul_(1.0 - label_smoothing).add_(label_smoothing / num_classes)
+    # The power in float32, rounded to the dtype: what CUDA's half kernels do (the CPU's own half
+    # power is an approximation that can be one unit in the last place off).
+    p = grad.div(n).add_(q).float().pow_(alpha).to(grad.dtype)
+    p.div_(p.sum(dim=1, keepdim=True))
+    return p.sub_(q).mul_(n)
+
+
+def _authors_hook(logits: torch.Tensor, target: torch.Tensor, alpha: float, label_smoothing: float) -> torch.Tensor:
+    # The loss as theirs: cross-entropy in float32, its gradient cast back to the logits' dtype.
+    loss = F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
+    if logits.requires_grad:
+        logits.register_hook(lambda grad: authors_hook_gradient(grad, target, alpha, label_smoothing))
+    return loss
+
+
 def power_grad_cross_entropy(logits: torch.Tensor, target: torch.Tensor, alpha: Optional[float],
                              label_smoothing: float = 0.0, *, reduction: str = "mean",
-                             ignore_index: int = -100) -> torch.Tensor:
+                             ignore_index: int = -100, impl: str = "exact") -> torch.Tensor:
     """Cross-entropy of `logits` with the PGT gradient; the arguments are `F.cross_entropy`'s.
 
     logits: (N, C) or (N, C, d1, ...); target: class indices (N,) / (N, d1, ...), or class
     probabilities of the logits' shape. alpha=None gives torch's cross-entropy (plain gradient);
     a float alpha in (0, 1] gives the PGT gradient, and alpha=1 equals plain cross-entropy.
-    ignore_index applies to class indices (as in torch).
+    ignore_index applies to class indices (as in torch). impl: "exact", or "authors_hook" for
+    the authors' computation (see the module docstring; (N, C) logits, class indices, mean only).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"pgt impl must be one of {', '.join(IMPLS)}, got {impl!r}")
     soft = target.is_floating_point()
     if logits.ndim < 2 or (soft and target.shape != logits.shape) or \
             (not soft and target.shape != logits.shape[:1] + logits.shape[2:]):
@@ -123,6 +159,11 @@ def power_grad_cross_entropy(logits: torch.Tensor, target: torch.Tensor, alpha: 
                                ignore_index=ignore_index)
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"pgt alpha must be in (0, 1], got {alpha}")
+    if impl == "authors_hook":
+        if logits.ndim != 2 or soft or reduction != "mean":
+            raise ValueError("impl='authors_hook' is the authors' computation: (N, C) logits, class-index targets "
+                             f"and the mean only, got {tuple(logits.shape)}, {target.dtype} targets, {reduction!r}")
+        return _authors_hook(logits, target, float(alpha), float(label_smoothing))
     batch_shape = target.shape[:1] + target.shape[2:] if soft else target.shape
     if logits.ndim > 2:  # classes last, then one row per position: what the 2-d case computes
         num_classes = logits.shape[1]

@@ -1,199 +1,608 @@
-"""`powergrad-train report RUN_DIR...`: runs beside the paper's Tables 1-3, and the paper's figures.
+"""`powergrad-train report RUN_DIR... [--reference AUTHORS_DIR]`: runs beside the paper's Tables 1-3.
 
-Each run folder is read (config.yaml, summary.csv, diagnostics/) and matched to the paper's
-rows by its resolved config, not by its name. Every paper row is printed; a matched row adds
-the run's final train top-1, final and best test top-1 and the difference to the paper, and a
-PGT row whose baseline was run too adds the measured PGT gain beside the paper's.
+Each run folder is read (config.yaml, summary.csv, diagnostics/) and placed by its resolved
+config, not by its name (paper.py): a run that trains exactly what a row trained is that row; the
+runs of a row are its seeds (n, mean ± sd); a run that is about a row but differs in some key is
+only related to it, and sits with every run that is no row in the "other runs" table. For each
+baseline/PGT pair: the gain on the final and on the best epoch with its 95% interval over seeds
+(seed_stats.py), the seeds per arm the observed spread would need, and the time to accuracy.
+With --reference, the authors' logged final and best test top-1 stand beside each row and their
+curves in the accuracy figures. Figures: accuracy per epoch (Fig. 4), filter norms (Fig. 5-7),
+logit norm and loss against alpha (Fig. 8).
 """
 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+import io
+import math
+import os
+import re
+import statistics
+import sys
+import zipfile
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from powergrad_train import paper
-from powergrad_train.config import Config, build_config, read_yaml_text
+import yaml
+
+from powergrad_train import paper, seed_stats
+from powergrad_train.authors import AuthorsLog, find_logs
+from powergrad_train.config import Config, build_config, get, read_yaml_text
 from powergrad_train.errors import DataError
 
 TABLE_TITLES = {1: "Table 1: networks with batch norm", 2: "Table 2: ResNet-18 without batch norm, cosine",
                 3: "Table 3: ablation, ResNet-50"}
+AUTHORS_COLUMNS = {"train_acc": "train_top1"}  # their summary.csv's names for ours
+
+
+def warn(text: str) -> None:
+    print(f"warning: report: {text}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan  # a blank or hand-written cell
+
+
+def read_summary(path: Path) -> list[dict[str, float]]:
+    """summary.csv as one dict per epoch (in epoch order). Rows whose epoch is not a whole number
+    (a note, a header written again by a resumed run) are skipped, blank cells read as NaN, and an
+    epoch logged twice (a resume from an older checkpoint) counts as its last row."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"report: {path} is not a text file (a summary.csv is CSV text)") from None
+    except OSError as e:
+        raise DataError(f"report: cannot read {path} ({e.strerror or e})") from None
+    lines = [row for row in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in row)]
+    if not lines:
+        return []
+    header = [cell.strip() for cell in lines[0]]
+    if "epoch" not in header:
+        raise DataError(f"report: {path}: its first line is not a header naming the columns (epoch, ...)")
+    by_epoch = {}
+    for cells in lines[1:]:
+        row = dict(zip(header, (cell.strip() for cell in cells)))
+        epoch = row.get("epoch", "")
+        if epoch.isascii() and epoch.isdigit():
+            by_epoch[int(epoch)] = {AUTHORS_COLUMNS.get(k, k): _number(v) for k, v in row.items()}
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def read_run_config(path: Path) -> Config:
+    try:
+        raw = read_yaml_text(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"report: {path} is not a text file (a run's config.yaml is YAML text)") from None
+    except OSError as e:
+        raise DataError(f"report: cannot read {path} ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise DataError(f"report: {path}{f':{mark.line + 1}' if mark else ''}: not valid YAML "
+                        f"({getattr(e, 'problem', None) or e})") from None
+    if not raw:
+        raise DataError(f"report: {path} is empty; a run folder's config.yaml holds the run's whole resolved config")
+    if not isinstance(raw, dict):
+        raise DataError(f"report: {path} is not a run's config (a mapping of config keys), it holds a "
+                        f"{type(raw).__name__}")
+    return build_config(None, start=(str(path), raw), lenient=True)
 
 
 @dataclass
 class Run:
     folder: Path
     cfg: Config
-    rows: list[dict]  # summary.csv
+    epochs: list[dict[str, float]] = field(default_factory=list)  # summary.csv
 
     @property
     def name(self) -> str:
         return self.folder.name
 
     @property
-    def finished(self) -> bool:
-        return bool(self.rows) and int(self.rows[-1]["epoch"]) >= self.cfg.schedule.epochs
-
-    def last(self, column: str) -> float:
-        return float(self.rows[-1][column])
+    def seed(self) -> int:
+        return self.cfg.seed
 
     @property
-    def best_test(self) -> float:
-        return max(float(r["eval_top1"]) for r in self.rows)
+    def done(self) -> int:
+        return int(self.epochs[-1]["epoch"]) if self.epochs else 0
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.cfg.schedule.epochs
 
     @property
     def status(self) -> str:
-        done = int(self.rows[-1]["epoch"]) if self.rows else 0
-        return "finished" if self.finished else f"at epoch {done}/{self.cfg.schedule.epochs}"
+        return "finished" if self.finished else f"at epoch {self.done}/{self.cfg.schedule.epochs}"
+
+    def curve(self, column: str) -> tuple[list[int], list[float]]:
+        points = [(int(r["epoch"]), r[column]) for r in self.epochs if math.isfinite(r.get(column, math.nan))]
+        return [e for e, _ in points], [v for _, v in points]
+
+    def final(self, column: str) -> Optional[float]:
+        values = self.curve(column)[1]
+        return values[-1] if values else None
+
+    def best(self, column: str) -> Optional[float]:
+        return max(self.curve(column)[1], default=None)
+
+    @property
+    def method(self) -> str:
+        loss = self.cfg.loss
+        text = paper.method_name(loss.pgt_alpha, self.cfg.grad_clip.mode, loss.label_smoothing)
+        return text + (" (authors' hook)" if loss.pgt_alpha is not None and loss.pgt_impl == "authors_hook" else "")
+
+    def label(self, setting: bool = False, seed: bool = True) -> str:
+        """What the run trains, for legends: method and alpha (and model and schedule, seed)."""
+        head = f"{self.cfg.model.name} {self.cfg.schedule.name} " if setting else ""
+        return head + self.method + (f", seed {self.seed}" if seed else "")
 
 
 def read_run(folder: Path) -> Run:
     folder = Path(folder)
-    config, summary = folder / "config.yaml", folder / "summary.csv"
-    if not config.is_file():
+    if not (folder / "config.yaml").is_file():
         raise DataError(f"report: {folder} is not a run folder (no config.yaml)")
-    cfg = build_config(None, start=(str(config), read_yaml_text(config.read_text()) or {}), lenient=True)
-    rows = list(csv.DictReader(open(summary, newline=""))) if summary.is_file() else []
-    return Run(folder, cfg, rows)
+    summary = folder / "summary.csv"
+    return Run(folder, read_run_config(folder / "config.yaml"), read_summary(summary) if summary.is_file() else [])
 
 
-def _match(row: paper.Row, runs: list[Run]) -> Optional[Run]:
-    """The matching run that got furthest (finished first, then most epochs)."""
-    found = [r for r in runs if paper.matches(row, r.cfg) and r.rows]
-    return max(found, key=lambda r: (r.finished, len(r.rows)), default=None)
+@dataclass
+class Reference:
+    """The authors' logs, by the paper row each one is."""
+
+    logs: dict[paper.Row, AuthorsLog]
+    epochs: dict[AuthorsLog, list[dict[str, float]]]
+
+    def of(self, row: Optional[paper.Row]) -> Optional[Run]:
+        """The authors' run of `row` as a Run (their curves, their config as this project reads the row)."""
+        log = self.logs.get(row) if row is not None else None
+        if log is None:
+            return None
+        return Run(log.folder, paper.row_config(row), self.epochs[log])
 
 
-def tables(runs: list[Run]) -> str:
-    """Markdown: the paper's three tables with the runs' numbers beside them."""
-    out = []
+def read_reference(root: Path) -> Reference:
+    logs, epochs = {}, {}
+    for log in find_logs(root):
+        epochs[log] = read_summary(log.summary)
+        for row in log.rows():
+            logs[row] = log
+    return Reference(logs, epochs)
+
+
+# ----------------------------------------------------------------------------- placing runs
+
+@dataclass
+class Placed:
+    exact: dict[paper.Row, list[Run]]
+    related: dict[paper.Row, list[tuple[Run, list]]]  # (run, its differences to the row)
+    others: list[Run]  # runs that are no row
+
+
+def place(runs: list[Run], reading: str = "global") -> Placed:
+    exact = {row: [] for row in paper.ROWS}
+    related = {row: [] for row in paper.ROWS}
+    others = []
+    for run in runs:
+        rows = [row for row in paper.ROWS if paper.matches(row, run.cfg, reading)]
+        for row in rows:
+            exact[row].append(run)
+        if not rows:
+            others.append(run)
+            for row in paper.ROWS:
+                if paper.is_about(row, run.cfg, reading):
+                    related[row].append((run, paper.differences(row, run.cfg, reading)))
+    return Placed(exact, related, others)
+
+
+def arm(runs: list[Run]) -> list[Run]:
+    """The runs a row's numbers come from: one per seed (the furthest), the finished ones if any,
+    else the single furthest run."""
+    per_seed = {}
+    for run in sorted((r for r in runs if r.epochs), key=lambda r: (r.finished, r.done)):
+        per_seed[run.seed] = run
+    chosen = sorted(per_seed.values(), key=lambda r: r.seed)
+    finished = [r for r in chosen if r.finished]
+    return finished or sorted(chosen, key=lambda r: r.done)[-1:]
+
+
+def _values(runs: list[Run], which: str, column: str = "eval_top1") -> dict[int, float]:
+    values = {r.seed: (r.final if which == "final" else r.best)(column) for r in runs}
+    return {s: v for s, v in values.items() if v is not None}
+
+
+def _spread_text(values: dict[int, float]) -> str:
+    return seed_stats.spread(list(values.values())).text() if values else ""
+
+
+def _runs_cell(row_runs: list[Run], used: list[Run], related: list) -> str:
+    if not used:
+        if row_runs:
+            return ", ".join(f"{r.name} (no epoch yet)" for r in row_runs)
+        return "not run" + (f"; related: {', '.join(r.name for r, _ in related)} (see other runs)" if related else "")
+    if len(used) == 1:
+        text = f"{used[0].name} ({used[0].status})"
+    else:
+        text = f"{len(used)} seeds ({', '.join(str(r.seed) for r in used)}), {used[0].status}"
+    left_out = len(row_runs) - len(used)
+    return text + (f"; {left_out} other run(s) left out (unfinished or the same seed)" if left_out else "")
+
+
+def _key_value(value) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else f"{value:g}" \
+        if isinstance(value, float) else str(value)
+
+
+def describe_differences(diffs: list) -> str:
+    return ", ".join(f"{k} (run {_key_value(a)}, row {_key_value(b)})" for k, a, b in diffs)
+
+
+# ----------------------------------------------------------------------------- tables
+
+def tables(runs: list[Run], reference: Optional[Reference] = None, reading: str = "global") -> str:
+    """Markdown: the paper's three tables with the runs' numbers beside them, the PGT gains with
+    their statistics, and the runs that are no row."""
+    placed = place(runs, reading)
+    authors = reference is not None
+    out = ["The paper's test top-1 is compared with the runs' best epoch (`best - paper`): it most likely reports "
+           "the best epoch (the authors' model_best checkpoints). Values over several seeds are mean ± standard "
+           "deviation; gains carry a 95% t interval (paired by seed where both arms ran the same seeds, else "
+           "Welch's) and are 'resolved' when it excludes 0.", ""]
     for table in (1, 2, 3):
-        out += [f"## {TABLE_TITLES[table]}", "",
-                "| row | paper train | paper test | run | run train | run test (final) | run test (best) | "
-                "test - paper | PGT gain: run / paper |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        for row in (r for r in paper.ROWS if r.table == table):
-            run = _match(row, runs)
-            cells = [row.label, f"{row.train:.2f}", f"{row.test:.3f}"]
-            if run is None:
-                cells += ["not run", "", "", "", "", ""]
+        title = TABLE_TITLES[table]
+        if table == 2:
+            title += (" (batch read as the global batch)" if reading == "global" else
+                      f" (batch read per GPU: global batch = {paper.AUTHORS_GPUS} x the printed batch)")
+        head = ["row", "paper train", "paper test", "runs", "train (final)", "test (final)", "test (best)",
+                "final - paper / best - paper"] + (["authors final / best"] if authors else [])
+        out += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in paper.table_rows(table):
+            used = arm(placed.exact[row])
+            cells = [row.label, f"{row.train:.2f}", f"{row.test:.3f}",
+                     _runs_cell(placed.exact[row], used, placed.related[row])]
+            final, best = _values(used, "final"), _values(used, "best")
+            if final:
+                cells += [_spread_text(_values(used, "final", "train_top1")), _spread_text(final),
+                          _spread_text(best), f"{statistics.fmean(final.values()) - row.test:+.2f} / "
+                                              f"{statistics.fmean(best.values()) - row.test:+.2f}"]
             else:
-                test = run.last("eval_top1")
-                cells += [f"{run.name} ({run.status})", f"{run.last('train_top1'):.2f}", f"{test:.2f}",
-                          f"{run.best_test:.2f}", f"{test - row.test:+.2f}", _gain(row, run, runs)]
+                cells += ["", "", "", ""]
+            if authors:
+                theirs = reference.of(row)
+                cells.append(f"{theirs.final('eval_top1'):.2f} / {theirs.best('eval_top1'):.2f}"
+                             if theirs and theirs.epochs else "not published")
             out.append("| " + " | ".join(cells) + " |")
-        out.append("")
+        out += [""] + gains_table(table, placed) + [""]
+    out += other_runs_table(placed)
     return "\n".join(out)
 
 
-def _gain(row: paper.Row, run: Run, runs: list[Run]) -> str:
-    base_row = paper.baseline_of(row)
-    if base_row is None:
-        return ""
-    base_run = _match(base_row, runs)
-    paper_gain = row.test - base_row.test
-    if base_run is None:
-        return f"baseline not run / {paper_gain:+.2f}"
-    return f"{run.last('eval_top1') - base_run.last('eval_top1'):+.2f} / {paper_gain:+.2f}"
+def pairs(table: int) -> list[tuple[paper.Row, paper.Row]]:
+    return [(paper.baseline_of(r), r) for r in paper.table_rows(table) if paper.baseline_of(r)]
+
+
+def gains_table(table: int, placed: Placed) -> list[str]:
+    lines = [f"PGT gains in Table {table} (PGT minus its baseline, test top-1):", "",
+             "| PGT row | paper gain | final epoch | best epoch | seeds per arm for 80% power (final / best) | "
+             "PGT reaches the baseline's final test top-1 |", "|---|---|---|---|---|---|"]
+    shown = 0
+    for base_row, row in pairs(table):
+        # Runs with a logged test top-1 (a diverged run's may be NaN throughout).
+        base, pgt = ([r for r in arm(placed.exact[x]) if r.final("eval_top1") is not None] for x in (base_row, row))
+        if not base and not pgt:
+            continue
+        shown += 1
+        paper_gain = row.test - base_row.test
+        unfinished = not all(r.finished for r in base + pgt)
+        cells = [row.label + (" (unfinished runs)" if unfinished else ""), f"{paper_gain:+.2f}"]
+        if not base or not pgt:
+            cells += ["baseline not run" if not base else "PGT not run", "", "", ""]
+        else:
+            gains = [seed_stats.compare(_values(base, w), _values(pgt, w)) for w in ("final", "best")]
+            cells += [g.text() for g in gains]
+            cells.append(" / ".join(_seeds_needed(g, paper_gain) for g in gains))
+            cells.append(time_to_accuracy(base, pgt))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines if shown else [f"No baseline/PGT pair of Table {table} was run."]
+
+
+def _seeds_needed(gain: seed_stats.Gain, paper_gain: float) -> str:
+    if gain.test is None:
+        return "unknown (needs 2 seeds per arm)"
+    n = seed_stats.seeds_needed(gain.noise, paper_gain, paired=gain.test == "paired")
+    return f"more than {seed_stats.MAX_SEEDS}" if n is None else str(n)
+
+
+def time_to_accuracy(base: list[Run], pgt: list[Run]) -> str:
+    """The first epoch at which PGT's test top-1 (mean over its seeds) reaches the baseline's final one."""
+    target = statistics.fmean(_values(base, "final").values())
+    curves = [dict(zip(*r.curve("eval_top1"))) for r in pgt]
+    for epoch in sorted(set.intersection(*(set(c) for c in curves))):
+        if statistics.fmean(c[epoch] for c in curves) >= target:
+            return f"epoch {epoch} of {pgt[0].cfg.schedule.epochs} (baseline final {target:.2f})"
+    return f"never (baseline final {target:.2f})"
+
+
+def other_runs_table(placed: Placed) -> list[str]:
+    if not placed.others:
+        return ["## Other runs", "", "Every run given is a row of the paper's tables."]
+    head = ["run", "model", "schedule (mode)", "epochs", "global batch", "lr", "method", "amp", "seed", "status",
+            "train (final)", "test (final)", "test (best)"]
+    lines = ["## Other runs", "", "Runs that train no row of the paper exactly.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in placed.others:
+        c = run.cfg
+        numbers = [run.final("train_top1"), run.final("eval_top1"), run.best("eval_top1")]
+        lines.append("| " + " | ".join([
+            run.name, c.model.name, f"{c.schedule.name} ({c.schedule.mode})", str(c.schedule.epochs),
+            str(c.data.batch_size), f"{c.optim.lr:g}", run.method, c.amp, str(c.seed), run.status,
+            *("" if v is None else f"{v:.2f}" for v in numbers)]) + " |")
+    related = [(row, run, diffs) for row, found in placed.related.items() for run, diffs in found]
+    if related:
+        lines += ["", "Related to a row (same model, schedule and method), but not the row:", ""]
+        lines += [f"- {run.name}: related to Table {row.table} {row.label}: differs in {describe_differences(diffs)}"
+                  for row, run, diffs in related]
+    return lines
 
 
 # ----------------------------------------------------------------------------- figures
 
-def figures(runs: list[Run], out: Path) -> list[Path]:
+@dataclass
+class FigurePair:
+    name: str  # for file names
+    title: str
+    base: list[Run]
+    pgt: list[Run]
+    theirs: list[Run]  # the authors' runs of the two rows, when given
+
+
+def figure_pairs(placed: Placed, reference: Optional[Reference]) -> list[FigurePair]:
+    """Each baseline/PGT pair of the paper's rows with runs (or the authors' logs), then pairs among
+    the other runs: runs equal in every key a row fixes but alpha, the plain-gradient ones the baseline."""
+    found, drawn = [], set()
+    for table in (1, 2, 3):
+        for base_row, row in pairs(table):
+            base, pgt = arm(placed.exact[base_row]), arm(placed.exact[row])
+            theirs = [t for t in (reference.of(base_row), reference.of(row)) if t] if reference else []
+            if (base_row.recipe, row.recipe) in drawn or not (base or pgt or theirs):
+                continue  # Tables 1 and 3 share rows
+            drawn.add((base_row.recipe, row.recipe))
+            found.append(FigurePair(f"table{table}-{_slug(row.label)}", f"Table {table}: {base_row.label} vs {row.label}",
+                                    base, pgt, theirs))
+    for group in alpha_groups(placed.others, need_losses=False).values():
+        base = arm([r for r in group if r.cfg.loss.pgt_alpha is None])
+        for alpha in sorted({r.cfg.loss.pgt_alpha for r in group} - {None}):
+            pgt = arm([r for r in group if r.cfg.loss.pgt_alpha == alpha])
+            if base and pgt:
+                c = pgt[0].cfg
+                found.append(FigurePair(_slug(f"{base[0].name}-vs-{pgt[0].name}"),
+                                        f"{c.model.name} {c.schedule.name} (no paper row): baseline vs {pgt[0].method}",
+                                        base, pgt, []))
+    return found
+
+
+def figures(runs: list[Run], out: Path, reference: Optional[Reference] = None, reading: str = "global") -> list[Path]:
     """PNG files: accuracy per epoch (Fig. 4), filter norms (Fig. 5-7), logit norm and loss vs alpha (Fig. 8)."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    written = []
-    runs = [r for r in runs if r.rows]
-    for row in paper.ROWS:  # Fig. 4: each baseline / PGT pair that was run
-        base_row = paper.baseline_of(row)
-        pair = (_match(base_row, runs), _match(row, runs)) if base_row else (None, None)
-        if all(pair):
-            written.append(_accuracy_figure(list(pair), f"Table {row.table}: {base_row.label} vs {row.label}",
-                                            out / f"pair-table{row.table}-{_slug(row.label)}.png", plt))
+    placed = place(runs, reading)
+    written, in_pairs = [], set()
+    for pair in figure_pairs(placed, reference):
+        colors = ["C0"] * len(pair.base) + ["C1"] * len(pair.pgt)  # one color per arm, the authors' dashed in it
+        written.append(accuracy_figure(pair.base + pair.pgt, pair.theirs, pair.title, out / f"pair-{pair.name}.png",
+                                       plt, colors=colors))
+        if pair.base and pair.pgt:
+            path = filter_norm_figure([pair.base[0], pair.pgt[0]], pair.title, out / f"filters-{pair.name}.png", plt)
+            written += [path] if path else []
+            in_pairs.update(id(r) for r in (pair.base[0], pair.pgt[0]))
+    runs = [r for r in runs if r.epochs]
     if runs:
-        written.append(_accuracy_figure(runs, "every run", out / "accuracy.png", plt))
+        written.append(accuracy_figure(runs, [], "every run", out / "accuracy.png", plt, setting=True))
     for run in runs:
-        path = _filter_norm_figure(run, out, plt)
-        if path:
-            written.append(path)
-    alphas = {r.cfg.loss.pgt_alpha or 1.0 for r in runs}
-    if len(alphas) > 1:
-
-        fig, (norm_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
-        for run in sorted(runs, key=lambda r: r.cfg.loss.pgt_alpha or 1.0):
-            alpha = run.cfg.loss.pgt_alpha or 1.0
-            norm_ax.scatter(alpha, run.last("logit_norm"))
-            loss_ax.scatter(alpha, run.last("train_loss"))
-            norm_ax.annotate(run.name, (alpha, run.last("logit_norm")), fontsize=7)
-            loss_ax.annotate(run.name, (alpha, run.last("train_loss")), fontsize=7)
-        norm_ax.set(xlabel="PGT alpha (1 = plain gradient)", ylabel="mean L2 norm of the train logits",
-                    title="logit norm at the last epoch")
-        loss_ax.set(xlabel="PGT alpha (1 = plain gradient)", ylabel="train cross-entropy",
-                    title="final training loss")
-        for ax in (norm_ax, loss_ax):
-            ax.grid(alpha=0.3)
-        written.append(_save(fig, out / "alpha.png", plt))
-    return written
+        if id(run) not in in_pairs:
+            path = filter_norm_figure([run], run.label(setting=True), out / f"filters-{_slug(run.name)}.png", plt)
+            written += [path] if path else []
+    path = alpha_figure(runs, out / "alpha.png", plt)
+    return written + ([path] if path else [])
 
 
 def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c == "." else "-" for c in text).strip("-")
+    return re.sub(r"-+", "-", "".join(c if c.isalnum() or c == "." else "-" for c in text)).strip("-")
 
 
-def _accuracy_figure(runs: list[Run], title: str, path: Path, plt) -> Path:
-    fig, (train_ax, test_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for run in runs:
-        epochs = [int(r["epoch"]) for r in run.rows]
-        train_ax.plot(epochs, [float(r["train_top1"]) for r in run.rows], label=run.name)
-        test_ax.plot(epochs, [float(r["eval_top1"]) for r in run.rows], label=run.name)
-    for ax, what in ((train_ax, "train"), (test_ax, "test (val)")):
-        ax.set(xlabel="epoch", ylabel=f"{what} top-1 (%)", title=f"{title}: {what} accuracy")
+def _legend_labels(runs: list[Run], setting: bool) -> list[str]:
+    """Method and alpha (and seed when several); the folder name only where two runs would read alike."""
+    labels = [r.label(setting=setting, seed=len({x.seed for x in runs}) > 1) for r in runs]
+    return [f"{label} ({r.name})" if labels.count(label) > 1 else label for label, r in zip(labels, runs)]
+
+
+def accuracy_figure(runs: list[Run], theirs: list[Run], title: str, path: Path, plt, setting: bool = False,
+                    colors: Optional[list[str]] = None) -> Path:
+    """Train and test top-1 per epoch; the authors' curves dashed, and the per-epoch difference to them."""
+    compare = [(r, t) for t in theirs for r in runs if r.cfg.loss.pgt_alpha == t.cfg.loss.pgt_alpha]
+    panels = 3 if compare else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
+    color_of = dict(zip(map(id, runs), colors)) if colors else {}
+    seeds = sorted({r.seed for r in runs})
+    for run, label in zip(runs, _legend_labels(runs, setting)):
+        style = ("-", "-.", ":")[seeds.index(run.seed) % 3] if colors else "-"  # the authors' are dashed
+        for ax, column in zip(axes, ("train_top1", "eval_top1")):
+            ax.plot(*run.curve(column), style, label=label, color=color_of.get(id(run)))
+    for t in theirs:
+        for ax, column in zip(axes, ("train_top1", "eval_top1")):
+            ax.plot(*t.curve(column), "--", color="C0" if t.cfg.loss.pgt_alpha is None else "C1",
+                    label=f"authors: {t.method}")
+    for ax, what in zip(axes, ("train", "test (val)")):
+        ax.set(xlabel="epoch", ylabel=f"{what} top-1 (%)", title=f"{what} accuracy")
+    if compare:
+        diff_ax = axes[2]
+        for run, t in compare:
+            ours, mine = dict(zip(*t.curve("eval_top1"))), dict(zip(*run.curve("eval_top1")))
+            epochs = sorted(set(ours) & set(mine))
+            diff_ax.plot(epochs, [mine[e] - ours[e] for e in epochs], label=run.label(seed=len(runs) > 2),
+                         color=color_of.get(id(run)))
+        diff_ax.axhline(0, color="0.5", lw=0.8)
+        diff_ax.set(xlabel="epoch", ylabel="test top-1: run - authors (points)", title="difference to the authors")
+    for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path, plt)
 
 
-def _filter_norm_figure(run: Run, out: Path, plt) -> Optional[Path]:
-    from powergrad_train.diagnostics import ZEROED_NORM, load_filter_norms
-    files = sorted((run.folder / "diagnostics").glob("filter-norms-epoch-*.npz"))
-    if not files:
+def main_path_convs(names: list[str]) -> list[str]:
+    """The first convolution, a middle block's last convolution and the last block's last one, on
+    the main path: never a shortcut (downsample) or squeeze-excitation 1x1 convolution."""
+    side = re.compile(r"(^|\.)(downsample|shortcut|se|attn)(\.|$)")
+    main = [n for n in names if not side.search(n)]
+    blocks = [n for n in main if re.fullmatch(r"layer\d+\.\d+\.conv\d+", n)]
+    if not blocks:  # not a ResNet layout: first, middle and last of the main-path convolutions
+        return list(dict.fromkeys([main[0], main[len(main) // 2], main[-1]])) if main else []
+    block_of = {n: n.rsplit(".", 1)[0] for n in blocks}
+    order = list(dict.fromkeys(block_of.values()))
+    middle = [n for n in blocks if block_of[n] == order[len(order) // 2]][-1]
+    stem = [n for n in main if not n.startswith("layer")]
+    return list(dict.fromkeys([(stem or blocks)[0], middle, blocks[-1]]))
+
+
+def filter_norms(run: Run) -> tuple[list[int], list[dict]]:
+    """(epochs, per epoch {layer: norms of its filters}); unreadable files are left out with a warning."""
+    from powergrad_train.diagnostics import load_filter_norms
+    epochs, norms = [], []
+    for path in sorted((run.folder / "diagnostics").glob("filter-norms-epoch-*.npz")):
+        try:
+            epoch, values = int(path.stem.rsplit("-", 1)[1]), load_filter_norms(path)
+        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+            warn(f"{path} is unreadable ({type(e).__name__}); left out of the filter-norm figure")
+            continue
+        if values:
+            epochs.append(epoch)
+            norms.append(values)
+    return epochs, norms
+
+
+def filter_norm_figure(runs: list[Run], title: str, path: Path, plt) -> Optional[Path]:
+    """Fig. 5-7: for three main-path layers, one line per filter (its L2 norm over the epochs), the
+    runs side by side on one scale; then the share of zeroed filters and the dead pooled features."""
+    import numpy as np
+
+    from powergrad_train.diagnostics import ZEROED_NORM
+    data = [filter_norms(r) for r in runs]
+    if not all(epochs for epochs, _ in data):
         return None
-    per_epoch = [load_filter_norms(f) for f in files]
-    epochs = [int(f.stem.rsplit("-", 1)[1]) for f in files]
-    layers = list(per_epoch[0])
-    picked = [layers[0], layers[len(layers) // 2], layers[-1]]  # first, middle and last convolution
-    fig, (norm_ax, zero_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for layer in picked:
-        norm_ax.plot(epochs, [norms[layer].mean() for norms in per_epoch], label=layer)
-        zero_ax.plot(epochs, [100 * (norms[layer] < ZEROED_NORM).mean() for norms in per_epoch], label=layer)
-    norm_ax.set(xlabel="epoch", ylabel="mean filter L2 norm", title=f"{run.name}: filter norms")
-    zero_ax.set(xlabel="epoch", ylabel=f"filters with norm < {ZEROED_NORM:g} (%)", title=f"{run.name}: zeroed filters")
-    for ax in (norm_ax, zero_ax):
+    layers = [n for n in main_path_convs(list(data[0][1][0])) if all(n in d[1][0] for d in data)]
+    if len(runs) == 1:  # the layers in a row, the summaries below them
+        fig, axes = plt.subplots(2, 3, figsize=(15.6, 6.4), squeeze=False)
+        layer_axes, summary = [[ax] for ax in axes[0]], axes[1]
+    else:  # a row per layer, the runs side by side
+        fig, axes = plt.subplots(len(layers) + 1, 2, figsize=(10.4, 3.1 * (len(layers) + 1)), squeeze=False)
+        layer_axes, summary = axes[:-1], axes[-1]
+    labels = _legend_labels(runs, setting=False)
+    for row_axes, layer in zip(layer_axes, layers):
+        top = max(max(norms[layer].max() for norms in d[1]) for d in data)
+        for ax, (epochs, norms), label in zip(row_axes, data, labels):
+            ax.plot(epochs, np.stack([n[layer] for n in norms]), lw=0.6, alpha=0.6)
+            ax.set(xlabel="epoch", ylabel="filter L2 norm", ylim=(0, 1.05 * top),
+                   title=f"{label}: {layer} ({len(norms[0][layer])} filters)")
+    for ax in summary[2:]:
+        ax.axis("off")
+    zero_ax, dead_ax = summary[0], summary[1]
+    for (epochs, norms), label, run, style in zip(data, labels, runs, ("-", "--")):
+        for color, layer in enumerate(layers):
+            zero_ax.plot(epochs, [100 * (n[layer] < ZEROED_NORM).mean() for n in norms], style, color=f"C{color}",
+                         label=f"{label}: {layer}")
+        dead_ax.plot(*run.curve("dead_features"), style, marker=".", color="C0" if style == "-" else "C1", label=label)
+    zero_ax.set(xlabel="epoch", ylabel=f"filters with norm < {ZEROED_NORM:g} (%)", title="zeroed filters")
+    zero_ax.set_ylim(bottom=0, top=max(1.0, zero_ax.get_ylim()[1]))
+    dead_ax.set(xlabel="epoch", ylabel="dead channels", title="pooled features zero on every val image (Fig. 5c)")
+    dead_ax.set_ylim(bottom=0, top=max(1.0, dead_ax.get_ylim()[1]))
+    for ax in (zero_ax, dead_ax):
+        ax.legend(fontsize=7)
+    for ax in fig.axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return _save(fig, out / f"filters-{run.name}.png", plt)
+    fig.suptitle(f"{title}: filter norms", fontsize=10)
+    return _save(fig, path, plt)
+
+
+def alpha_groups(runs: list[Run], need_losses: bool = True) -> dict[tuple, list[Run]]:
+    """Runs equal in every key a row fixes but alpha, in groups of more than one alpha."""
+    groups = {}
+    for run in runs:
+        if not need_losses or (run.final("logit_norm") is not None and run.final("train_loss") is not None):
+            key = tuple(str(get(run.cfg, k)) for k in paper.ROW_KEYS if k != "loss.pgt_alpha")
+            groups.setdefault(key, []).append(run)
+    return {k: g for k, g in groups.items() if len({r.cfg.loss.pgt_alpha for r in g}) > 1}
+
+
+def alpha_figure(runs: list[Run], path: Path, plt) -> Optional[Path]:
+    """Fig. 8: the last epoch's train logit norm and training loss against alpha, one curve per
+    group of runs equal in every key a row fixes but alpha (never mixing models or schedules)."""
+    groups = alpha_groups(runs)
+    if not groups:
+        return None
+    fig, (norm_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = [f"{g[0].cfg.model.name} {g[0].cfg.schedule.name}"
+             + (f", LS {g[0].cfg.loss.label_smoothing:g}" if g[0].cfg.loss.label_smoothing else "") for g in groups.values()]
+    for name, group in zip(names, groups.values()):
+        label = name if names.count(name) == 1 else f"{name} ({', '.join(sorted({r.name for r in group}))})"
+        by_alpha = {}
+        for run in group:
+            by_alpha.setdefault(run.cfg.loss.pgt_alpha or 1.0, []).append(run)
+        alphas = sorted(by_alpha)
+        for ax, column in ((norm_ax, "logit_norm"), (loss_ax, "train_loss")):
+            values = [[r.final(column) for r in by_alpha[a]] for a in alphas]
+            sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            ax.errorbar(alphas, [statistics.fmean(v) for v in values], yerr=sd, marker="o", capsize=3, label=label)
+    norm_ax.set(xlabel="PGT alpha (1 = plain gradient)", ylabel="mean L2 norm of the train logits",
+                title="logit norm at the last epoch")
+    loss_ax.set(xlabel="PGT alpha (1 = plain gradient)",
+                ylabel="train cross-entropy (running mean over the last epoch)", title="final training loss")
+    for ax in (norm_ax, loss_ax):
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path, plt)
 
 
 def _save(fig, path: Path, plt) -> Path:
+    """The figure, written whole (a temporary file renamed) or not at all."""
     from matplotlib.ticker import MaxNLocator
     for ax in fig.axes:
         if ax.get_xlabel() == "epoch":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"report --out: cannot write {path} ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
     return path
 
 
-def write_report(run_dirs: list[Path], out: Path) -> tuple[str, list[Path]]:
+def write_report(run_dirs: list[Path], out: Path, reference_dir: Optional[Path] = None,
+                 reading: str = "global") -> tuple[str, list[Path]]:
+    """Read everything first (any bad input stops before a file is written), then write report.md
+    and the figures into `out`."""
     runs = [read_run(d) for d in run_dirs]
-    text = "# Runs beside the paper\n\n" + tables(runs)
+    reference = read_reference(reference_dir) if reference_dir is not None else None
+    text = "# Runs beside the paper\n\n" + tables(runs, reference, reading)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "report.md").write_text(text)
+        tmp = out / ".report.md.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / "report.md")
     except OSError as e:
         raise DataError(f"report --out: cannot write {out} ({e.strerror or e})") from None
-    return text, figures(runs, out)
+    return text, figures(runs, out, reference, reading)

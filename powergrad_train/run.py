@@ -96,6 +96,7 @@ def build_run(cfg: Config, run_dir: Path, env: DistEnv, device: torch.device, re
         # 4. Only now, with every check passed, is the run folder created, locked and changed (rank 0).
         folder_lock, log = None, RunLog([])
         if env.is_main:
+            metrics.summary_columns(run_dir)  # a summary.csv without its header is refused, not rewritten
             folder_lock = RunFolderLock(run_dir)
             checkpointer.remove_partial_files()
             metrics.trim_summary_csv(run_dir, state.epoch)  # rows of epochs after the checkpoint are written again
