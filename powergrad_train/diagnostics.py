@@ -3,7 +3,8 @@
 - Per-filter L2 norm of every convolution's weight (Fig. 5-7): saved per epoch as a compressed
   array file, and the filters whose norm fell below ZEROED_NORM counted per layer and in total.
 - The pooled feature vector that enters the classifier, over the val pass: the channels that
-  are zero for every val image (Fig. 5c, 5f).
+  are zero for every val image (Fig. 5c, 5f), and each channel's root-mean-square value, saved
+  per epoch beside the filter norms.
 - The mean L2 norm of the val logits (Fig. 8, beside the final val loss the eval pass gives).
 """
 
@@ -24,6 +25,14 @@ def conv_filter_norms(model: torch.nn.Module) -> dict[str, np.ndarray]:
             for name, m in model.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd)}
 
 
+def save_pooled_features(rms: np.ndarray, run_dir: Path, epoch: int) -> Path:
+    folder = Path(run_dir) / "diagnostics"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"pooled-features-epoch-{epoch:04d}.npz"
+    np.savez_compressed(path, rms=rms)
+    return path
+
+
 def save_filter_norms(norms: dict[str, np.ndarray], run_dir: Path, epoch: int) -> Path:
     folder = Path(run_dir) / "diagnostics"
     folder.mkdir(exist_ok=True)
@@ -42,24 +51,31 @@ def zeroed_filters(norms: dict[str, np.ndarray]) -> dict[str, int]:
 
 
 class PooledFeatureWatch:
-    """Records, during evaluation, the largest |value| of each channel of the classifier's input
-    (on the device: no host sync per batch); `dead_channels()` counts those that stayed 0."""
+    """Records, during evaluation, the largest |value| and the sum of squares of each channel of the
+    classifier's input (on the device: no host sync per batch); `dead_channels()` counts those that
+    stayed 0, `channel_rms()` gives each channel's root-mean-square value over the images."""
 
     def __init__(self, model: torch.nn.Module):
-        self.peak = None
+        self.peak = self.squares = None
+        self.images = 0
         self.handle = model.get_classifier().register_forward_pre_hook(self._record)
         self.active = False
 
     def _record(self, module, inputs) -> None:
         if not self.active:
             return
-        features = inputs[0].detach().float().flatten(1).abs().amax(dim=0)
-        self.peak = features if self.peak is None else torch.maximum(self.peak, features)
+        features = inputs[0].detach().float().flatten(1)
+        peak, squares = features.abs().amax(dim=0), features.square().sum(dim=0)
+        self.peak = peak if self.peak is None else torch.maximum(self.peak, peak)
+        self.squares = squares if self.squares is None else self.squares + squares
+        self.images += features.shape[0]
 
     def start(self) -> None:
-        self.peak, self.active = None, True
+        self.peak = self.squares = None
+        self.images, self.active = 0, True
 
     def dead_channels(self) -> int:
+        """Channels zero on every image of every rank (ends the recording; a collective)."""
         self.active = False
         if self.peak is None:
             return 0
@@ -68,14 +84,26 @@ class PooledFeatureWatch:
             torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
         return int((peak == 0).sum().item())
 
+    def channel_rms(self) -> np.ndarray:
+        """Each channel's root-mean-square over the images of every rank (a collective)."""
+        if self.squares is None:
+            return np.zeros(0, dtype=np.float32)
+        totals = torch.cat([self.squares, torch.tensor([float(self.images)], device=self.squares.device)])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)
+        return (totals[:-1] / totals[-1].clamp_min(1)).sqrt().cpu().numpy().astype(np.float32)
+
     def close(self) -> None:
         self.handle.remove()
 
 
-def epoch_diagnostics(model: torch.nn.Module, run_dir: Path, epoch: int, is_main: bool) -> dict[str, int]:
-    """Rank 0 saves the filter norms of `epoch`; every rank returns the zeroed filters per layer."""
+def epoch_diagnostics(model: torch.nn.Module, run_dir: Path, epoch: int, is_main: bool,
+                      feature_rms: np.ndarray) -> dict[str, int]:
+    """Rank 0 saves the filter norms and the pooled features' channel RMS of `epoch`; every rank
+    returns the zeroed filters per layer."""
     norms = conv_filter_norms(model)
     if is_main:
         save_filter_norms(norms, run_dir, epoch)
+        save_pooled_features(feature_rms, run_dir, epoch)
     return zeroed_filters(norms)
 

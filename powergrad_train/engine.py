@@ -26,7 +26,7 @@ from powergrad_train.diagnostics import PooledFeatureWatch, epoch_diagnostics
 from powergrad_train.dist import DistEnv
 from powergrad_train.ema import WeightAverage
 from powergrad_train.errors import CheckpointError, TrainingError
-from powergrad_train.hardware import precision_in_use
+from powergrad_train.hardware import MemoryOutsideTorch, precision_in_use
 from powergrad_train.metrics import EvalMeter, RunLog, TrainMeter
 from powergrad_train.models import build_model
 from powergrad_train.objectives import Objective
@@ -111,6 +111,7 @@ class Trainer:
     log: RunLog
     folder_lock: Optional[RunFolderLock] = None
     init_note: Optional[str] = None  # where the initial weights came from (model.init_from)
+    gpu_memory: Optional[MemoryOutsideTorch] = None  # on a GPU: memory outside torch since before the data
 
     def __post_init__(self):
         self.autocast = autocast_for(self.cfg.amp, self.device)
@@ -188,7 +189,7 @@ class Trainer:
                 s.eval_pending = False
                 train = self.meter.read()
                 # The paper's diagnostics: filter norms (saved per epoch), zeroed filters, dead features.
-                zeroed = epoch_diagnostics(self.model, self.run_dir, s.epoch, self.env.is_main)
+                zeroed = epoch_diagnostics(self.model, self.run_dir, s.epoch, self.env.is_main, val["feature_rms"])
                 # Log before the checkpoint: a run killed in between resumes from the previous
                 # checkpoint, which trims summary.csv and TensorBoard back to it.
                 log.epoch_end({
@@ -257,6 +258,18 @@ class Trainer:
             "eta_epoch_s": per_step * (self.steps_per_epoch - s.batch_in_epoch),
             "eta_run_s": per_step * (self.cfg.schedule.epochs * self.steps_per_epoch - s.step),
         })
+        if self.gpu_memory is not None:  # once, when training has reached its steady state
+            self.log.message(self.describe_gpu_memory())
+            self.gpu_memory = None
+
+    def describe_gpu_memory(self) -> str:
+        """Measured GPU memory: torch's peak and what lies outside torch's allocator (DALI's pools, queues
+        and decoded images, NCCL's buffers), which torch's statistics cannot see."""
+        gib, device = 2 ** 30, self.device
+        outside, total = self.gpu_memory.taken(), torch.cuda.get_device_properties(device).total_memory
+        return (f"gpu memory after {self.state.batch_in_epoch} steps: torch {torch.cuda.max_memory_allocated(device) / gib:.1f}"
+                f" GiB peak allocated ({torch.cuda.max_memory_reserved(device) / gib:.1f} GiB reserved), outside torch "
+                f"{outside / gib:.1f} GiB (DALI's pools and queues, NCCL), of {total / gib:.1f} GiB on the device")
 
     def _check_finite(self, values: Optional[dict] = None) -> None:
         """Stop when steps kept being skipped (checked at log time: no per-step sync)."""
@@ -270,8 +283,9 @@ class Trainer:
                 f"{checkpoint.describe(self.checkpointer.last)}; {DIVERGENCE_ADVICE}")
 
     def evaluate(self, stop_requested=lambda: None) -> Optional[dict]:
-        """The val metrics, with `dead_features` (pooled-feature channels zero on every val image) and,
-        with an EMA of the weights, `ema_top1`; None when a stop was requested during it."""
+        """The val metrics, with `dead_features` (pooled-feature channels zero on every val image),
+        `feature_rms` (each channel's root-mean-square) and, with an EMA of the weights, `ema_top1`;
+        None when a stop was requested during it."""
         models = [self.model] + ([self.ema.module] if self.ema is not None else [])
         if self.env.distributed:
             # Each rank's running statistics saw only its own batches: average them, so every rank
@@ -281,10 +295,10 @@ class Trainer:
         self.feature_watch.start()
         values = evaluate_model(self.model, self.data.val, self.device, self.autocast, self.memory_format,
                                 stop_requested)
-        dead = self.feature_watch.dead_channels()
+        dead, rms = self.feature_watch.dead_channels(), self.feature_watch.channel_rms()
         if values is None:
             return None
-        values["dead_features"] = dead
+        values["dead_features"], values["feature_rms"] = dead, rms
         if self.ema is not None:
             averaged = evaluate_model(self.ema.module, self.data.val, self.device, self.autocast, self.memory_format,
                                       stop_requested)

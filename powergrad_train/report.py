@@ -489,9 +489,22 @@ def filter_norms(run: Run) -> tuple[list[int], list[dict]]:
     return epochs, norms
 
 
+def pooled_features(run: Run) -> Optional[tuple[int, "np.ndarray"]]:
+    """(epoch, each pooled-feature channel's RMS over the val images) of the last epoch saved, or None."""
+    import numpy as np
+    for path in sorted((run.folder / "diagnostics").glob("pooled-features-epoch-*.npz"), reverse=True):
+        try:
+            with np.load(path) as arrays:
+                return int(path.stem.rsplit("-", 1)[1]), arrays["rms"]
+        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+            warn(f"{path} is unreadable ({type(e).__name__}); left out of the pooled-feature panel")
+    return None
+
+
 def filter_norm_figure(runs: list[Run], title: str, path: Path, plt) -> Optional[Path]:
     """Fig. 5-7: for three main-path layers, one line per filter (its L2 norm over the epochs), the
-    runs side by side on one scale; then the share of zeroed filters and the dead pooled features."""
+    runs side by side on one scale; then the share of zeroed filters, the dead pooled features and
+    the pooled features' channel RMS (Fig. 5c)."""
     import numpy as np
 
     from powergrad_train.diagnostics import ZEROED_NORM
@@ -500,11 +513,15 @@ def filter_norm_figure(runs: list[Run], title: str, path: Path, plt) -> Optional
         return None
     layers = [n for n in main_path_convs(list(data[0][1][0])) if all(n in d[1][0] for d in data)]
     if len(runs) == 1:  # the layers in a row, the summaries below them
-        fig, axes = plt.subplots(2, 3, figsize=(15.6, 6.4), squeeze=False)
-        layer_axes, summary = [[ax] for ax in axes[0]], axes[1]
+        fig = plt.figure(figsize=(15.6, 6.4))
+        grid = fig.add_gridspec(2, 3)
+        layer_axes = [[fig.add_subplot(grid[0, i])] for i in range(len(layers))]
     else:  # a row per layer, the runs side by side
-        fig, axes = plt.subplots(len(layers) + 1, 2, figsize=(10.4, 3.1 * (len(layers) + 1)), squeeze=False)
-        layer_axes, summary = axes[:-1], axes[-1]
+        fig = plt.figure(figsize=(12.0, 3.1 * (len(layers) + 1)))
+        grid = fig.add_gridspec(len(layers) + 1, 6)
+        layer_axes = [[fig.add_subplot(grid[i, :3]), fig.add_subplot(grid[i, 3:])] for i in range(len(layers))]
+        grid = grid[-1, :].subgridspec(1, 3)
+    summary = [fig.add_subplot(grid[-1, i]) for i in range(3)]
     labels = _legend_labels(runs, setting=False)
     for row_axes, layer in zip(layer_axes, layers):
         top = max(max(norms[layer].max() for norms in d[1]) for d in data)
@@ -512,9 +529,7 @@ def filter_norm_figure(runs: list[Run], title: str, path: Path, plt) -> Optional
             ax.plot(epochs, np.stack([n[layer] for n in norms]), lw=0.6, alpha=0.6)
             ax.set(xlabel="epoch", ylabel="filter L2 norm", ylim=(0, 1.05 * top),
                    title=f"{label}: {layer} ({len(norms[0][layer])} filters)")
-    for ax in summary[2:]:
-        ax.axis("off")
-    zero_ax, dead_ax = summary[0], summary[1]
+    zero_ax, dead_ax, rms_ax = summary
     for (epochs, norms), label, run, style in zip(data, labels, runs, ("-", "--")):
         for color, layer in enumerate(layers):
             zero_ax.plot(epochs, [100 * (n[layer] < ZEROED_NORM).mean() for n in norms], style, color=f"C{color}",
@@ -524,8 +539,17 @@ def filter_norm_figure(runs: list[Run], title: str, path: Path, plt) -> Optional
     zero_ax.set_ylim(bottom=0, top=max(1.0, zero_ax.get_ylim()[1]))
     dead_ax.set(xlabel="epoch", ylabel="dead channels", title="pooled features zero on every val image (Fig. 5c)")
     dead_ax.set_ylim(bottom=0, top=max(1.0, dead_ax.get_ylim()[1]))
-    for ax in (zero_ax, dead_ax):
-        ax.legend(fontsize=7)
+    for run, label, style in zip(runs, labels, ("-", "--")):
+        last = pooled_features(run)
+        if last is not None:
+            epoch, rms = last
+            rms_ax.plot(np.sort(rms)[::-1], style, label=f"{label} (epoch {epoch}, {int((rms == 0).sum())} at 0)")
+    rms_ax.set(xlabel="channel, sorted by its value", ylabel="RMS over the val images",
+               title="pooled feature channels, last epoch")
+    rms_ax.set_ylim(bottom=0)
+    for ax in (zero_ax, dead_ax, rms_ax):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     for ax in fig.axes:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{title}: filter norms", fontsize=10)

@@ -28,6 +28,7 @@ from powergrad_train.config import Config, to_dict
 from powergrad_train.diagnostics import PooledFeatureWatch
 from powergrad_train.dist import DistEnv
 from powergrad_train.ema import WeightAverage
+from powergrad_train.hardware import MemoryOutsideTorch
 from powergrad_train.engine import Trainer, build_data, build_model_on
 from powergrad_train.metrics import Output, RunInfo, RunLog, TrainMeter
 from powergrad_train.models import load_initial_weights
@@ -63,6 +64,8 @@ def build_run(cfg: Config, run_dir: Path, env: DistEnv, device: torch.device, re
     model = build_model_on(cfg, env, device)
     init_note = load_initial_weights(model, Path(cfg.model.init_from).expanduser()) \
         if cfg.model.init_from and resume_from is None else None
+    # On a GPU, measured from here: what the data pipelines take outside torch's allocator.
+    gpu_memory = MemoryOutsideTorch(device) if device.type == "cuda" else None
     data = build_data(cfg, env, device)
     try:
         objective = build_objective(cfg.loss)
@@ -112,5 +115,5 @@ def build_run(cfg: Config, run_dir: Path, env: DistEnv, device: torch.device, re
                       data=data, objective=objective, batch_transform=batch_transform, optimizer=optimizer,
                       skipper=skipper, clip_gradients=clip_gradients, scaler=scaler, ema=ema, buffers=buffers,
                       feature_watch=feature_watch, state=state, meter=meter, checkpointer=checkpointer, log=log,
-                      folder_lock=folder_lock, init_note=init_note)
+                      folder_lock=folder_lock, init_note=init_note, gpu_memory=gpu_memory)
     return trainer

@@ -54,9 +54,11 @@ def main():
         watch.start()
         forward()
         watch.dead_channels()
+        return watch.channel_rms()
 
+    rms = watched()
     with tempfile.TemporaryDirectory() as run_dir:
-        diag = median_ms(lambda: epoch_diagnostics(model, run_dir, 1, True), device, args.rounds)
+        diag = median_ms(lambda: epoch_diagnostics(model, run_dir, 1, True, rms), device, args.rounds)
     forward()
     plain = median_ms(forward, device, args.rounds)
     with_watch = median_ms(watched, device, args.rounds)
