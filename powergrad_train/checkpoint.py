@@ -412,6 +412,11 @@ class Checkpointer:
         self._prune()
         return self.last
 
+    def restore_last(self, path: Path) -> None:
+        """Make last.pt a copy of `path`, a checkpoint of this run chosen because last.pt is missing
+        or damaged, so the folder holds a good last.pt even if nothing more is trained."""
+        _link_atomic(path, self.last, copy=True)
+
     def write_nonfinite(self, state: dict) -> Path:
         """A state whose steps had non-finite losses: kept apart, so last.pt stays good."""
         save_atomic(state, self.nonfinite)

@@ -150,23 +150,31 @@ def dali_runs_on(capability: tuple[int, int]) -> bool:
     return flavour is not None and capability >= DALI_MIN_CAPABILITY[flavour]
 
 
-def problems(gpus: list[Gpu], arch_list: list[str], torch_build: str, dali: Optional[str],
-             dali_on_gpu: bool) -> list[str]:
-    """One line per GPU the installed builds cannot drive, with the install that can."""
-    found = []
+def problems_per_gpu(gpus: list[Gpu], arch_list: list[str], torch_build: str, dali: Optional[str],
+                     dali_on_gpu: bool) -> dict[Gpu, list[str]]:
+    """For each GPU, a line per reason the installed builds cannot drive it, with the install that can."""
+    found = {}
     for gpu in gpus:
+        lines = found.setdefault(gpu, [])
         if not build_runs_on(arch_list, gpu.capability):
             if gpu.capability < (7, 5):
                 fix = f"install PyTorch's CUDA 12.6 build, which has Volta kernels: {VOLTA_INSTALL}"
             else:
                 fix = "install a torch build for a newer CUDA that lists this GPU's architecture"
-            found.append(f"{gpu} cannot run this torch build ({torch_build}, kernels for "
+            lines.append(f"{gpu} cannot run this torch build ({torch_build}, kernels for "
                          f"{' '.join(arch_list) or 'no GPU'}); {fix}")
         if dali_on_gpu and dali and gpu.capability < DALI_MIN_CAPABILITY[dali]:
             low = DALI_MIN_CAPABILITY[dali]
-            found.append(f"{gpu} cannot decode with the installed DALI ({dali}: compute capability "
+            lines.append(f"{gpu} cannot decode with the installed DALI ({dali}: compute capability "
                          f"{low[0]}.{low[1]} and newer); {VOLTA_INSTALL} (or data.dali_device: cpu)")
     return found
+
+
+def problems(gpus: list[Gpu], arch_list: list[str], torch_build: str, dali: Optional[str],
+             dali_on_gpu: bool) -> list[str]:
+    """One line per reason a GPU cannot be driven by the installed builds, GPU by GPU."""
+    return [line for lines in problems_per_gpu(gpus, arch_list, torch_build, dali, dali_on_gpu).values()
+            for line in lines]
 
 
 def torch_build() -> str:
@@ -253,8 +261,9 @@ def report() -> tuple[list[str], list[str]]:
         f"DALI: {f'{importlib.metadata.version(dali)} ({dali})' if dali else 'not installed'}",
     ]
     gpus = visible_gpus()
-    found = problems(gpus, torch.cuda.get_arch_list(), torch_build(), dali, dali_on_gpu=True)
-    lines += [f"{gpu}: {'see below' if any(str(gpu) in p for p in found) else 'supported'}" for gpu in gpus]
+    per_gpu = problems_per_gpu(gpus, torch.cuda.get_arch_list(), torch_build(), dali, dali_on_gpu=True)
+    found = [line for lines in per_gpu.values() for line in lines]
+    lines += [f"{gpu}: {'see below' if per_gpu[gpu] else 'supported'}" for gpu in gpus]
     if not gpus:
         nvidia = probe_nvidia()
         problem = driver_problem(torch.version.cuda, torch.cuda.is_available(), nvidia, torch_build())

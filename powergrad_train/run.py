@@ -102,6 +102,9 @@ def build_run(cfg: Config, run_dir: Path, env: DistEnv, device: torch.device, re
             metrics.summary_columns(run_dir)  # a summary.csv without its header is refused, not rewritten
             folder_lock = RunFolderLock(run_dir)
             checkpointer.remove_partial_files()
+            if resume_from is not None and Path(resume_from).resolve() == (run_dir / resume_from.name).resolve() \
+                    and resume_from.name != checkpointer.last.name:  # last.pt was missing or damaged
+                checkpointer.restore_last(Path(resume_from))
             metrics.trim_summary_csv(run_dir, state.epoch)  # rows of epochs after the checkpoint are written again
             metrics.trim_jsonl(run_dir, state.step)
             metrics.prepare_tensorboard_folder(run_dir, state.step)

@@ -109,22 +109,26 @@ def overwrite_middle(path, size=4 * 2**20):
         f.write(os.urandom(size))
 
 
-def test_damage_in_place_is_found_and_best_pt_survives_it(two_epoch_run, tiny_root, tmp_path, capsys):
+@pytest.mark.parametrize("best_epoch", [2, 1])
+def test_damage_in_place_is_found_and_best_pt_survives_it(two_epoch_run, tiny_root, tmp_path, capsys, best_epoch):
+    """Whichever epoch best.pt holds, the run ends with a good last.pt: trained on from epoch 1, or (the
+    run already finished) put back from best.pt."""
     run_dir = tmp_path / "damaged"
     shutil.copytree(two_epoch_run, run_dir)  # copies hard links as separate files: make them links again
     (run_dir / "last.pt").unlink()
     os.link(run_dir / "epoch-0002.pt", run_dir / "last.pt")
-    assert os.stat(two_epoch_run / "best.pt").st_ino != os.stat(two_epoch_run / "last.pt").st_ino
+    shutil.copy(run_dir / f"epoch-{best_epoch:04d}.pt", run_dir / "best.pt")  # an independent copy, as written
     size = (run_dir / "last.pt").stat().st_size
     overwrite_middle(run_dir / "last.pt")
     assert (run_dir / "last.pt").stat().st_size == size
     line = refused(capsys, "validate", "--checkpoint", run_dir / "last.pt")
     assert line == (f"error: {run_dir / 'last.pt'}: damaged: its content no longer matches the checksum written "
                     "with it (changed in place after saving?); use another checkpoint of the run")
-    best = checkpoint.load(run_dir / "best.pt")  # independent of last.pt, so still good
-    newest_valid = "best.pt" if best["train_state"]["epoch"] == 2 else "epoch-0001.pt"  # epoch-0002.pt is last.pt
+    checkpoint.load(run_dir / "best.pt")  # independent of last.pt, so still good
+    newest_valid = "best.pt" if best_epoch == 2 else "epoch-0001.pt"  # epoch-0002.pt is last.pt
     main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *tiny_overrides(tiny_root)])
     assert f"resuming from {run_dir / newest_valid}: {run_dir / 'last.pt'} is damaged" in capsys.readouterr().out
+    assert checkpoint.load(run_dir / "last.pt")["train_state"]["epoch"] == 2  # a good last.pt, whatever the path
     assert_same_weights(load_weights(two_epoch_run / "last.pt"), load_weights(run_dir / "last.pt"))
 
 
