@@ -41,6 +41,15 @@ def jpeg_folder(out: Path, train_per_class: int, val_per_class: int) -> Path:
     return make_folder(out / "data" / f"jpegs-{train_per_class}-{val_per_class}", train_per_class, val_per_class)
 
 
+def data_backend() -> str:
+    """dali where DALI is installed, else torchvision (the runs then read with it)."""
+    try:
+        import nvidia.dali  # noqa: F401
+        return "dali"
+    except ImportError:
+        return "torchvision"
+
+
 def work_dir(out: Path, part: str) -> Path:
     """A fresh folder for this run of a part (runs never meet an earlier run's folders)."""
     import tempfile

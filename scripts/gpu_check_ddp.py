@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_check_common import ON_GPU, SCRIPTS, Results, is_small, jpeg_folder, parser, work_dir
+from gpu_check_common import ON_GPU, SCRIPTS, Results, data_backend, is_small, jpeg_folder, parser, work_dir
 
 REPO = SCRIPTS.parent
 
@@ -58,11 +58,7 @@ def main():
     small = is_small(args)
     size = dict(train=12, val=4, model="resnet10t", image=32, batch=16, workers=1) if small else \
         dict(train=1000, val=50, model="resnet18", image=112, batch=128, workers=4)
-    try:
-        import nvidia.dali  # noqa: F401
-        backend = "dali"
-    except ImportError:
-        backend = "torchvision"
+    backend = data_backend()
     root = jpeg_folder(args.out, size["train"], size["val"])
     results = Results("gpu check part 4: a batch-norm model under DDP on one GPU",
                       f"2 processes over gloo on {'GPU 0' if ON_GPU else 'the CPU'}; {size['model']}, {size['image']} "

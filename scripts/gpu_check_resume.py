@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from gpu_check_common import ON_GPU, SCRIPTS, Results, is_small, jpeg_folder, max_relative_difference, parser, \
-    work_dir
+from gpu_check_common import ON_GPU, SCRIPTS, Results, data_backend, is_small, jpeg_folder, \
+    max_relative_difference, parser, work_dir
 from powergrad_train import checkpoint
 
 
@@ -54,11 +54,7 @@ def main():
     small = is_small(args)
     size = dict(train=12, val=4, model="resnet10t", image=32, batch=16, workers=2, every=3) if small else \
         dict(train=1000, val=50, model="resnet18", image=112, batch=128, workers=8, every=20)
-    try:
-        import nvidia.dali  # noqa: F401
-        backend = "dali"
-    except ImportError:
-        backend = "torchvision"
+    backend = data_backend()
     root = jpeg_folder(args.out, size["train"], size["val"])
     results = Results("gpu check part 3: checkpoints on the GPU",
                       f"{size['model']}, {size['image']} px, batch {size['batch']}, amp {'fp16' if ON_GPU else 'off'}, "
