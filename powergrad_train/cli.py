@@ -15,14 +15,44 @@ from typing import Optional
 
 # Only light imports here: `--help` and config errors answer without loading torch.
 from powergrad_train import __version__
-from powergrad_train.config import Config, build_config, check_runtime, describe_keys, dump
-from powergrad_train.errors import ConfigError, InstallError, UserError
+from powergrad_train.config import (Config, absolute_path, build_config, check_path, check_runtime, describe_keys,
+                                    dump, suggestion)
+from powergrad_train.errors import (CheckpointError, ConfigError, InstallError, RunFolderError, UserError, printable,
+                                    shown)
 
 COMMANDS = ("train", "validate", "bench", "env", "report", "reproduce")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a mistake as one `error:` line (a UserError) and the closest option suggested
+    for an unknown one."""
+
+    def add_argument(self, *names, **kwargs):
+        self.option_names = getattr(self, "option_names", []) + [n for n in names if n.startswith("-")]
+        return super().add_argument(*names, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            name = extra[0].split("=", 1)[0]
+            self.error(f"unrecognized argument {shown(extra[0])}"
+                       + (suggestion(name, self.option_names) if name.startswith("-") else ""))
+        return parsed
+
+    def error(self, message):
+        raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _user_path(option: str, text) -> Path:
+    """A path the user gave, as every later use sees it: `~` expanded, absolute from the current folder,
+    and one the system can name."""
+    path = absolute_path(text)
+    check_path(option, path)
+    return path
+
+
 def _train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="powergrad-train",
         description="Train an ImageNet classifier from a YAML recipe, with the PowerGrad Transform, "
                     "label smoothing and GC/AGC. Subcommands: train (default), validate, bench, env, report, reproduce "
@@ -45,8 +75,8 @@ def _train_parser() -> argparse.ArgumentParser:
 
 
 def _validate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="powergrad-train validate",
-                                description="Evaluate a checkpoint on the val split: top-1, top-5, loss.")
+    p = _Parser(prog="powergrad-train validate",
+                description="Evaluate a checkpoint on the val split: top-1, top-5, loss.")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a checkpoint of this program (.pt), or one of the PGT authors' (.pth.tar, timm 0.4.12's "
                         "format: their args are printed and their weights evaluated here)")
@@ -64,9 +94,9 @@ def _count(low: int):
 
 
 def _bench_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="powergrad-train bench",
-                                description="Images/s of the full training step and of data loading alone "
-                                            "(warm-up excluded), for a recipe on this machine.")
+    p = _Parser(prog="powergrad-train bench",
+                description="Images/s of the full training step and of data loading alone "
+                            "(warm-up excluded), for a recipe on this machine.")
     p.add_argument("--config", required=True, metavar="RECIPE")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--steps", type=_count(1), default=50, help="timed steps (default 50)")
@@ -83,21 +113,69 @@ def _check_machine(cfg: Config, world_size: int) -> None:
     check_runtime(cfg, world_size, cuda=bool(gpus), capability=min((g.capability for g in gpus), default=None))
 
 
-def _dry_run(cfg: Config, env) -> None:
+def _check_model(cfg: Config, world_size: int, train: bool = True) -> None:
+    """The model runs at the recipe's image size and per-process micro-batch, and model.compile has its
+    tools: checked in seconds before any data is listed."""
     import torch
 
-    from powergrad_train.engine import build_data, build_model_on
-    from powergrad_train.optim import lr_at_step
+    from powergrad_train.models import check_compile, check_model_runs
+    if not train:
+        check_model_runs(cfg.model, cfg.data.image_size, cfg.data.val_batch_per_process(world_size), train=False)
+        return
+    acc = cfg.train.accumulate_steps
+    batch = cfg.data.batch_size // (world_size * acc)
+    note = f" (data.batch_size {cfg.data.batch_size} over {world_size} process(es) and {acc} accumulation step(s))"
+    if cfg.model.sync_bn and world_size > 1:  # batch norm statistics then span every process's micro-batch
+        batch, note = batch * world_size, note + " with model.sync_bn over all processes"
+    check_model_runs(cfg.model, cfg.data.image_size, batch, train=True, batch_note=note)
+    if cfg.model.compile:
+        check_compile(cuda=torch.cuda.is_available())
 
+
+def _check_output(run_dir: Path) -> None:
+    """The run folder can be created where it is asked for (what a start finds only when it makes it)."""
+    existing = next(p for p in (run_dir, *run_dir.parents) if os.path.lexists(p))
+    why = f"{printable(existing)} is a file" if existing != run_dir and not existing.is_dir() else \
+        f"{printable(existing)} is not writable" if not os.access(existing, os.W_OK | os.X_OK) else None
+    if why:
+        raise RunFolderError(f"--output: cannot create or write the run folder {printable(run_dir)} ({why})")
+
+
+def _start_checks(cfg: Config, args, env) -> tuple[Path, Optional[Path], Optional[str]]:
+    """Every check a training start makes before it touches a GPU or writes anything: a real start
+    and --dry-run both run this. Returns (run folder, checkpoint to resume from or None, a note)."""
+    from powergrad_train import run_folder
+    from powergrad_train.data import check_data
+
+    _check_machine(cfg, env.world_size)
+    run_dir = _user_path("--output", args.output or Path("runs") / Path(args.config).stem)
+    resume = args.resume if args.resume in (None, "auto") else str(_user_path("--resume", args.resume))
+    resume_from, note = run_folder.resume_point(run_dir, resume)
+    _check_output(run_dir)
+    check_data(cfg.data)
+    _check_model(cfg, env.world_size)
+    return run_dir, resume_from, note
+
+
+def _dry_run(cfg: Config, env, resume_from: Optional[Path], resume_force: bool) -> None:
+    """What a start would do, down to the checkpoint's compatibility, without writing anything."""
+    import torch
+
+    from powergrad_train import checkpoint
+    from powergrad_train.engine import build_data, build_model_on
     from powergrad_train.models import load_initial_weights
+    from powergrad_train.optim import lr_at_step
 
     print(dump(cfg), end="")
     model = build_model_on(cfg, env, torch.device("cpu"))
-    if cfg.model.init_from:
-        print(load_initial_weights(model, Path(cfg.model.init_from).expanduser()))
+    if cfg.model.init_from and resume_from is None:
+        print(load_initial_weights(model, Path(cfg.model.init_from)))
     data = build_data(cfg, env, torch.device("cpu"))
     data.close()
     steps = data.train.batches_per_epoch
+    if resume_from is not None:
+        checkpoint.check_compatible(checkpoint.load(resume_from), resume_from, cfg, classes=data.classes,
+                                    steps_per_epoch=steps, world_size=env.world_size, force=resume_force)
     print(f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters")
     print(f"data: {len(data.classes)} classes, {data.train.num_samples} train / {data.val.num_samples} val images, "
           f"{steps} steps per epoch at global batch {cfg.data.batch_size}")
@@ -110,23 +188,22 @@ def _dry_run(cfg: Config, env) -> None:
 
 
 def train_command(argv: list[str]) -> None:
+    if argv and not argv[0].startswith("-"):  # a word where an option belongs: a command misspelled, most likely
+        word = argv[0]
+        hint = f" (did you mean --config {word}?)" if word.endswith((".yaml", ".yml")) else suggestion(word, COMMANDS)
+        raise ConfigError(f"unknown command {shown(word)}{hint}; the commands are {', '.join(COMMANDS)}")
     args = _train_parser().parse_args(argv)
     cfg = build_config(args.config, args.set)
-    from powergrad_train import dist, run_folder
+    from powergrad_train import dist
     env = dist.env_from_torchrun()
-    _check_machine(cfg, env.world_size)
-    if args.dry_run:
-        _dry_run(cfg, env)
-        return
-    from powergrad_train.data import check_data
-    from powergrad_train.preemption import Preempted
-    from powergrad_train.run import build_run
-
-    run_dir = Path(args.output or Path("runs") / Path(args.config).stem)
-    resume_from, note = run_folder.resume_point(run_dir, args.resume)
+    run_dir, resume_from, note = _start_checks(cfg, args, env)
     if note and env.is_main:
         print(note, flush=True)
-    check_data(cfg.data)
+    if args.dry_run:
+        _dry_run(cfg, env, resume_from, args.resume_force)
+        return
+    from powergrad_train.preemption import Preempted
+    from powergrad_train.run import build_run
 
     device = dist.device_for(env)
     dist.init(env, device)
@@ -154,8 +231,13 @@ def validate_command(argv: list[str]) -> None:
     from powergrad_train import authors, checkpoint, dist
     from powergrad_train.engine import autocast_for, build_data, build_model_on, evaluate_model
     from powergrad_train.metrics import format_eval
+    from powergrad_train.run_folder import checkpoints_in
 
-    path = Path(args.checkpoint)
+    path = _user_path("--checkpoint", args.checkpoint)
+    if path.is_dir():
+        held = ", ".join(p.name for p in checkpoints_in(path)) or "none"
+        raise CheckpointError(f"--checkpoint: {printable(path)} is a folder; pass a checkpoint file in it "
+                              f"(checkpoints there: {held})")
     about = None
     if authors.is_timm_checkpoint(path):  # the PGT authors' published files (timm 0.4.12's format)
         theirs = authors.load_checkpoint(path)
@@ -165,6 +247,7 @@ def validate_command(argv: list[str]) -> None:
         cfg = build_config(None, args.set, start=(f"{path} (its config)", state["config"]), lenient=True)
     env = dist.env_from_torchrun()
     _check_machine(cfg, env.world_size)
+    _check_model(cfg, env.world_size, train=False)
     device = dist.device_for(env)
     dist.init(env, device)
     try:
@@ -172,7 +255,7 @@ def validate_command(argv: list[str]) -> None:
         checkpoint.load_model_weights(model, state, path, cfg.model.name)
         data = build_data(cfg, env, device, train=False)
         try:
-            checkpoint.check_classes(state, path, data.classes, where=f"{cfg.data.root}/val")
+            checkpoint.check_classes(state, path, data.classes, where=f"{printable(cfg.data.root)}/val")
             values = evaluate_model(model, data.val, device, autocast_for(cfg.amp, device))
         finally:
             data.close()
@@ -196,6 +279,7 @@ def bench_command(argv: list[str]) -> None:
     cfg = build_config(args.config, overrides)
     env = dist.env_from_torchrun()
     _check_machine(cfg, env.world_size)
+    _check_model(cfg, env.world_size)
     check_data(cfg.data)
     device = dist.device_for(env)
     dist.init(env, device)
@@ -214,10 +298,10 @@ def bench_command(argv: list[str]) -> None:
 
 
 def _env_parser() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog="powergrad-train env",
-                                   description="Print the torch, CUDA, cuDNN, NCCL and DALI builds and the GPUs "
-                                               "with their compute capability; exit 2 when the builds cannot "
-                                               "drive a GPU (with the install that can).")
+    return _Parser(prog="powergrad-train env",
+                   description="Print the torch, CUDA, cuDNN, NCCL and DALI builds and the GPUs "
+                               "with their compute capability; exit 2 when the builds cannot "
+                               "drive a GPU (with the install that can).")
 
 
 def env_command(argv: list[str]) -> None:
@@ -231,7 +315,7 @@ def env_command(argv: list[str]) -> None:
 
 
 def report_command(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="powergrad-train report",
+    p = _Parser(prog="powergrad-train report",
                                 description="Put runs beside the paper's Tables 1-3 (matched by their resolved "
                                             "config, several seeds of a row with statistics) and draw the paper's "
                                             "figures from them.")
@@ -247,10 +331,12 @@ def report_command(argv: list[str]) -> None:
     if not args.runs and not args.reference:
         raise ConfigError("report: give run folders, or --reference AUTHORS_DIR, or both")
     from powergrad_train.report import write_report
-    text, figures = write_report([Path(r) for r in args.runs], Path(args.out),
-                                 Path(args.reference) if args.reference else None, args.table2_batch)
+    out = _user_path("report --out", args.out)
+    text, figures = write_report([_user_path("report", r) for r in args.runs], out,
+                                 _user_path("report --reference", args.reference) if args.reference else None,
+                                 args.table2_batch)
     print(text)
-    print(f"written: {Path(args.out) / 'report.md'}" + "".join(f", {f}" for f in figures))
+    print(f"written: {out / 'report.md'}" + "".join(f", {f}" for f in figures))
 
 
 def paper_readings() -> tuple[str, ...]:
@@ -259,7 +345,7 @@ def paper_readings() -> tuple[str, ...]:
 
 
 def reproduce_command(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="powergrad-train reproduce",
+    p = _Parser(prog="powergrad-train reproduce",
                                 description="Run every row of one of the paper's tables in turn, once per seed "
                                             "(finished runs skipped, interrupted ones resumed), then write the report.")
     p.add_argument("table", type=int, choices=(1, 2, 3))
@@ -283,10 +369,10 @@ def reproduce_command(argv: list[str]) -> None:
     rows = reproduce.parse_rows(args.rows, args.table)
     seeds = reproduce.parse_seeds(args.seeds, args.set)
     throughput = reproduce.parse_throughput(args.images_per_sec)
-    out = Path(args.out)
-    runs = reproduce.plan(args.table, Path(args.data), args.nproc, out, args.set, rows, seeds, args.table2_batch)
+    out, data = _user_path("reproduce --out", args.out), _user_path("reproduce --data", args.data)
+    runs = reproduce.plan(args.table, data, args.nproc, out, args.set, rows, seeds, args.table2_batch)
     reproduce.check_reuse(runs)
-    print(reproduce.describe(runs, args.nproc, throughput, Path(args.data)), flush=True)
+    print(reproduce.describe(runs, args.nproc, throughput, data), flush=True)
     if args.dry_run:
         return
     code, failure = reproduce.execute(runs)
@@ -300,6 +386,8 @@ def reproduce_command(argv: list[str]) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # a name with bytes that are not UTF-8 prints, escaped
+        sys.stdout.reconfigure(errors="backslashreplace")
     command = argv[0] if argv and argv[0] in COMMANDS else "train"
     if argv and argv[0] in COMMANDS:
         argv = argv[1:]

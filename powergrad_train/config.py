@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import re
+import stat
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -19,19 +22,22 @@ from typing import Any, Optional
 import yaml
 
 from powergrad_train import registry
-from powergrad_train.errors import ConfigError
+from powergrad_train.errors import SHOWN_CHARS, ConfigError, printable, shown
 
 BUNDLED_RECIPES = Path(__file__).parent / "configs"
 DEMO_ROOT = "builtin:demo"
 
 
-def opt(default, help, *, choices=None, ge=None, gt=None, le=None, lt=None, fixed=False):
-    """A config field: default, help text and the allowed values (for a list: of each element).
+def opt(default, help, *, choices=None, ge=None, gt=None, le=None, lt=None, fixed=False, path=False):
+    """A config field: default, help text and the allowed values (for a list: of each element; a
+    number is always finite).
 
     fixed=True: the key defines the run, so resuming with another value is refused
-    (unless --resume-force).
+    (unless --resume-force). path=True: a file or folder; `~` is expanded and a relative path
+    is made absolute from the current folder when the value is read, so the stored config means
+    the same from any folder.
     """
-    meta = dict(help=help, choices=choices, ge=ge, gt=gt, le=le, lt=lt, fixed=fixed)
+    meta = dict(help=help, choices=choices, ge=ge, gt=gt, le=le, lt=lt, fixed=fixed, path=path)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -44,16 +50,19 @@ class ModelConfig:
     zero_init_last: bool = opt(True, "zero-initialise the last batch-norm scale of each residual block (timm's default); "
                                      "the PGT authors' runs effectively had false", fixed=True)
     sync_bn: bool = opt(False, "convert batch norm to SyncBatchNorm in distributed GPU runs, so statistics cover the global batch")
-    compile: bool = opt(False, "torch.compile the model (and the loss with it) for speed; first steps compile")
+    compile: bool = opt(False, "torch.compile the model (and the loss with it) for speed; first steps compile. Needs a "
+                               "C++ compiler on the CPU, triton and a C compiler on CUDA GPUs (checked at start)")
     init_from: Optional[str] = opt(None, "start from these weights instead of a random init: a state_dict file (timm or "
                                          "torchvision .pth, or a file holding 'state_dict' or 'model') or a "
                                          "powergrad-train checkpoint; the classifier head is re-initialised when its "
-                                         "class count differs; not used when resuming", fixed=True)
+                                         "class count differs; not used when resuming", fixed=True, path=True)
 
 
 @dataclass
 class DataConfig:
-    root: str = opt(DEMO_ROOT, f"ImageFolder root holding train/ and val/; '{DEMO_ROOT}' generates a small learnable demo set on first use")
+    root: str = opt(DEMO_ROOT, f"ImageFolder root holding train/ and val/ (~ and a relative path are stored as the "
+                               f"absolute path); '{DEMO_ROOT}' generates a small learnable demo set on first use",
+                    path=True)
     backend: str = opt("torchvision", "data pipeline: torchvision (portable), dali (NVIDIA DALI, pip install -e "
                                       "'.[dali]'), or synthetic (one random batch on the device, for benchmarks)",
                        choices=tuple(registry.DATA_BACKENDS))
@@ -190,7 +199,7 @@ class Config:
     tf32: bool = opt(True, "Ampere and newer GPUs: float32 convolutions and matmuls use TF32 tensor cores (torch's "
                            "own default does so for convolutions only); false = full float32. No effect on older "
                            "GPUs, the CPU, or the ops autocast runs in fp16/bf16")
-    seed: int = opt(0, "seed for init, data order and augmentation: same seed, same run", ge=0, fixed=True)
+    seed: int = opt(0, "seed for init, data order and augmentation: same seed, same run", ge=0, lt=2**32, fixed=True)
 
 
 # ----------------------------------------------------------------------------- schema walk
@@ -290,7 +299,7 @@ def _coerce(key: Key, value, where: str):
     given = value
 
     def bad(why):
-        return ConfigError(f"{where}: {key.dotted} = {given!r} {why}")
+        return ConfigError(f"{where}: {key.dotted} = {shown(given)} {why}")
 
     if value is None:
         if key.nullable:
@@ -307,15 +316,24 @@ def _coerce(key: Key, value, where: str):
     elif key.type is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("must be a number")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # a whole number beyond a float's range
+            raise bad("must be a finite number") from None
+        if not math.isfinite(value):  # nan passes every range comparison below
+            raise bad("must be a finite number")
     elif key.type is str:
         if isinstance(value, bool) and key.meta["choices"] and "off" in key.meta["choices"]:
             value = "off" if value is False else "on"  # YAML 1.1 reads a bare off / on as a boolean
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise bad(f"must be a string: YAML reads {shown(given)} as a number; put it in quotes")
         if not isinstance(value, str):
             raise bad("must be a string")
+        if key.meta["path"]:
+            value = _path_value(value, bad)
     m = key.meta
     if m["choices"] and value not in m["choices"]:
-        raise bad(f"is not allowed: {_allowed_text(m)}")
+        raise bad(f"is not allowed: {_allowed_text(m)}{suggestion(value, m['choices'])}")
     if (m["ge"] is not None and value < m["ge"]) or (m["gt"] is not None and value <= m["gt"]) \
             or (m["le"] is not None and value > m["le"]) or (m["lt"] is not None and value >= m["lt"]):
         raise bad(f"is out of range: must be {_allowed_text(m)}")
@@ -328,18 +346,71 @@ def _coerce_list(key: Key, value, bad) -> list:
         raise bad(f"must be a list of {key.element.__name__}, e.g. [{', '.join(key.meta['choices'] or ('a', 'b'))}]")
     unknown = [v for v in value if key.meta["choices"] and v not in key.meta["choices"]]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], key.meta["choices"], n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise bad(f"holds {unknown[0]!r}, which is not allowed: {_allowed_text(key.meta)}{hint}")
+        raise bad(f"holds {shown(unknown[0])}, which is not allowed: {_allowed_text(key.meta)}"
+                  f"{suggestion(unknown[0], key.meta['choices'])}")
     if len(set(value)) != len(value):
         raise bad("names an entry twice")
     return list(value)
 
 
+def absolute_path(text) -> Path:
+    """A path as the user gave it, with `~` expanded, made absolute from the current folder (links
+    are kept as written: a linked data folder stays reachable by the name the user knows)."""
+    return Path(os.path.expanduser(text)).absolute()
+
+
+def _path_value(text: str, bad) -> str:
+    if text == DEMO_ROOT:
+        return text
+    if text.startswith("builtin:"):
+        raise bad(f"is not a built-in data set (the one there is: {DEMO_ROOT})")
+    if not text.strip() or "\0" in text:
+        raise bad("is not a path" + (" (it holds a NUL character)" if "\0" in text else ""))
+    return str(absolute_path(text))
+
+
+def check_path(where: str, path: Path) -> None:
+    """Refuse a path the OS cannot look up or create (a name longer than the file system allows,
+    a folder that cannot be searched), before anything depends on it."""
+    existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
+    name_max, path_max = os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
+    too_long = [part for part in path.relative_to(existing).parts if len(os.fsencode(part)) > name_max]
+    if too_long:
+        raise ConfigError(f"{where}: the name {shown(too_long[0])} in {printable(existing)} is longer than this "
+                          f"file system allows ({name_max} bytes)")
+    if len(os.fsencode(path)) >= path_max:
+        raise ConfigError(f"{where}: {shown(str(path))} is longer than this system allows for a path "
+                          f"({path_max} bytes)")
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as e:
+        raise ConfigError(f"{where}: {printable(path)}: {e.strerror or e}") from None
+
+
+def suggestion(given, valid) -> str:
+    """' (did you mean X?)' with the valid name closest to a wrong one (the same name in other case,
+    else difflib's best), or ''."""
+    if not isinstance(given, str) or len(given) > 200:  # no name is that long; difflib would take seconds
+        return ""
+    lowered = {v.lower(): v for v in valid}
+    close = lowered.get(given.lower()) or next(iter(difflib.get_close_matches(given.lower(), lowered, n=1)), None)
+    return f" (did you mean {lowered[close] if close in lowered else close}?)" if close else ""
+
+
 def _unknown_key(dotted: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(dotted, KEYS.keys(), n=1, cutoff=0.6)
-    hint = f" (did you mean {close[0]}?)" if close else " (powergrad-train --help lists every key)"
-    return ConfigError(f"{where}: unknown config key '{dotted}'{hint}")
+    """A wrong key, with the closest real one: the same name in other case, else a key of that last
+    part in any section (`lr` and `optimizer.lr` both mean optim.lr), else difflib's closest by the
+    whole name, then by the last part."""
+    leaves = {k: k.rsplit(".", 1)[-1] for k in KEYS}
+    leaf = dotted.rsplit(".", 1)[-1].lower()
+    close = [k for k in KEYS if k == dotted.lower()] or [k for k, name in leaves.items() if name == leaf]
+    if not close and len(dotted) <= 200:  # no key is that long; difflib would take seconds
+        close = difflib.get_close_matches(dotted.lower(), KEYS, n=1) or \
+            [k for k, name in leaves.items() if name in difflib.get_close_matches(leaf, set(leaves.values()), n=1)]
+    hint = f" (did you mean {' or '.join(close)}?)" if close else " (powergrad-train --help lists every key)"
+    return ConfigError(f"{where}: unknown config key {shown(dotted)}{hint}")
 
 
 def _flatten(raw: dict, where: str, prefix: str = "", lenient: bool = False) -> dict[str, Any]:
@@ -351,12 +422,12 @@ def _flatten(raw: dict, where: str, prefix: str = "", lenient: bool = False) -> 
         is_section = any(k.startswith(dotted + ".") for k in KEYS)
         if is_section:
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}: '{dotted}' is a section and needs keys under it, got {value!r}")
+                raise ConfigError(f"{where}: {shown(dotted)} is a section and needs keys under it, got {shown(value)}")
             flat.update(_flatten(value, where, dotted + ".", lenient))
         elif dotted in KEYS:
             flat[dotted] = value
         elif lenient:
-            print(f"warning: {where}: ignoring config key '{dotted}' that this version does not know "
+            print(f"warning: {where}: ignoring config key {shown(dotted)} that this version does not know "
                   "(renamed or removed since it was saved)", file=sys.stderr, flush=True)
         else:
             raise _unknown_key(dotted, where)
@@ -384,37 +455,107 @@ def to_dict(cfg: Config) -> dict:
 
 # ----------------------------------------------------------------------------- recipes
 
-def resolve_recipe(name: str, relative_to: Optional[Path] = None) -> Path:
-    """A recipe path, or the bare name of a bundled recipe (`smoke.yaml`)."""
-    candidates = [Path(name)]
-    if relative_to is not None and not Path(name).is_absolute():
-        candidates.insert(0, relative_to / name)
-    candidates.append(BUNDLED_RECIPES / name)
+# Bounds on what a recipe may hold (the bundled ones: under 3 KiB, a few flow collections, no aliases),
+# so that no file can make reading it take more than a few seconds or more than a little memory.
+MAX_RECIPE_BYTES = 64 << 10
+MAX_FLOW_COLLECTIONS = 256  # `[` and `{`: PyYAML's parser slows quadratically with their nesting
+MAX_RECIPE_VALUES = 10_000  # values once its YAML aliases are expanded
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):  # a name too long for the system, a NUL character
+        return False
+
+
+def resolve_recipe(name: str, referrer: Optional[Path] = None) -> Path:
+    """Where a recipe is. `--config NAME`: a path from the current folder; `base: NAME` in the recipe
+    `referrer`: a path from that recipe's folder, never from the current one. Either way, else the
+    recipe bundled with the package of that name; `~` is expanded and `.yaml` may be left out."""
+    given = Path(os.path.expanduser(name))
+    local = referrer.parent / given if referrer is not None else given  # an absolute `given` stays itself
+    candidates = [local, BUNDLED_RECIPES / name]
     if not name.endswith((".yaml", ".yml")):
-        candidates += [Path(f"{name}.yaml"), BUNDLED_RECIPES / f"{name}.yaml"]
+        candidates = [local, Path(f"{local}.yaml"), BUNDLED_RECIPES / name, BUNDLED_RECIPES / f"{name}.yaml"]
     for path in candidates:
-        if path.is_file():
+        if _is_file(path):
             return path
+    where = f"{printable(referrer)}: base: " if referrer is not None else ""
     bundled = ", ".join(sorted(p.name for p in BUNDLED_RECIPES.glob("*.yaml")))
-    raise ConfigError(f"recipe not found: '{name}' (neither a file nor a bundled recipe; bundled: {bundled})")
+    raise ConfigError(f"{where}recipe not found: {shown(name)} (neither a file nor a bundled recipe; "
+                      f"bundled: {bundled})")
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """YAML that parses but is refused as a recipe (its `problem` says why)."""
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe YAML 1.1, read the way people write recipes: `1e-3` is a number (as in
-    YAML 1.2; YAML 1.1 wants `1.0e-3`), and a key given twice is an error, not the last one."""
+    """PyYAML's safe YAML 1.1, read the way people write recipes.
+
+    Numbers are read as they look (as in YAML 1.2): `1e-3` and `.5` are floats, `010` is ten,
+    never octal; `0x10`, `1:30` (sexagesimal), `1_000` and dates are text, which a number key
+    refuses. A key given twice, a list or mapping used as a key, and aliases that expand the
+    document beyond MAX_RECIPE_VALUES values are errors.
+    """
+
+    def construct_document(self, node):
+        if _expanded_size(node) > MAX_RECIPE_VALUES:
+            raise _Refused(problem=f"its YAML aliases expand it to more than {MAX_RECIPE_VALUES} values (a recipe "
+                                   f"is a mapping of at most {len(KEYS)} keys)")
+        return super().construct_document(node)
 
 
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp")
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _NUMBER_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_INT_TEXT = re.compile(r"[-+]?[0-9]+")
+_FLOAT_TEXT = re.compile(r"[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+(?=[eE]))(?:[eE][-+]?[0-9]+)?")
+_NONFINITE_TEXT = re.compile(r"[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)")  # YAML's spelling
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(f"^(?:{_INT_TEXT.pattern})$"),
+                                    list("-+0123456789"))
 _RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    "tag:yaml.org,2002:float", re.compile(f"^(?:{_FLOAT_TEXT.pattern}|{_NONFINITE_TEXT.pattern})$"),
+    list("-+0123456789."))
+
+
+def _float_of(text: str) -> float:
+    """A float written as _FLOAT_TEXT, or as YAML's .inf / .nan (kept: the value check refuses them by name)."""
+    return float(text.replace(".", "", 1) if _NONFINITE_TEXT.fullmatch(text) else text)
+
+
+_RecipeLoader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node)))
+_RecipeLoader.add_constructor("tag:yaml.org,2002:float", lambda loader, node: _float_of(loader.construct_scalar(node)))
+
+
+def _expanded_size(root: yaml.Node) -> float:
+    """Nodes of the document with every alias expanded (a node shared by aliases counts each time)."""
+    sizes = {}
+
+    def size(node):
+        if id(node) not in sizes:
+            sizes[id(node)] = math.inf  # a node reached again inside itself expands without end
+            children = node.value if isinstance(node, yaml.SequenceNode) else \
+                [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+            sizes[id(node)] = 1 + sum(size(child) for child in children)
+        return sizes[id(node)]
+
+    return size(root)
 
 
 def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
     first_line = {}
     for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
+            raise _Refused(problem=f"a {kind} is used as a key (a key is a name, such as lr)",
+                           problem_mark=key_node.start_mark)
         key = loader.construct_object(key_node)
         if key in first_line:
             raise yaml.constructor.ConstructorError(
-                None, None, f"'{key}' is given twice (first on line {first_line[key] + 1})", key_node.start_mark)
+                None, None, f"{shown(key)} is given twice (first on line {first_line[key] + 1})", key_node.start_mark)
         first_line[key] = key_node.start_mark.line
     return loader.construct_mapping(node)
 
@@ -423,57 +564,108 @@ _RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _m
 
 
 def read_yaml_text(text: str):
-    return yaml.load(text, Loader=_RecipeLoader)
+    if text.count("[") + text.count("{") > MAX_FLOW_COLLECTIONS:
+        raise _Refused(problem=f"more than {MAX_FLOW_COLLECTIONS} '[' and '{{' (a recipe holds a few lists at most)")
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)
+    except RecursionError:
+        raise _Refused(problem="nested too deeply for a recipe") from None
 
 
 def _read_yaml(path: Path) -> dict:
-    data = path.read_bytes()
+    where = printable(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise ConfigError(f"{where}: {size} bytes is too large for a recipe (at most {MAX_RECIPE_BYTES})")
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read the recipe ({e.strerror or e})") from None
     if data[:4] == b"PK\x03\x04":  # a zip archive: what torch.save writes
-        raise ConfigError(f"{path}: this is a checkpoint, not a recipe: did you mean --resume {path}?")
+        raise ConfigError(f"{where}: this is a checkpoint, not a recipe: did you mean --resume {where}?")
     try:
         raw = read_yaml_text(data.decode("utf-8"))
     except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a recipe (a recipe is a UTF-8 text file of YAML)") from None
+        raise ConfigError(f"{where}: not a recipe (a recipe is a UTF-8 text file of YAML)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if isinstance(e, _Refused):
+            raise ConfigError(f"{where}{line}: {e.problem}") from None
+        raise ConfigError(f"{where}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if raw is None:
-        raise ConfigError(f"{path}: the recipe is empty (it would train every default); give at least the keys "
+        raise ConfigError(f"{where}: the recipe is empty (it would train every default); give at least the keys "
                           "you mean, or 'base: OTHER.yaml'")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping of config keys, got {type(raw).__name__}")
+        raise ConfigError(f"{where}: a recipe must be a mapping of config keys, got {type(raw).__name__}")
     return raw
 
 
-def load_recipe(name: str, relative_to: Optional[Path] = None, _seen=()) -> list[tuple[str, dict]]:
+def load_recipe(name: str, referrer: Optional[Path] = None, _seen=()) -> list[tuple[str, dict]]:
     """The recipe and its bases as (source, flat keys) pairs, base first."""
-    path = resolve_recipe(name, relative_to)
+    path = resolve_recipe(name, referrer)
+    where = printable(path)
     if path.resolve() in _seen:
-        raise ConfigError(f"{path}: 'base' chain loops back to this recipe")
+        raise ConfigError(f"{where}: 'base' chain loops back to this recipe")
     raw = _read_yaml(path)
     base = raw.pop("base", None)
     layers = []
     if base is not None:
         if not isinstance(base, str):
-            raise ConfigError(f"{path}: base must be a recipe file name, got {base!r}")
-        layers = load_recipe(base, path.parent, _seen + (path.resolve(),))
-    return layers + [(str(path), _flatten(raw, str(path)))]
+            raise ConfigError(f"{where}: base must be a recipe file name, got {shown(base)}")
+        layers = load_recipe(base, path, _seen + (path.resolve(),))
+    return layers + [(where, _flatten(raw, where))]
+
+
+_NULL_TEXT = ("", "~", "null", "Null", "NULL")
+_BOOL_TEXT = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def read_value(key: Key, text: str):
+    """A command-line value read as it looks, by its key's type (no YAML: `#` is part of the value).
+
+    Whole numbers in decimal (`010` is ten); floats as `1e-3`, `.5`, `5.`; true/false (and YAML's
+    yes/no/on/off) for switches; a list as `[a, b]`; else the text itself, which the value check
+    then accepts or refuses, surrounding quotes dropped. An empty value is null, and so are null and
+    `~` for a key that may be null or is no string (for a path, `~` is the home folder).
+    """
+    text = text.strip()
+    home = text == "~" and key.meta.get("path")
+    if not text or (text in _NULL_TEXT and (key.nullable or key.type is not str) and not home):
+        return None
+    if key.type is list:
+        item = dataclasses.replace(key, type=key.element, nullable=False, element=None)
+        inner = text[1:-1].strip() if text.startswith("[") and text.endswith("]") else None
+        if inner is None:
+            return [read_value(item, text)]
+        return [read_value(item, t) for t in inner.split(",")] if inner else []
+    if key.type is bool:
+        return _BOOL_TEXT.get(text.lower(), text)
+    if key.type is int:
+        return int(text) if _INT_TEXT.fullmatch(text) else text
+    if key.type is float:
+        if _FLOAT_TEXT.fullmatch(text) or _INT_TEXT.fullmatch(text):
+            return float(text)
+        nonfinite = text.lower().replace(".", "", 1)
+        return float(nonfinite) if nonfinite.lstrip("+-") in ("nan", "inf", "infinity") else text
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
+def _override_where(text: str) -> str:
+    return "--set " + printable(text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "...")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """`KEY=VALUE` from --set; the value is read as a YAML scalar."""
+    """`KEY=VALUE` from --set, the value read by `read_value`."""
     if "=" not in text:
-        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. --set schedule.epochs=2")
+        raise ConfigError(f"{_override_where(text)}: expected KEY=VALUE, e.g. --set schedule.epochs=2")
     key, raw = text.split("=", 1)
     key = key.strip()
     if key not in KEYS:
-        raise _unknown_key(key, f"--set {text}")
-    try:
-        value = read_yaml_text(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key, value
+        raise _unknown_key(key, _override_where(text))
+    return key, read_value(KEYS[key], raw)
 
 
 def build_config(recipe: Optional[str], overrides: list[str] = (), start: Optional[tuple[str, dict]] = None,
@@ -488,7 +680,7 @@ def build_config(recipe: Optional[str], overrides: list[str] = (), start: Option
         layers.insert(0, (start[0], _flatten(start[1], start[0], lenient=lenient)))
     for text in overrides:
         key, value = parse_override(text)
-        layers.append((f"--set {text}", {key: value}))
+        layers.append((_override_where(text), {key: value}))
     cfg = Config()
     sources = {}
     for source, flat in layers:

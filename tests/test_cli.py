@@ -133,15 +133,17 @@ def test_training_variants_run(two_epoch_run, tiny_root, tmp_path, extra):
     (["--config", "smoke.yaml", "--set", "model.nmae=x"], "unknown config key 'model.nmae' (did you mean model.name?)"),
     (["--config", "smoke.yaml", "--set", "schedule.epochs=many"], "schedule.epochs = 'many' must be a whole number"),
     (["--config", "missing.yaml"], "recipe not found: 'missing.yaml'"),
-    (["--config", "smoke.yaml", "--set", "data.root=nowhere"], "data.root: folder 'nowhere' does not exist"),
-    (["--config", "smoke.yaml", "--resume", "nowhere.pt"], "--resume: checkpoint not found: nowhere.pt"),
-    (["validate", "--checkpoint", "config.yaml"], "config.yaml: not a readable checkpoint"),
-    (["--config", "smoke.yaml", "--resume", "."], "--resume: . is a folder; pass a checkpoint file (last.pt), "
-                                                  "or continue that run with --output . --resume auto"),
+    # a relative path is shown as the absolute path every later use sees
+    (["--config", "smoke.yaml", "--set", "data.root=nowhere"], "data.root: folder '{tmp}/nowhere' does not exist"),
+    (["--config", "smoke.yaml", "--resume", "nowhere.pt"], "--resume: checkpoint not found: {tmp}/nowhere.pt"),
+    (["validate", "--checkpoint", "config.yaml"], "{tmp}/config.yaml: not a readable checkpoint"),
+    (["--config", "smoke.yaml", "--resume", "."], "--resume: {tmp} is a folder; pass a checkpoint file ({tmp}/last.pt), "
+                                                  "or continue that run with --output {tmp} --resume auto"),
     (["--config", "config.yaml"], "config.yaml: the recipe is empty"),
 ])
 def test_user_errors_are_one_line_exit_2(tmp_path, args, message):
     (tmp_path / "config.yaml").write_text("# not a checkpoint\n")
+    message = message.format(tmp=tmp_path)
     result = run_subprocess(*args, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {message}"] or \
@@ -168,13 +170,14 @@ def test_validate_names_the_first_weight_that_does_not_fit(two_epoch_run, capsys
 def test_bench_steps_must_be_positive(tmp_path):
     result = run_subprocess("bench", "--config", "smoke.yaml", "--steps", "0", cwd=tmp_path)
     assert result.returncode == 2
-    assert "error: argument --steps: must be a whole number >= 1, got '0'" in result.stderr
+    assert result.stderr.splitlines() == ["error: powergrad-train bench: argument --steps: must be a whole number >= 1, "
+                                          "got '0' (see powergrad-train bench --help)"]
 
 
 @pytest.mark.parametrize("case", ["before the process group", "found by rank 0's listing"])
 def test_under_torchrun_a_user_error_is_printed_once(tmp_path, case):
     if case == "before the process group":
-        root, message = "nowhere", "error: data.root: folder 'nowhere' does not exist"
+        root, message = "nowhere", f"error: data.root: folder '{tmp_path / 'nowhere'}' does not exist"
     else:  # rank 0 lists the files; the other rank receives the same error instead of a list
         root = tmp_path / "data"
         write_demo_dataset(root, {"train": 2, "val": 1})

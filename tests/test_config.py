@@ -2,9 +2,13 @@
 
 from pathlib import Path
 
+import re
+
 import pytest
 
-from powergrad_train.config import BUNDLED_RECIPES, KEYS, build_config, check_runtime, describe_keys
+from powergrad_train.config import (BUNDLED_RECIPES, KEYS, Key, build_config, check_runtime, describe_keys,
+                                    parse_override, read_value, read_yaml_text)
+from powergrad_train.run import seed_everything
 from powergrad_train.errors import ConfigError
 
 
@@ -26,6 +30,8 @@ def test_amp_off_unquoted(tmp_path):
     assert build_config(str(write(tmp_path, "r.yaml", "amp: off\n"))).amp == "off"
     assert build_config(None, ["amp=off"]).amp == "off"
     with pytest.raises(ConfigError, match="amp = True is not allowed"):  # YAML's reading of a bare on
+        build_config(str(write(tmp_path, "r.yaml", "amp: on\n")))
+    with pytest.raises(ConfigError, match="amp = 'on' is not allowed"):  # the command line reads text as text
         build_config(None, ["amp=on"])
 
 
@@ -152,3 +158,214 @@ def test_a_recipe_name_without_yaml_is_found_in_the_current_folder(tmp_path, mon
     write(tmp_path, "tiny.yaml", "model:\n  name: resnet10t\n")
     monkeypatch.chdir(tmp_path)
     assert build_config("tiny").model.name == "resnet10t"
+
+
+# ----------------------------------------------------------------------------- values read as they look
+
+FLOAT_KEYS = [k for k in KEYS.values() if k.type is float]
+INT_KEYS = [k for k in KEYS.values() if k.type is int]
+
+
+def recipe_setting(tmp_path: Path, dotted: str, text: str) -> str:
+    """A recipe that sets one key to the YAML text `text`."""
+    *section, name = dotted.split(".")
+    body = f"{section[0]}:\n  {name}: {text}\n" if section else f"{name}: {text}\n"
+    return str(write(tmp_path, "r.yaml", body))
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS, ids=lambda k: k.dotted)
+def test_every_float_key_refuses_nan_and_inf(key, tmp_path):
+    for text in (".nan", "nan", "NaN", ".inf", "inf", "-.inf", "-inf", "+.inf", "Infinity", "1e400"):
+        with pytest.raises(ConfigError, match=rf"--set {key.dotted}={re.escape(text)}: {key.dotted} = \S+ must be a "
+                                              "finite number"):
+            build_config(None, [f"{key.dotted}={text}"])
+        if text.startswith((".", "-.", "+.")) or text == "1e400":  # the spellings YAML reads as floats
+            with pytest.raises(ConfigError, match=rf"r\.yaml: {key.dotted} = \S+ must be a finite number"):
+                build_config(recipe_setting(tmp_path, key.dotted, text))
+
+
+@pytest.mark.parametrize("key", INT_KEYS + FLOAT_KEYS, ids=lambda k: k.dotted)
+def test_every_number_key_reads_numbers_as_they_look(key, tmp_path):
+    """Leading zeros are decimal (never octal); hex, octal, binary, sexagesimal and 1_000 are refused
+    as numbers, on the command line and in a recipe alike (YAML 1.1 read 010 as 8 and 1:30 as 90)."""
+    kind = "a whole number" if key.type is int else "a number"
+    assert parse_override(f"{key.dotted}=010")[1] == 10 and read_yaml_text("v: 010")["v"] == 10
+    assert parse_override(f"{key.dotted}=+007")[1] == 7 and read_yaml_text("v: +007")["v"] == 7
+    for text in ("0x10", "0o17", "0b11", "1:30", "1_000", "2024-01-01"):
+        with pytest.raises(ConfigError, match=rf"{key.dotted} = '{text}' must be {kind}"):
+            build_config(None, [f"{key.dotted}={text}"])
+        with pytest.raises(ConfigError, match=rf"r\.yaml: {key.dotted} = '{text}' must be {kind}"):
+            build_config(recipe_setting(tmp_path, key.dotted, text))
+    if key.type is float:
+        for text, value in (("1e-3", 1e-3), (".5", 0.5), ("5.", 5.0), ("-2.5E+2", -250.0), ("3", 3.0)):
+            assert parse_override(f"{key.dotted}={text}")[1] == value
+            assert read_yaml_text(f"v: {text}")["v"] == value
+
+
+def test_a_command_line_value_is_its_text():
+    """# is part of a value (no comments on the command line), a number-looking value of a string key
+    stays text, and surrounding quotes are dropped; null, true and false keep their meaning."""
+    assert parse_override("model.name=res#net")[1] == "res#net"
+    assert build_config(None, ["data.root=/p #2"]).data.root == "/p #2"
+    assert parse_override("model.name=yes")[1] == "yes"
+    assert parse_override("model.name='resnet18'")[1] == "resnet18"
+    assert parse_override("loss.pgt_alpha=null")[1] is None
+    assert parse_override("data.val_batch_size=~")[1] is None
+    assert parse_override("channels_last=true")[1] is True and parse_override("model.compile=False")[1] is False
+    assert build_config(None, ["seed=0123"]).seed == 123
+
+
+@pytest.mark.parametrize("item,text,value", [
+    (str, "[console, csv]", ["console", "csv"]), (str, "[]", []), (str, "console", ["console"]),
+    (int, "[1, 010, 3]", [1, 10, 3]), (str, "null", None),
+])
+def test_a_list_key_takes_a_flow_list(item, text, value):
+    key = Key("log.outputs", list, True, None, dict(KEYS["model.name"].meta, path=False), element=item)
+    assert read_value(key, text) == value
+
+
+def test_seed_range_is_numpy_s():
+    assert build_config(None, [f"seed={2**32 - 1}"]).seed == 2**32 - 1
+    seed_everything(2**32 - 1)  # the largest seed numpy takes
+    with pytest.raises(ConfigError, match=r"seed = 4294967296 is out of range: must be in \[0, 4294967296\)"):
+        build_config(None, ["seed=4294967296"])
+
+
+# ----------------------------------------------------------------------------- recipes: where, and how big
+
+def test_base_is_relative_to_the_recipe_then_bundled_never_the_current_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    child = write(folder, "child.yaml", "base: smoke.yaml\noptim: {lr: 0.2}\n")
+    write(tmp_path, "smoke.yaml", "model: {name: from_the_current_folder}\n")
+    monkeypatch.chdir(tmp_path)
+    assert build_config(str(child)).model.name == "resnet10t"  # the bundled smoke.yaml, as the README says
+    assert build_config("smoke.yaml").model.name == "from_the_current_folder"  # --config: the current folder first
+    write(folder, "smoke.yaml", "model: {name: beside_the_recipe}\n")
+    assert build_config(str(child)).model.name == "beside_the_recipe"
+    with pytest.raises(ConfigError, match=r"child\.yaml: base: recipe not found: 'nope\.yaml'"):
+        build_config(str(write(folder, "child.yaml", "base: nope.yaml\n")))
+
+
+def test_recipe_paths_expand_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write(tmp_path, "base.yaml", "model: {name: resnet18}\n")
+    child = write(tmp_path, "child.yaml", "base: ~/base.yaml\n")
+    assert build_config("~/child.yaml").model.name == "resnet18"
+    assert build_config(str(child)).model.name == "resnet18"
+
+
+def bomb(levels: int) -> str:
+    lines = ["model:", "  name:", '    - &a ["xxxxxxxx","xxxxxxxx","xxxxxxxx","xxxxxxxx","xxxxxxxx","xxxxxxxx",'
+                                  '"xxxxxxxx","xxxxxxxx","xxxxxxxx"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"[:levels - 1]):
+        lines.append(f"    - &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("text,message", [
+    (bomb(8), r"r\.yaml: its YAML aliases expand it to more than 10000 values"),  # 391 bytes, 4.3e7 strings
+    (bomb(5), r"r\.yaml: its YAML aliases expand it to more than 10000 values"),
+    ("model:\n  name: &a [x, *a]\n", r"r\.yaml: its YAML aliases expand it"),  # a list inside itself
+    ("? [a, b]\n: 1\n", r"r\.yaml:1: a list is used as a key \(a key is a name, such as lr\)"),
+    ("optim:\n  ? {lr: 1}\n  : 2\n", r"r\.yaml:2: a mapping is used as a key"),
+    ("- " * 1000 + "x", r"r\.yaml: nested too deeply for a recipe"),
+    ("[" * 30000, r"r\.yaml: more than 256 '\[' and '\{'"),
+], ids=["8-level alias bomb", "5-level alias bomb", "recursive alias", "list key", "mapping key", "deep nesting",
+        "deeper nesting"])
+def test_hostile_recipes_are_one_short_line(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        build_config(str(write(tmp_path, "r.yaml", text)))
+    assert len(str(e.value)) < 300 and "\n" not in str(e.value)
+
+
+def test_a_recipe_beyond_64_kib_is_refused_unread(tmp_path):
+    path = write(tmp_path, "r.yaml", "# " + "x" * (64 << 10) + "\nseed: 1\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: \d+ bytes is too large for a recipe"):
+        build_config(str(path))
+
+
+HUGE = "y" * 50_000  # within the 64 KiB a recipe may hold
+
+
+@pytest.mark.parametrize("text,overrides", ids=range(9), argvalues=[
+    (f"model: {{name: [{HUGE}]}}\n", []),  # wrong type
+    (f"amp: {HUGE}\n", []),  # not a choice
+    (f"model: {HUGE}\n", []),  # a section given a value
+    (f"base: [{HUGE}]\n", []),  # base not a name
+    (f"base: {HUGE}.yaml\n", []),  # base not found
+    (f"model: {{{'k' * 1000}: 1}}\n", []),  # unknown key
+    (None, [f"{'k' * 100_000}=1"]),  # unknown key on the command line
+    (None, [f"optim.lr={HUGE}"]),  # wrong type on the command line
+    (None, [f"schedule.name={HUGE}"]),
+])
+def test_an_error_line_quotes_at_most_80_characters_of_a_value(tmp_path, text, overrides):
+    recipe = str(write(tmp_path, "r.yaml", text)) if text else None
+    with pytest.raises(ConfigError) as e:
+        build_config(recipe, overrides)
+    message = str(e.value)
+    assert "y" * 81 not in message and "k" * 81 not in message and "..." in message, message[:500]
+
+
+def test_values_from_a_recipe_are_quoted_on_one_line(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        build_config(str(write(tmp_path, "r.yaml", 'model: {name: ["a\\nb\\u001b[31m"]}\n')))
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value) and r"a\nb\x1b[31m" in str(e.value)
+
+
+def test_a_number_for_a_string_key_says_to_quote_it(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"data\.root = 2024 must be a string: YAML reads 2024 as a number; put it "
+                                          r"in quotes"):
+        build_config(recipe_setting(tmp_path, "data.root", "2024"))
+    monkeypatch.chdir(tmp_path)
+    assert build_config(None, ["data.root=2024"]).data.root == str(tmp_path / "2024")  # a folder named 2024
+    assert build_config(recipe_setting(tmp_path, "data.root", "'2024'")).data.root == str(tmp_path / "2024")
+
+
+# ----------------------------------------------------------------------------- paths
+
+@pytest.mark.parametrize("text,expected", [
+    ("data", "{cwd}/data"), ("./a/../b", "{cwd}/a/../b"), ("~/imagenet", "{home}/imagenet"), ("~", "{home}"),
+    ("/abs/path", "/abs/path"), ("builtin:demo", "builtin:demo"),
+])
+def test_data_root_is_stored_absolute(tmp_path, monkeypatch, text, expected):
+    """config.yaml and the checkpoint then mean the same folder from wherever validate or a resume runs."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    want = expected.format(cwd=tmp_path, home=tmp_path / "home")
+    assert build_config(None, [f"data.root={text}"]).data.root == want
+    assert build_config(recipe_setting(tmp_path, "data.root", f"'{text}'")).data.root == want
+
+
+@pytest.mark.parametrize("text,message", [
+    ("builtin:dmeo", r"'builtin:dmeo' is not a built-in data set \(the one there is: builtin:demo\)"),
+    ('"a\\0b"', r"is not a path \(it holds a NUL character\)"),
+    ('""', r"data\.root = '' is not a path"),
+])
+def test_data_root_that_is_no_path(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(recipe_setting(tmp_path, "data.root", text))
+
+
+# ----------------------------------------------------------------------------- names
+
+@pytest.mark.parametrize("wrong,right", [
+    ("model.nmae", "model.name"), ("lr", "optim.lr"), ("optimizer.lr", "optim.lr"), ("Optim.LR", "optim.lr"),
+    ("epochs", "schedule.epochs"), ("optim.epochs", "schedule.epochs"), ("label_smooting", "loss.label_smoothing"),
+    ("name", "model.name or schedule.name"), ("data.batchsize", "data.batch_size"),
+])
+def test_a_wrong_key_gets_the_closest_real_one(wrong, right, tmp_path):
+    with pytest.raises(ConfigError, match=rf"unknown config key '{wrong}' \(did you mean {right}\?\)"):
+        build_config(None, [f"{wrong}=1"])
+
+
+CHOICE_KEYS = [k for k in KEYS.values() if k.meta["choices"]]
+
+
+@pytest.mark.parametrize("key", CHOICE_KEYS, ids=lambda k: k.dotted)
+def test_a_wrong_choice_gets_the_closest_one(key):
+    for choice in key.meta["choices"]:
+        for wrong in {choice.upper(), choice.capitalize(), choice[:-1] + "x" + choice[-1]} - {choice}:
+            with pytest.raises(ConfigError, match=rf"{key.dotted} = '{wrong}' is not allowed: one of .* \(did you "
+                                                  rf"mean {choice}\?\)"):
+                build_config(None, [f"{key.dotted}={wrong}"])

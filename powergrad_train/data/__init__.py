@@ -15,9 +15,9 @@ from typing import Any, Iterator, Optional, Protocol, runtime_checkable
 import torch
 
 from powergrad_train import dist, registry
-from powergrad_train.config import DEMO_ROOT, DataConfig
+from powergrad_train.config import DEMO_ROOT, DataConfig, check_path
 from powergrad_train.dist import DistEnv
-from powergrad_train.errors import DataError
+from powergrad_train.errors import DataError, printable
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (images, targets)
 Samples = list[tuple[str, int]]  # (path, label), as listed by files.list_split
@@ -89,8 +89,12 @@ def resolve_root(cfg: DataConfig) -> Path:
         from powergrad_train.data.demo import ensure_demo_dataset
         return ensure_demo_dataset()
     root = Path(cfg.root).expanduser()
+    check_path("data.root", root)
     if not root.is_dir():
-        raise DataError(f"data.root: folder '{cfg.root}' does not exist")
+        if root.exists():
+            raise DataError(f"data.root: '{printable(root)}' is a file, not a folder (an ImageFolder root holds "
+                            "train/ and val/ folders)")
+        raise DataError(f"data.root: folder '{printable(root)}' does not exist")
     return root
 
 
@@ -118,7 +122,7 @@ def build_train_loader(cfg: DataConfig, seed: int, rank: int, world_size: int,
     """(loader, class names): this process's share of every global batch, reshuffled each epoch."""
     split = split or read_split(cfg, "train", verbose=rank == 0)
     if backend(cfg.backend).reads_files and len(split.samples) < cfg.batch_size:
-        raise DataError(f"data.root: {cfg.root}/train has {len(split.samples)} images, fewer than one batch "
+        raise DataError(f"data.root: {printable(cfg.root)}/train has {len(split.samples)} images, fewer than one batch "
                         f"(data.batch_size = {cfg.batch_size})")
     return backend(cfg.backend).build_train(cfg, split.samples, seed, rank, world_size, device), split.classes
 
@@ -128,6 +132,16 @@ def build_val_loader(cfg: DataConfig, rank: int, world_size: int, device: torch.
     """(loader, class names): this process's share of the val split, each image once over all ranks."""
     split = split or read_split(cfg, "val", verbose=rank == 0)
     return backend(val_backend_name(cfg)).build_val(cfg, split.samples, rank, world_size, device), split.classes
+
+
+def _class_difference(root: str, train: list[str], val: list[str]) -> str:
+    """Which class folders only one split has (the first few of each, by name)."""
+    def names(only: list[str]) -> str:
+        return ", ".join(printable(n) for n in only[:3]) + (f" and {len(only) - 3} more" if len(only) > 3 else "")
+
+    only = [(split, sorted(set(a) - set(b))) for split, a, b in (("train", train, val), ("val", val, train))]
+    return (f"data.root: {printable(root)}: train/ and val/ hold different class folders ("
+            + "; ".join(f"only in {split}/: {names(n)}" for split, n in only if n) + ")")
 
 
 @dataclasses.dataclass
@@ -149,7 +163,7 @@ def build_loaders(cfg: DataConfig, num_classes: int, seed: int, env: DistEnv, de
     names = ("train", "val") if train else ("val",)
     splits = dist.on_main(lambda: [read_split(cfg, name) for name in names])
     if train and splits[0].classes != splits[1].classes:
-        raise DataError("data.root: train/ and val/ hold different class folders")
+        raise DataError(_class_difference(cfg.root, splits[0].classes, splits[1].classes))
     classes = splits[-1].classes
     if len(classes) > num_classes:
         raise DataError(f"data.root holds {len(classes)} classes but model.num_classes is {num_classes}")

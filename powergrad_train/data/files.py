@@ -24,7 +24,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from powergrad_train.cache import cache_dir
-from powergrad_train.errors import DataError
+from powergrad_train.errors import DataError, printable
 
 CACHE_VERSION = 4  # 4: one gzip JSON per split, folders with their mtimes, files and problems
 CACHE_NAME = f"listing-v{CACHE_VERSION}.json.gz"
@@ -194,7 +194,8 @@ def _list(top: Path, earlier: dict, verbose: bool) -> dict:
             todo += [(entry, images[i:i + CHUNK]) for i in range(0, len(images), CHUNK)]
     count = sum(len(names) for _, names in todo)
     if verbose and count > CHUNK:
-        print(f"data: checking {count} image file(s) in {top} (once; later starts reuse the result)", flush=True)
+        print(f"data: checking {count} image file(s) in {printable(top)} (once; later starts reuse the result)",
+              flush=True)
 
     def check(task):
         entry, names = task
@@ -222,7 +223,7 @@ def _write_cache(path: Path, write) -> bool:
         return True
     except OSError as e:
         if not _cache_warned:
-            print(f"data: cannot write the file-scan cache under {path.parent} ({e.strerror or e}); going on "
+            print(f"data: cannot write the file-scan cache under {printable(path.parent)} ({e.strerror or e}); going on "
                   "without it (set POWERGRAD_TRAIN_CACHE to a writable folder to keep it)", flush=True)
             _cache_warned = True
         return False
@@ -239,9 +240,10 @@ def check_split(root: Path, split: str) -> None:
     """Cheap checks before any listing: the split folder exists and has class folders."""
     folder = root / split
     if not folder.is_dir():
-        raise DataError(f"data.root: {root} has no '{split}/' folder (expected an ImageFolder root with train/ and val/)")
+        raise DataError(f"data.root: {printable(root)} has no '{split}/' folder (expected an ImageFolder root with "
+                        "train/ and val/)")
     if not any(d.is_dir() for d in os.scandir(folder)):
-        raise DataError(f"{folder}: no class folders (expected one sub-folder of images per class)")
+        raise DataError(f"{printable(folder)}: no class folders (expected one sub-folder of images per class)")
 
 
 def list_split(root: Path, split: str, verbose: bool) -> Split:
@@ -252,7 +254,7 @@ def list_split(root: Path, split: str, verbose: bool) -> Split:
     """
     folder = root / split
     check_split(root, split)
-    scan_dir = cache_dir() / "scans" / hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:16]
+    scan_dir = cache_dir() / "scans" / hashlib.sha1(os.fsencode(folder.resolve())).hexdigest()[:16]
     cache_file = scan_dir / f"{CACHE_NAME}"
     listing = _read_listing(cache_file)
     fresh = not _unchanged(folder, listing)
@@ -268,9 +270,9 @@ def list_split(root: Path, split: str, verbose: bool) -> Split:
     missing = [label for label in range(len(classes)) if label not in labels]
     for label in missing:
         if not any(f["files"] for f in listing["folders"] if f["class"] == label):
-            raise DataError(f"{folder / classes[label]}: class folder holds no images")
+            raise DataError(f"{printable(folder / classes[label])}: class folder holds no images")
     if missing:
-        raise DataError(f"{folder / classes[missing[0]]}: no usable image left in this class after the scan"
+        raise DataError(f"{printable(folder / classes[missing[0]])}: no usable image left in this class after the scan"
                         + (f" (and {len(missing) - 1} more class(es))" if len(missing) > 1 else ""))
     return Split(classes, samples)
 
@@ -279,16 +281,17 @@ def _report(folder: Path, report: Path, listing: dict, verbose: bool, write: boo
     """Say which links and files are left out; a fresh listing also lists the files in `report`."""
     loops = listing["loops"]
     if loops and verbose:
-        print(f"data: skipped {len(loops)} folder link(s) in {folder} that lead back to a folder already read "
-              f"({', '.join(os.path.relpath(p, folder) for p in loops[:3])})", flush=True)
+        print(f"data: skipped {len(loops)} folder link(s) in {printable(folder)} that lead back to a folder already "
+              f"read ({', '.join(printable(os.path.relpath(p, folder)) for p in loops[:3])})", flush=True)
     bad = {os.path.join(folder, f["path"], n): reason for f in listing["folders"] for n, reason in f["problems"].items()}
     if write and not bad:
         with contextlib.suppress(OSError):
             report.unlink(missing_ok=True)
     listed = bool(bad) and (_write_cache(report, lambda tmp: tmp.write_text(
-        "".join(f"{p}  ({bad[p]})\n" for p in sorted(bad)))) if write else report.exists())
+        "".join(f"{printable(p)}  ({bad[p]})\n" for p in sorted(bad)))) if write else report.exists())
     if bad and verbose:
         first = sorted(bad)[:3]
-        names = "; ".join(f"{os.path.relpath(p, folder)}: {bad[p]}" for p in first) + ("; ..." if len(bad) > 3 else "")
-        print(f"data: skipped {len(bad)} unusable file(s) in {folder} ({names})"
-              + (f"; list in {report}" if listed else ""), flush=True)
+        names = "; ".join(f"{printable(os.path.relpath(p, folder))}: {bad[p]}" for p in first) \
+            + ("; ..." if len(bad) > 3 else "")
+        print(f"data: skipped {len(bad)} unusable file(s) in {printable(folder)} ({names})"
+              + (f"; list in {printable(report)}" if listed else ""), flush=True)
