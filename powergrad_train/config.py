@@ -299,7 +299,7 @@ def _coerce(key: Key, value, where: str):
     given = value
 
     def bad(why):
-        return ConfigError(f"{where}: {key.dotted} = {shown(given)} {why}")
+        return ConfigError(f"{where}: {key.dotted} = {shown(given)} {why}", key=key.dotted, source=where)
 
     if value is None:
         if key.nullable:
@@ -410,7 +410,7 @@ def _unknown_key(dotted: str, where: str) -> ConfigError:
         close = difflib.get_close_matches(dotted.lower(), KEYS, n=1) or \
             [k for k, name in leaves.items() if name in difflib.get_close_matches(leaf, set(leaves.values()), n=1)]
     hint = f" (did you mean {' or '.join(close)}?)" if close else " (powergrad-train --help lists every key)"
-    return ConfigError(f"{where}: unknown config key {shown(dotted)}{hint}")
+    return ConfigError(f"{where}: unknown config key {shown(dotted)}{hint}", key=dotted, source=where)
 
 
 def _flatten(raw: dict, where: str, prefix: str = "", lenient: bool = False) -> dict[str, Any]:

@@ -40,7 +40,15 @@ class UserError(Exception):
 
 
 class ConfigError(UserError):
-    """A recipe, key or value is wrong."""
+    """A recipe, key or value is wrong. `key` (dotted) and `source` (the recipe file or --set) name
+    it as data where they are known."""
+
+    def __init__(self, message: str, key: "str | None" = None, source: "str | None" = None):
+        super().__init__(message)
+        self.key, self.source = key, source
+
+    def __reduce__(self):  # pickled whole, as ranks pass errors on
+        return ConfigError, (str(self), self.key, self.source)
 
 
 class DataError(UserError):

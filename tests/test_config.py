@@ -352,7 +352,7 @@ def test_data_root_that_is_no_path(tmp_path, text, message):
 @pytest.mark.parametrize("wrong,right", [
     ("model.nmae", "model.name"), ("lr", "optim.lr"), ("optimizer.lr", "optim.lr"), ("Optim.LR", "optim.lr"),
     ("epochs", "schedule.epochs"), ("optim.epochs", "schedule.epochs"), ("label_smooting", "loss.label_smoothing"),
-    ("name", "model.name or schedule.name"), ("data.batchsize", "data.batch_size"),
+    ("name", "model.name or optim.name or schedule.name or loss.name or batch_transform.name"), ("data.batchsize", "data.batch_size"),
 ])
 def test_a_wrong_key_gets_the_closest_real_one(wrong, right, tmp_path):
     with pytest.raises(ConfigError, match=rf"unknown config key '{wrong}' \(did you mean {right}\?\)"):
@@ -366,6 +366,22 @@ CHOICE_KEYS = [k for k in KEYS.values() if k.meta["choices"]]
 def test_a_wrong_choice_gets_the_closest_one(key):
     for choice in key.meta["choices"]:
         for wrong in {choice.upper(), choice.capitalize(), choice[:-1] + "x" + choice[-1]} - {choice}:
-            with pytest.raises(ConfigError, match=rf"{key.dotted} = '{wrong}' is not allowed: one of .* \(did you "
+            # a list key names the wrong element of the list
+            given = rf"\['{wrong}'\] holds '{wrong}', which" if key.type is list else f"'{wrong}'"
+            with pytest.raises(ConfigError, match=rf"{key.dotted} = {given} is not allowed: one of .* \(did you "
                                                   rf"mean {choice}\?\)"):
                 build_config(None, [f"{key.dotted}={wrong}"])
+
+
+def test_a_config_error_carries_its_key_and_source(tmp_path):
+    """The key and where it was set travel as data, not only in the message."""
+    with pytest.raises(ConfigError) as raised:
+        build_config(None, ["optim.lr=-1"])
+    assert (raised.value.key, raised.value.source) == ("optim.lr", "--set optim.lr=-1")
+    path = write(tmp_path, "r.yaml", "optim:\n  lrr: 1\n")
+    with pytest.raises(ConfigError) as raised:
+        build_config(str(path))
+    assert (raised.value.key, raised.value.source) == ("optim.lrr", str(path))
+    import pickle
+    again = pickle.loads(pickle.dumps(raised.value))
+    assert (str(again), again.key, again.source) == (str(raised.value), "optim.lrr", str(path))

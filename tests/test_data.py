@@ -316,3 +316,22 @@ def test_the_fused_to_tensor_and_normalize_is_bit_identical_to_torchvision(tiny_
         image = Image.open(path).convert("RGB")
         for crop in (image, image.crop((3, 5, 40, 29))):
             assert torch.equal(normalized_tensor(crop), reference(crop))
+
+
+def test_a_split_walked_in_processes_is_listed_as_in_one(tmp_path, monkeypatch):
+    """Many class folders are walked and fingerprinted in forked processes (on a machine with more
+    than one core): the listing is the same, and so is the answer of the next start."""
+    pixels = np.zeros((8, 8, 3), dtype=np.uint8)
+    for c in range(40):
+        (tmp_path / "train" / f"c{c:02d}").mkdir(parents=True)
+        Image.fromarray(pixels + c).save(tmp_path / "train" / f"c{c:02d}" / "a.jpg")
+    (tmp_path / "train" / "c07" / "bad.jpg").write_bytes(b"garbage")
+    monkeypatch.setattr(files, "RACY_NS", 0)
+    monkeypatch.setattr(files, "PROCESSES", 2)
+    in_processes = files.list_split(tmp_path, "train", verbose=False)
+    checked = count_checks(monkeypatch)
+    assert files.list_split(tmp_path, "train", verbose=False) == in_processes and checked == []
+    monkeypatch.setattr(files, "PROCESSES", 1)
+    (tmp_path / "train" / "c07" / "bad.jpg").write_bytes(b"garbage, again")  # rewritten: its folder is checked
+    assert files.list_split(tmp_path, "train", verbose=False) == in_processes and len(checked) == 2
+    assert len(in_processes.samples) == 40
