@@ -80,7 +80,10 @@ def test_a_file_with_other_python_objects_is_refused_in_one_line(tmp_path, capsy
     (tmp_path / "folder.pth.tar").mkdir()
     with pytest.raises(SystemExit):
         main(["validate", "--checkpoint", str(tmp_path / "folder.pth.tar")])
-    assert "(a folder: give the .pth.tar file in it)" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith(f"error: --checkpoint: {tmp_path / 'folder.pth.tar'} is a folder; pass "
+                                              "a checkpoint file in it")
+    with pytest.raises(Exception, match=r"\(a folder: give the \.pth\.tar file in it\)"):
+        authors.load_checkpoint(tmp_path / "folder.pth.tar")
 
 
 def test_validate_evaluates_their_weights_through_this_project_s_val_pipeline(two_epoch_run, tiny_root, tmp_path,

@@ -242,13 +242,13 @@ def test_authors_hook_in_training_under_fp16_loss_scaling(tiny_root, tmp_path):
     scale until it reaches N^2, where the step applies the same update as exact PGT."""
     from powergrad_train.config import build_config
     from powergrad_train.dist import DistEnv
-    from powergrad_train.engine import Trainer
+    from powergrad_train.run import build_run
     from tests.conftest import tiny_overrides
 
     def trainer(impl):
         sets = tiny_overrides(tiny_root, amp="fp16", **{"model.name": "test_byobnet",  # CPU fp16 is slow: a tiny net
                                                         "loss.pgt_alpha": 0.25, "loss.pgt_impl": impl})
-        t = Trainer(build_config("smoke.yaml", [s.removeprefix("--set=") for s in sets]), tmp_path / impl, DistEnv(),
+        t = build_run(build_config("smoke.yaml", [s.removeprefix("--set=") for s in sets]), tmp_path / impl, DistEnv(),
                     torch.device("cpu"))
         t.scaler.scale(torch.ones(()))  # the scaler creates its scale lazily
         return t
@@ -257,7 +257,7 @@ def test_authors_hook_in_training_under_fp16_loss_scaling(tiny_root, tmp_path):
         return {k: v.clone() for k, v in t.model.state_dict().items()}
 
     hook, exact = trainer("authors_hook"), trainer("exact")
-    images, targets = next(iter(hook.train_loader))
+    images, targets = next(iter(hook.data.train))
     n = images.shape[0]  # 16 per process: N^2 = 256
     hook.scaler.update(new_scale=2.0 * n * n)
     start = weights(hook)

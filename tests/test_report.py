@@ -17,7 +17,7 @@ from powergrad_train import paper, seed_stats
 from powergrad_train.cli import main
 from powergrad_train.config import KEYS, build_config, dump, get
 from powergrad_train.diagnostics import save_filter_norms
-from powergrad_train.metrics import SUMMARY_COLUMNS, SummaryCsv
+from powergrad_train.metrics import SUMMARY_COLUMNS, RunInfo, SummaryCsv, trim_summary_csv
 from powergrad_train.report import alpha_groups, main_path_convs, read_run, tables
 from tests.conftest import tiny_overrides
 
@@ -276,16 +276,19 @@ def test_hand_edited_summary_csv_survives_a_resume(tmp_path):
     """Columns and note rows added by hand are kept; rows after the checkpoint's epoch are dropped."""
     path = tmp_path / "summary.csv"
     header = ",".join(SUMMARY_COLUMNS) + ",my_note"
-    path.write_text(f"{header}\n1,10{',1' * 12},first\nlr changed by hand\n2,20{',2' * 12},second\n")
-    out = SummaryCsv(tmp_path, start_epoch=1)
+    more = len(SUMMARY_COLUMNS) - 2
+    path.write_text(f"{header}\n1,10{',1' * more},first\nlr changed by hand\n2,20{',2' * more},second\n")
+    trim_summary_csv(tmp_path, start_epoch=1)  # what a resume from epoch 1 does first
+    out = SummaryCsv()
+    out.start(RunInfo(tmp_path, {}, start_epoch=1, start_step=10, resumed_from=None))
     out.epoch_end({c: 2 for c in SUMMARY_COLUMNS})
     rows = list(csv.reader(open(path)))
     assert rows[0] == [*SUMMARY_COLUMNS, "my_note"]
-    assert rows[1] == ["1", "10", *["1"] * 12, "first"] and rows[2][0] == "lr changed by hand" and not any(rows[2][1:])
-    assert rows[3] == [*["2"] * 14, ""] and len(rows) == 4  # epoch 2 trained again, its old row gone
+    assert rows[1] == ["1", "10", *["1"] * more, "first"] and rows[2][0] == "lr changed by hand" and not any(rows[2][1:])
+    assert rows[3] == [*["2"] * len(SUMMARY_COLUMNS), ""] and len(rows) == 4  # epoch 2 trained again, its old row gone
     path.write_text("1,10,1,1\n")  # no header line: refused, the file kept
     with pytest.raises(Exception, match="its first line is not a header with an 'epoch' column"):
-        SummaryCsv(tmp_path, start_epoch=1)
+        trim_summary_csv(tmp_path, start_epoch=1)
     assert path.read_text() == "1,10,1,1\n"
 
 
