@@ -347,6 +347,9 @@ class Trainer:
         state = checkpoint.load(path)
         checkpoint.check_compatible(state, path, self.cfg, classes=self.classes, steps_per_epoch=self.steps_per_epoch,
                                     world_size=self.env.world_size, force=force)
+        # A data set that lost or gained a few files since keeps the run's steps per epoch (README, Data).
+        steps = self.checkpointer.meta["steps_per_epoch"] = state["steps_per_epoch"]
+        self.steps_per_epoch = self.train_loader.batches_per_epoch = steps
         self.checkpointer.restore(state, path, self.env.rank, self.env.world_size)
 
     def announce(self, resumed_from: Optional[Path]) -> None:
