@@ -322,6 +322,11 @@ def check_classes(state: dict, path: Path, classes: list[str], where: str = "dat
         raise CheckpointError(f"{path}: trained on other classes than {where} holds ({first})")
 
 
+# A data set that lost or gained a few files since the checkpoint changes the steps an epoch
+# would have by at most this share (at least one step): the run goes on with its own.
+STEPS_TOLERANCE = 0.01
+
+
 def check_compatible(state: dict, path: Path, cfg: Config, *, classes: list[str], steps_per_epoch: int,
                      world_size: int, force: bool) -> None:
     """Every reason a checkpoint cannot continue this run, as one kind of error."""
@@ -333,7 +338,7 @@ def check_compatible(state: dict, path: Path, cfg: Config, *, classes: list[str]
             raise CheckpointError(f"--resume {path}: the recipe changes keys that define the run: "
                                   f"{'; '.join(changed)} (pass --resume-force to resume anyway)")
     check_classes(state, path, classes)
-    if state["steps_per_epoch"] != steps_per_epoch:
+    if abs(state["steps_per_epoch"] - steps_per_epoch) > max(1, int(STEPS_TOLERANCE * state["steps_per_epoch"])):
         raise CheckpointError(f"{path}: saved with {state['steps_per_epoch']} steps per epoch, "
                               f"this run has {steps_per_epoch} (another data set or batch size)")
     if state["train_state"]["batch_in_epoch"] and state["world_size"] != world_size:

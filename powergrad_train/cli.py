@@ -212,7 +212,8 @@ def train_command(argv: list[str]) -> None:
         # is created or locked, and before anything in it is written.
         trainer = build_run(cfg, run_dir, env, device, resume_from, resume_force=args.resume_force)
         if env.is_main:
-            (run_dir / "config.yaml").write_text(dump(cfg))
+            from powergrad_train.atomic import write_text
+            write_text(run_dir / "config.yaml", dump(cfg))
         trainer.announce(resume_from)
         try:
             trainer.fit()
@@ -402,9 +403,27 @@ def main(argv: Optional[list[str]] = None) -> None:
         _say_once("error: interrupted: stopped at once, no checkpoint written for this stop "
                   "(the run folder's last.pt, if any, is intact; continue with --resume auto)")
         sys.exit(130)
+    except Exception as e:
+        # Under torchrun the process that fails first says why (a bug: its traceback); an error that
+        # follows another process's failure (a collective whose peer left) ends this one quietly.
+        dist = sys.modules.get("powergrad_train.dist")  # loaded once a command got as far as torch
+        if dist is None or not dist.env_from_torchrun().distributed:
+            raise
+        if dist.lost_a_peer(e):
+            if not dist.another_failed():
+                print(f"error: process {os.environ.get('RANK', '0')} of the run lost contact with the others "
+                      f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})", file=sys.stderr,
+                      flush=True)
+        elif not dist.failed_after_another():
+            raise
+        sys.exit(1)
 
 
 def _say_once(line: str) -> None:
-    """User errors are the same on every rank: under torchrun only rank 0 prints them."""
-    if os.environ.get("RANK", "0") == "0":
-        print(line, file=sys.stderr, flush=True)
+    """One line however many processes hit the error: under torchrun, the first process to report
+    it prints it, whichever rank found it (many find the same one)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from powergrad_train import dist
+        if not dist.report_once(line):
+            return
+    print(line, file=sys.stderr, flush=True)

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from powergrad_train.atomic import make_folder, write_file
+
 ZEROED_NORM = 1e-3  # a filter with a smaller L2 norm counts as zeroed out
 
 
@@ -27,17 +29,18 @@ def conv_filter_norms(model: torch.nn.Module) -> dict[str, np.ndarray]:
 
 def save_pooled_features(rms: np.ndarray, run_dir: Path, epoch: int) -> Path:
     folder = Path(run_dir) / "diagnostics"
-    folder.mkdir(exist_ok=True)
+    make_folder(folder)
     path = folder / f"pooled-features-epoch-{epoch:04d}.npz"
-    np.savez_compressed(path, rms=rms)
+    write_file(path, lambda f: np.savez_compressed(f, rms=rms))
     return path
 
 
 def save_filter_norms(norms: dict[str, np.ndarray], run_dir: Path, epoch: int) -> Path:
     folder = Path(run_dir) / "diagnostics"
-    folder.mkdir(exist_ok=True)
+    make_folder(folder)
     path = folder / f"filter-norms-epoch-{epoch:04d}.npz"
-    np.savez_compressed(path, **{name.replace(".", "/"): values.astype(np.float32) for name, values in norms.items()})
+    arrays = {name.replace(".", "/"): values.astype(np.float32) for name, values in norms.items()}
+    write_file(path, lambda f: np.savez_compressed(f, **arrays))
     return path
 
 

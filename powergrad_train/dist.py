@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -40,17 +44,33 @@ def device_for(env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
+# The store the processes met through (torchrun's, or one rank 0 serves): errors are shared there.
+_store = None
+
+
 def init(env: DistEnv, device: torch.device) -> None:
     """NCCL on GPUs, gloo on the CPU; nothing for a single process."""
+    global _store
     if env.distributed and not torch_dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        torch_dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                                      timeout=timedelta(minutes=30),
-                                      device_id=device if device.type == "cuda" else None)
+        timeout = timedelta(minutes=30)
+        _store = _meet(env, timeout)
+        torch_dist.init_process_group(backend, store=_store, rank=env.rank, world_size=env.world_size,
+                                      timeout=timeout, device_id=device if device.type == "cuda" else None)
+
+
+def _meet(env: DistEnv, timeout: timedelta):
+    """The store of torchrun's environment (what init_process_group's env:// would make)."""
+    store, _, _ = next(torch_dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    return store
 
 
 def close() -> None:
     if torch_dist.is_initialized():
+        error = sys.exc_info()[1]
+        if isinstance(error, Exception) and not lost_a_peer(error):  # on the way out of an error of its own:
+            note_failure()  # say so before the others see the connections close (see failed_after_another)
         torch_dist.destroy_process_group()
 
 
@@ -92,7 +112,7 @@ def on_main(compute):
             box = [(compute(), None)]
         except Exception as e:
             # The others raise the same user error; a bug keeps its traceback on rank 0.
-            box = [(None, e if isinstance(e, UserError) else RuntimeError(f"failed on rank 0: {type(e).__name__}"))]
+            box = [(None, e if isinstance(e, UserError) else PeerFailed(f"failed on rank 0: {type(e).__name__}"))]
             torch_dist.broadcast_object_list(box, src=0)
             raise
     torch_dist.broadcast_object_list(box, src=0)
@@ -100,3 +120,81 @@ def on_main(compute):
     if error is not None:
         raise error
     return result
+
+
+# ----------------------------------------------------------------------------- errors of a distributed run
+
+class PeerFailed(Exception):
+    """Another process of the run failed; it says why itself."""
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether `error` is torch's word that another process failed or vanished (its DistError
+    family: a closed connection, a store gone, a backend error), or ours."""
+    return isinstance(error, (PeerFailed, torch_dist.DistError))
+
+
+def _errors_key(name: str) -> str:
+    return f"powergrad-train/errors/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"
+
+
+def _errors_store(env: DistEnv):
+    """The store for sharing errors: the run's own, or (before dist.init) a new client of it."""
+    if _store is not None:
+        return _store
+    try:
+        return _meet(env, timedelta(seconds=10))
+    except (RuntimeError, ValueError):  # no store there (rank 0 already gone) or no torchrun environment
+        return None
+
+
+def report_once(line: str) -> bool:
+    """Whether this process is the one to print user error `line`. Under torchrun each distinct
+    line is printed once, whichever process found it, by the first process to claim it in the
+    run's store; without a store, rank 0 prints."""
+    env = env_from_torchrun()
+    if not env.distributed:
+        return True
+    store = _errors_store(env)
+    if store is None:
+        return env.is_main
+    note_failure(store)
+    try:
+        return store.add(_errors_key(hashlib.sha1(line.encode(errors="replace")).hexdigest()), 1) == 1
+    except (RuntimeError, ValueError):  # the store went away: better a line twice than none
+        return True
+
+
+_failed_as = 0  # this process's place among those of the run that failed (1: the first), 0: none yet
+
+
+def note_failure(store=None) -> int:
+    """Count this process, once, among those of the run that failed; its place in that count."""
+    global _failed_as
+    store = store or _store
+    if store is not None and not _failed_as:
+        with contextlib.suppress(RuntimeError, ValueError):
+            _failed_as = store.add(_errors_key("failed"), 1)
+    return _failed_as
+
+
+def failed_after_another() -> bool:
+    """Whether another process of the run failed before this one: then an error here (a collective
+    whose peer left, a gloo connection closed) is a consequence of that one, which says why."""
+    return note_failure() > 1
+
+
+def another_failed(wait_s: float = 5.0) -> bool:
+    """Whether another process of the run failed, waiting up to `wait_s` for one to say so (it may
+    be about to: torch's lost-peer errors can arrive first)."""
+    if _store is None:
+        return False
+    deadline = time.monotonic() + wait_s
+    try:
+        while _store.add(_errors_key("failed"), 0) <= (1 if _failed_as else 0):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+    except (RuntimeError, ValueError):  # the store went away with the process that hosted it
+        return True

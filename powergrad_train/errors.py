@@ -66,6 +66,17 @@ class ImageError(DataError):
         return ImageError, (self.path, self.reason)
 
 
+class WriteError(UserError):
+    """A file cannot be written (disk full, quota, read-only, permission); `path` names it."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: cannot write ({reason})")
+        self.path, self.reason = str(path), reason
+
+    def __reduce__(self):
+        return WriteError, (self.path, self.reason)
+
+
 class CheckpointError(UserError):
     """A checkpoint is missing, unreadable or does not fit the run."""
 

@@ -3,11 +3,13 @@ JSON lines) behind one small interface, `Output`, chosen by `log.outputs` (regis
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
-import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,8 @@ from typing import Optional, Sequence
 import torch
 
 from powergrad_train import dist
-from powergrad_train.errors import RunFolderError
+from powergrad_train.atomic import reason, write_text
+from powergrad_train.errors import RunFolderError, WriteError
 
 SUMMARY_COLUMNS = ("epoch", "step", "train_loss", "train_top1", "eval_loss", "eval_top1", "eval_top5", "lr",
                    "images_per_sec", "epoch_time_s", "logit_norm", "eval_logit_norm", "zeroed_filters",
@@ -262,14 +265,13 @@ def trim_summary_csv(run_dir: Path, start_epoch: int) -> None:
     epoch = where["epoch"]
     kept = [row for row in rows if row and not (len(row) > epoch and row[epoch].isascii()
                                                 and row[epoch].isdigit() and int(row[epoch]) > start_epoch)]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(columns)
-        # Each cell under its column's new position; cells beyond the old header stay at the end.
-        w.writerows([row[where[c]] if c in where and where[c] < len(row) else "" for c in columns]
-                    + row[len(header):] for row in kept)
-    os.replace(tmp, path)  # a kill now leaves the old file or the new one
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(columns)
+    # Each cell under its column's new position; cells beyond the old header stay at the end.
+    w.writerows([row[where[c]] if c in where and where[c] < len(row) else "" for c in columns]
+                + row[len(header):] for row in kept)
+    write_text(path, text.getvalue())  # a kill leaves the old file or the new one
 
 
 JSONL = "log.jsonl"
@@ -306,47 +308,70 @@ def trim_jsonl(run_dir: Path, start_step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines(keepends=True)
             if line.strip() and json.loads(line)["step"] <= start_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    write_text(path, "".join(kept))
 
 
 class TensorBoard(Output):
-    """Event files in the run folder: train/* every log interval, epoch/* per epoch, other groups."""
+    """Event files in the run folder: train/* every log interval, epoch/* per epoch, other groups.
+
+    An event file cannot be written atomically (it is a log, appended to); a failed write is a
+    WriteError naming it."""
 
     def start(self, info: RunInfo) -> None:
         from torch.utils.tensorboard import SummaryWriter
-        # Events up to a checkpoint's step are written before it; purge_step drops those a killed
-        # run wrote after its last checkpoint.
-        self.writer = SummaryWriter(str(info.run_dir), purge_step=info.start_step + 1 if info.start_step else None)
+        _leave_writer_thread_errors_to_the_writer()
+        earlier = set(Path(info.run_dir).glob(f"{EVENT_FILES}*"))
+        self.path = Path(info.run_dir) / f"{EVENT_FILES}*"  # until the writer has made its file
+        with self._writing():
+            # Events up to a checkpoint's step are written before it; purge_step drops those a killed
+            # run wrote after its last checkpoint.
+            self.writer = SummaryWriter(str(info.run_dir), purge_step=info.start_step + 1 if info.start_step else None)
+        self.path = next(iter(set(Path(info.run_dir).glob(f"{EVENT_FILES}*")) - earlier), self.path)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        try:
+            yield
+        except OSError as e:  # raised here, or by the writer's thread and handed on at the next call
+            raise WriteError(self.path, reason(e)) from None
 
     def progress(self, values: dict) -> None:
         self.scalars("train", values["step"], {k: values[k] for k in ("loss", "top1", "lr")})
 
     def epoch_end(self, row: dict) -> None:
         self.scalars("epoch", row["step"], {k: v for k, v in row.items() if k not in ("epoch", "step") and v is not None})
-        self.writer.flush()
+        self.flush()
 
     def scalars(self, group: str, step: int, values: dict) -> None:
-        for name, value in values.items():
-            self.writer.add_scalar(f"{group}/{name}", value, step)
+        with self._writing():
+            for name, value in values.items():
+                self.writer.add_scalar(f"{group}/{name}", value, step)
 
     def flush(self) -> None:
-        self.writer.flush()
+        with self._writing():
+            self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        if sys.exc_info()[1] is not None:  # closing on the way out of another error: that one is reported
+            with contextlib.suppress(OSError):
+                self.writer.close()
+            return
+        with self._writing():
+            self.writer.close()
 
 
 def prepare_tensorboard_folder(run_dir: Path, start_step: int) -> None:
     """Before a TensorBoard writer opens: a fresh start drops the event files of an earlier try that
     left no checkpoint; a resume makes sure the new file sorts after the existing ones."""
-    earlier = list(Path(run_dir).glob("events.out.tfevents.*"))
-    if not start_step:
-        for stale in earlier:
-            stale.unlink()
-    else:
-        _wait_for_a_later_second(earlier)
+    earlier = list(Path(run_dir).glob(f"{EVENT_FILES}*"))
+    try:
+        if not start_step:
+            for stale in earlier:
+                stale.unlink()
+        else:
+            _sort_before_this_second(earlier)
+    except OSError as e:
+        raise WriteError(Path(run_dir) / f"{EVENT_FILES}*", reason(e)) from None
 
 
 def build_outputs(names: Sequence[str]) -> list[Output]:
@@ -406,10 +431,36 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def _wait_for_a_later_second(event_files: list[Path]) -> None:
-    """TensorBoard reads event files in name order, and a name starts with the second it was made in.
-    A file made by a killed try in this same second could sort after ours and, read last, purge our
-    events: start ours in a later second than every file already there."""
-    seconds = [int(part) for part in (p.name.split(".")[3] for p in event_files) if part.isdigit()]
-    while seconds and int(time.time()) <= max(seconds):
-        time.sleep(0.05)
+def _leave_writer_thread_errors_to_the_writer() -> None:
+    """TensorBoard writes from a thread of its own; a failed write there is raised again by the
+    writer's next call (then one line, see TensorBoard._writing), so the thread's traceback is not
+    printed as well."""
+    if getattr(threading.excepthook, "leaves_tensorboard_alone", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args):
+        if not (issubclass(args.exc_type, OSError) and type(args.thread).__module__.startswith("tensorboard.")):
+            previous(args)
+
+    hook.leaves_tensorboard_alone = True
+    threading.excepthook = hook
+
+
+EVENT_FILES = "events.out.tfevents."  # then the second the file was made in, host, pid, a counter
+
+
+def _sort_before_this_second(event_files: list[Path]) -> None:
+    """TensorBoard reads event files in name order, and a name starts with the second it was made
+    in. A file named with this second or a later one (made by a killed try a moment ago, or on a
+    machine whose clock runs ahead) would sort after the one we are about to make and, read
+    last, purge our events. Such files are renamed into the past, keeping their order."""
+    limit = int(time.time()) - 1
+    for path in sorted(event_files, reverse=True):
+        second, _, rest = path.name[len(EVENT_FILES):].partition(".")
+        if not second.isdigit() or int(second) <= limit:
+            break
+        while (target := path.with_name(f"{EVENT_FILES}{limit:010d}.{rest}")).exists():
+            limit -= 1
+        path.rename(target)
+        limit -= 1

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import re
 import statistics
 import sys
@@ -29,6 +28,7 @@ from typing import Optional
 import yaml
 
 from powergrad_train import paper, seed_stats
+from powergrad_train.atomic import make_folder, write_file, write_text
 from powergrad_train.authors import AuthorsLog, find_logs
 from powergrad_train.config import Config, build_config, get, read_yaml_text
 from powergrad_train.errors import DataError
@@ -603,13 +603,8 @@ def _save(fig, path: Path, plt) -> Path:
         if ax.get_xlabel() == "epoch":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"report --out: cannot write {path} ({e.strerror or e})") from None
+        write_file(path, lambda f: fig.savefig(f, dpi=110, format="png"))
     finally:
         plt.close(fig)
     return path
@@ -622,11 +617,6 @@ def write_report(run_dirs: list[Path], out: Path, reference_dir: Optional[Path] 
     runs = [read_run(d) for d in run_dirs]
     reference = read_reference(reference_dir) if reference_dir is not None else None
     text = "# Runs beside the paper\n\n" + tables(runs, reference, reading)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".report.md.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / "report.md")
-    except OSError as e:
-        raise DataError(f"report --out: cannot write {out} ({e.strerror or e})") from None
+    make_folder(out)
+    write_text(out / "report.md", text)
     return text, figures(runs, out, reference, reading)

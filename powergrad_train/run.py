@@ -94,6 +94,8 @@ def build_run(cfg: Config, run_dir: Path, env: DistEnv, device: torch.device, re
             checkpoint.check_compatible(saved, resume_from, cfg, classes=data.classes,
                                         steps_per_epoch=data.train.batches_per_epoch, world_size=env.world_size,
                                         force=resume_force)
+            # A data set that lost or gained a few files since keeps the run's steps per epoch (README, Data).
+            data.train.batches_per_epoch = checkpointer.meta["steps_per_epoch"] = saved["steps_per_epoch"]
             checkpointer.restore(saved, resume_from, env.rank, env.world_size)
 
         # 4. Only now, with every check passed, is the run folder created, locked and changed (rank 0).

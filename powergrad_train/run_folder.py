@@ -3,11 +3,13 @@
 Every check here only reads, so a refused command writes nothing. A folder is ours when it
 holds the marker file this program writes when it creates a run (or, for runs made before
 the marker existed, a powergrad-train checkpoint). A training holds an OS lock on the
-folder for its whole life, so a second training into the same folder is refused.
+folder for its whole life, so a second training into the same folder is refused; the lock
+ends with the process that holds it.
 """
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import os
 import re
@@ -15,7 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 from powergrad_train import checkpoint
-from powergrad_train.errors import CheckpointError, RunFolderError
+from powergrad_train.atomic import reason, remove_leftovers
+from powergrad_train.errors import CheckpointError, RunFolderError, WriteError
 
 MARKER = ".powergrad-train-run"
 LOCK = ".lock"
@@ -93,6 +96,8 @@ def resume_point(run_dir: Path, resume: Optional[str]) -> tuple[Optional[Path], 
         if held and path.resolve().parent != run_dir.resolve():
             raise RunFolderError(f"--output: {run_dir} already holds a run; a checkpoint from elsewhere would "
                                  "overwrite it: choose another --output (or --resume auto to continue this run)")
+        if held:
+            _refuse_rolling_back(run_dir, path)
         return path, None
     if held:
         raise RunFolderError(f"--output: {run_dir} already holds a run ({held[-1].name}); pass --resume auto to "
@@ -100,28 +105,99 @@ def resume_point(run_dir: Path, resume: Optional[str]) -> tuple[Optional[Path], 
     return None, None
 
 
+def _refuse_rolling_back(run_dir: Path, chosen: Path) -> None:
+    """Continuing from an older checkpoint of the run in its own folder would overwrite what came
+    after it (later checkpoints, best.pt, summary.csv rows, diagnostics): that history is kept, and
+    the way to go on from the older state is a new run folder."""
+    try:
+        state = checkpoint.load(chosen)["train_state"]
+    except CheckpointError:
+        return  # the trainer reports it
+    later = []
+    for path in checkpoints_in(run_dir):
+        if path.name == "nonfinite.pt" or path.resolve() == chosen.resolve():
+            continue
+        try:
+            other = checkpoint.load(path)["train_state"]
+        except CheckpointError:
+            continue  # damaged: nothing to keep
+        if other["step"] > state["step"]:
+            later.append(f"{path.name} (epoch {other['epoch']}, step {other['step']})")
+    rows = [e for e in _summary_epochs(run_dir) if e > state["epoch"]]
+    if rows:
+        later.append(f"summary.csv rows of epoch{'s' if len(rows) > 1 else ''} "
+                     f"{rows[0]}{f'-{rows[-1]}' if len(rows) > 1 else ''}")
+    if later:
+        raise RunFolderError(
+            f"--resume: {chosen} is at epoch {state['epoch']}, step {state['step']}, but {run_dir} goes on beyond it "
+            f"({', '.join(later)}), which continuing in this folder would overwrite; to branch from it, pass a new "
+            f"--output (for example {run_dir}-from-{chosen.stem})")
+
+
+def _summary_epochs(run_dir: Path) -> list[int]:
+    try:
+        with open(run_dir / "summary.csv", newline="") as f:
+            return sorted(int(r["epoch"]) for r in csv.DictReader(f) if (r.get("epoch") or "").isdigit())
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return []
+
+
+# (device, inode) of the lock files this process holds: see RunFolderLock.
+_held: set[tuple[int, int]] = set()
+
+
 class RunFolderLock:
-    """Rank 0's claim on the run folder: creates it (with the marker) and holds an exclusive lock."""
+    """Rank 0's claim on the run folder: creates it (with the marker) and holds an exclusive lock.
+
+    The lock is a POSIX record lock (lockf), which belongs to the process that took it: the
+    kernel drops it when that process ends, however it ends, and the processes forked from it
+    (loader workers, which may outlive a killed parent by seconds) never hold it, so a run
+    killed with kill -9 resumes at once. Such a lock also goes when its process closes any
+    descriptor of the file, so this process opens the file once, and refuses a second lock of
+    the same folder itself (the kernel would grant it).
+    """
 
     def __init__(self, run_dir: Path):
+        self._fd, self._key = None, None
+        lock = run_dir / LOCK
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / MARKER).touch()
-            self._fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            held_here = lock.exists() and _key(os.stat(lock)) in _held
+            fd = None if held_here else os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise RunFolderError(f"--output: cannot create or write the run folder {run_dir} "
                                  f"({e.strerror or e})") from None
+        if held_here:
+            raise self._in_use(run_dir, os.getpid())
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self._fd)
-            raise RunFolderError(f"--output: {run_dir} is in use by another training (pid {holder}); wait for "
-                                 "it to end or choose another --output") from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise self._in_use(run_dir, holder) from None
+        self._fd, self._key = fd, _key(os.fstat(fd))
+        _held.add(self._key)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)  # for the message of a refused second training
+        except OSError as e:
+            self.release()
+            raise WriteError(lock, reason(e)) from None
+        for folder in (run_dir, run_dir / "diagnostics"):  # what a killed run's writes left behind
+            remove_leftovers(folder)
+
+    @staticmethod
+    def _in_use(run_dir: Path, holder) -> RunFolderError:
+        return RunFolderError(f"--output: {run_dir} is in use by another training (pid {holder}); wait for "
+                              "it to end or choose another --output")
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the lock
+            _held.discard(self._key)
             self._fd = None
+
+
+def _key(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_dev, stat.st_ino

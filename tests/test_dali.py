@@ -22,7 +22,7 @@ from powergrad_train.data.demo import write_demo_dataset
 from powergrad_train.errors import ConfigError
 from powergrad_train.data.files import list_split
 from tests.conftest import REPO, assert_same_weights, load_weights, tiny_overrides
-from tests.test_data import IMAGE_FORMATS, write_image_formats
+from tests.test_data import IMAGE_FORMATS, jpeg_without_tables, write_image_formats
 from tests.test_fault_tolerance import start, wait_for
 
 
@@ -325,3 +325,47 @@ def test_the_gpu_checks_jpeg_folder_is_written_once_and_whole(tmp_path, monkeypa
     assert make_folder(root, train=1, val=1, size=(50, 40)) == root and (root / "COMPLETE").stat().st_mtime_ns == stamp
     with pytest.raises(SystemExit, match="exists and is not a folder written with these settings"):
         make_folder(root, train=2, val=1, size=(50, 40))
+
+
+def test_a_file_dali_cannot_decode_is_named_left_out_of_its_batch_and_resumable(one_per_class, tmp_path, capsys):
+    """One image per class, so a label names its image. The bad file passes the listing's check
+    (its markers parse) and fails in DALI's decoder."""
+    shutil.copytree(one_per_class, tmp_path / "data")
+    clean, _ = build_train_loader(dali_cfg(one_per_class), seed=0, rank=0, world_size=1)
+    loader, _ = build_train_loader(dali_cfg(tmp_path / "data"), seed=0, rank=0, world_size=1)
+    order = loader.sampler.epoch_order()
+    victim = loader.samples[order[9]][0]  # the second image of the second batch
+    open(victim, "wb").write(jpeg_without_tables())
+    expected = epoch_labels(clean, 0)
+    loader.set_epoch(0)
+    batches, state = [], None
+    for i, (x, y) in enumerate(loader):
+        batches.append((x.clone(), y.clone()))
+        if i == 1:
+            state = loader.state_dict()
+    assert [y.tolist() for _, y in batches] == [expected[0], expected[1][:1] + expected[1][2:], expected[2]]
+    assert loader.skipped.found == [victim]
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if victim in line]
+    assert line.startswith(f"data: cannot read {victim} (DALI cannot decode it); training goes on without it")
+    resumed, _ = build_train_loader(dali_cfg(tmp_path / "data"), seed=0, rank=0, world_size=1)
+    resumed.set_epoch(0, start_batch=2)
+    resumed.load_state_dict(state)  # taken from the pipeline started again after the bad file
+    (x, y), = list(resumed)
+    assert torch.equal(x, batches[2][0]) and torch.equal(y, batches[2][1])
+    assert epoch_labels(loader, 1) == [[label for label in batch if label != expected[1][1]]
+                                       for batch in epoch_labels(clean, 1)]  # known from then on
+
+
+def test_a_val_file_dali_cannot_decode_is_left_out_and_said(tiny_root, tmp_path, capsys):
+    shutil.copytree(tiny_root / "val", tmp_path / "data" / "val")
+    shutil.copytree(tiny_root / "val", tmp_path / "data" / "train")
+    victim = sorted((tmp_path / "data" / "val" / "dots").iterdir())[2]
+    victim.write_bytes(jpeg_without_tables())
+    loader, _ = build_val_loader(dali_cfg(tmp_path / "data"), rank=0, world_size=1)
+    reference = ImageFolder(str(tmp_path / "data" / "val"))  # every file, as listed
+    left_out = [path for path, _ in reference.samples].index(str(victim))
+    for _ in range(2):  # found in the first validation, known in the second
+        labels = [label for _, y in loader for label in y.tolist()]
+        assert labels == [t for i, t in enumerate(reference.targets) if i != left_out]
+    assert [line for line in capsys.readouterr().out.splitlines() if str(victim) in line][0].startswith(
+        f"data: cannot read {victim} (DALI cannot decode it); validation goes on without it")

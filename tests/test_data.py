@@ -2,7 +2,8 @@
 
 import hashlib
 import os
-import time
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,20 +110,63 @@ def jpeg_without_tables() -> bytes:
     return b"\xff\xd8" + sof + sos + b"\x12\x34" * 20 + b"\xff\xd9"
 
 
+def lines_naming(text, path):
+    return [line for line in text.splitlines() if str(path) in line]
+
+
 @pytest.mark.parametrize("workers", [0, 1])
-def test_image_that_fails_to_decode_names_the_file(tmp_path, workers):
+def test_a_val_image_that_fails_to_decode_is_skipped_named_and_listed(tmp_path, workers, capsys):
     write_demo_dataset(tmp_path, {"train": 1, "val": 1})
     bad = sorted((tmp_path / "val").rglob("*.jpg"))[0]
     bad.write_bytes(jpeg_without_tables())
     cfg = build_config(None, [f"data.root={tmp_path}", "data.image_size=16", "data.batch_size=2",
                               f"data.workers={workers}"])
     loader, _ = build_val_loader(cfg.data, rank=0, world_size=1)
-    with pytest.raises(ImageError) as raised:
-        list(loader)
+    assert sum(len(y) for _, y in loader) == 9  # the other images of the split, each once
+    assert sum(len(y) for _, y in loader) == 9  # and again in the next validation
     loader.close()
-    # The error carries the file as data, also from a worker process, and its message is one line.
-    assert raised.value.path == str(bad)
-    assert str(raised.value).startswith(f"{bad}: cannot read image (") and "\n" not in str(raised.value)
+    assert loader.skipped.found == [str(bad)]  # counted, also when a worker process met it
+    (line,) = lines_naming(capsys.readouterr().out, bad)  # said once, in one line
+    assert line.startswith(f"data: cannot read {bad} (") and "validation goes on without it (1 file(s) skipped" in line
+    report = line.split("listed in ")[1].rstrip(")")
+    assert lines_naming(open(report).read(), bad) == [f"{bad}  (cannot read image: {line.split(' (')[1].split(')')[0]}; "
+                                                      "skipped when read)"]
+    files.list_split(tmp_path, "val", verbose=True)  # a later start names it
+    assert "1 file(s) in" in capsys.readouterr().out
+
+
+def test_a_training_image_that_fails_to_decode_leaves_every_other_sample_as_it_was(tmp_path, capsys):
+    write_demo_dataset(tmp_path / "clean", {"train": 2, "val": 1})
+    shutil.copytree(tmp_path / "clean", tmp_path / "damaged")
+    loaders = {name: build_train_loader(data_cfg(tmp_path / name), seed=0, rank=0, world_size=1)[0]
+               for name in ("clean", "damaged")}
+    loaders["clean"].set_epoch(1)
+    order = loaders["clean"].sampler.epoch_order()
+    victim = loaders["damaged"].loader.dataset.samples[order[5]][0]  # the second image of the second batch
+    Path(victim).write_bytes(jpeg_without_tables())  # passes the listing's check, fails to decode
+    batches = {}
+    for name, loader in loaders.items():
+        loader.set_epoch(1)
+        batches[name] = list(loader)
+    assert len(batches["damaged"]) == len(batches["clean"]) == 5  # the epoch keeps its steps
+    for i, ((x, y), (cx, cy)) in enumerate(zip(batches["damaged"], batches["clean"])):
+        keep = [0, 2, 3] if i == 1 else [0, 1, 2, 3]
+        assert torch.equal(x, cx[keep]) and torch.equal(y, cy[keep]), i  # the same augmentation for every other
+    assert loaders["damaged"].skipped.found == [victim]
+    assert lines_naming(capsys.readouterr().out, victim)[0].startswith(f"data: cannot read {victim} (")
+
+
+def test_a_batch_with_no_readable_image_is_an_error_naming_a_file(tmp_path):
+    write_demo_dataset(tmp_path, {"train": 2, "val": 1})
+    loader, _ = build_train_loader(data_cfg(tmp_path, batch=2), seed=0, rank=0, world_size=1)
+    order = loader.sampler.epoch_order()
+    victims = [loader.loader.dataset.samples[order[i]][0] for i in (0, 1)]
+    for victim in victims:
+        Path(victim).write_bytes(jpeg_without_tables())
+    with pytest.raises(ImageError) as raised:
+        next(iter(loader))
+    assert raised.value.path == victims[0] and "every other image of its batch" in str(raised.value)
+    assert "\n" not in str(raised.value)
 
 
 def test_unreadable_files_are_left_out_of_both_splits(tmp_path, capsys):
@@ -232,41 +276,44 @@ def test_val_interpolation_reaches_the_pipeline(tiny_root):
     assert torch.equal(first["bicubic"], by_hand(Image.open(path).convert("RGB")))
 
 
-def _age_tree(folder, seconds=3600):
-    """Set every folder's mtime in the past, as for a data set copied long before the run."""
-    old = time.time() - seconds
-    for path in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
-        os.utime(path, (old, old))
+def count_checks(monkeypatch) -> list:
+    """The files the listing checks from now on (it opens no other)."""
+    checked, check = [], files.problem_with
+    monkeypatch.setattr(files, "problem_with", lambda path: checked.append(path) or check(path))
+    return checked
 
 
-def test_a_warm_start_trusts_unchanged_folders_and_relists_changed_ones(tmp_path):
+def test_a_warm_start_checks_only_folders_whose_files_changed(tmp_path, monkeypatch):
     write_demo_dataset(tmp_path, {"train": 3, "val": 1})
-    _age_tree(tmp_path)
+    monkeypatch.setattr(files, "RACY_NS", 0)  # files written a moment ago count as settled (the rule has its test)
     first = files.list_split(tmp_path, "train", verbose=False)
     assert len(first.samples) == 30
+    checked = count_checks(monkeypatch)
+    assert files.list_split(tmp_path, "train", verbose=False) == first and checked == []  # opens no file
     ring, dots = tmp_path / "train" / "ring", tmp_path / "train" / "dots"
-    # Damaged in place: no folder changes, so the cached answer stands (a documented limit).
-    (ring / "ring_0000.jpg").write_bytes(b"garbage")
-    (dots / "dots_0000.jpg").write_bytes(b"garbage")
-    assert files.list_split(tmp_path, "train", verbose=False) == first
-    # A file added to one folder: that folder alone is listed and checked again.
-    (dots / "new.jpg").write_bytes((dots / "dots_0001.jpg").read_bytes())
-    samples = files.list_split(tmp_path, "train", verbose=False).samples
-    paths = {p for p, _ in samples}
-    assert str(dots / "new.jpg") in paths and str(dots / "dots_0000.jpg") not in paths
-    assert str(ring / "ring_0000.jpg") in paths  # its folder did not change
-    # A file removed is gone at once.
-    (dots / "new.jpg").unlink()
+    (dots / "dots_0000.jpg").write_bytes(b"garbage")  # damaged in place
+    rewritten = ring / "ring_0000.jpg"  # in place with the same size and its old time put back (rsync --inplace -t)
+    before = rewritten.stat()
+    rewritten.write_bytes(bytes(before.st_size))
+    os.utime(rewritten, ns=(before.st_atime_ns, before.st_mtime_ns))
+    paths = {p for p, _ in files.list_split(tmp_path, "train", verbose=False).samples}
+    assert str(dots / "dots_0000.jpg") not in paths and str(rewritten) not in paths and len(paths) == 28
+    assert sorted({os.path.dirname(p) for p in checked}) == [str(dots), str(ring)]  # those two folders alone
+    checked.clear()
+    (dots / "new.jpg").write_bytes((dots / "dots_0001.jpg").read_bytes())  # a file added
+    paths = {p for p, _ in files.list_split(tmp_path, "train", verbose=False).samples}
+    assert str(dots / "new.jpg") in paths and {os.path.dirname(p) for p in checked} == {str(dots)}
+    (dots / "new.jpg").unlink()  # a file removed is gone at once
     assert str(dots / "new.jpg") not in {p for p, _ in files.list_split(tmp_path, "train", verbose=False).samples}
 
 
-def test_folders_changed_just_before_a_listing_are_not_trusted_next_time(tmp_path):
-    """A change within the same timestamp tick as the listing could go unseen: such folders are listed again."""
-    write_demo_dataset(tmp_path, {"train": 2, "val": 1})  # folders modified just now
+def test_files_changed_just_before_a_listing_are_checked_again_next_time(tmp_path, monkeypatch):
+    """A change within the same timestamp tick as the listing could go unseen: such folders are not trusted."""
+    write_demo_dataset(tmp_path, {"train": 2, "val": 1})  # files written just now
     files.list_split(tmp_path, "train", verbose=False)
-    bad = tmp_path / "train" / "ring" / "ring_0000.jpg"
-    bad.write_bytes(b"garbage")
-    assert str(bad) not in {p for p, _ in files.list_split(tmp_path, "train", verbose=False).samples}
+    checked = count_checks(monkeypatch)
+    files.list_split(tmp_path, "train", verbose=False)
+    assert len(checked) == 20
 
 
 def test_the_listing_cache_is_compact(tmp_path, monkeypatch):
@@ -335,3 +382,49 @@ def test_a_split_walked_in_processes_is_listed_as_in_one(tmp_path, monkeypatch):
     (tmp_path / "train" / "c07" / "bad.jpg").write_bytes(b"garbage, again")  # rewritten: its folder is checked
     assert files.list_split(tmp_path, "train", verbose=False) == in_processes and len(checked) == 2
     assert len(in_processes.samples) == 40
+
+
+def test_an_epoch_longer_than_its_samples_wraps_around_to_the_start_of_its_shuffle():
+    """A resumed run keeps its steps per epoch when its data set lost a few files since."""
+    for world in (1, 2):
+        samplers = [TrainSampler(30, 8, rank, world, seed=0) for rank in range(world)]
+        for sampler in samplers:
+            sampler.batches_per_epoch = 4  # 32 positions for 30 samples
+            sampler.set_epoch(1)
+        order = samplers[0].epoch_order()
+        shares = [[i for i, _ in s] for s in samplers]
+        local = samplers[0].local_batch
+        assert [i for b in range(4) for share in shares for i in share[b * local:(b + 1) * local]] == order + order[:2]
+        seeds = [seed for s in samplers for _, seed in s]
+        assert len(set(seeds)) == 32  # every position keeps its own augmentation seed
+
+
+def test_the_demo_set_in_a_cache_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):
+    from powergrad_train.cli import main
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")  # a cache path below a file cannot be created, even by root
+    monkeypatch.setenv("POWERGRAD_TRAIN_CACHE", str(blocker / "cache"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", "smoke.yaml", "--dry-run"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: data.root: builtin:demo: cannot write the demo set under {blocker / 'cache'} (Not a directory); "
+        "set POWERGRAD_TRAIN_CACHE to a writable folder"]
+
+
+def test_a_demo_set_cut_short_by_a_full_disk_is_one_line_and_leaves_nothing_behind(tmp_path):
+    import resource
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))  # smaller than one demo JPEG
+    result = subprocess.run([sys.executable, "-m", "powergrad_train", "--config", "smoke.yaml", "--dry-run"], cwd=REPO,
+                            env={**os.environ, "POWERGRAD_TRAIN_CACHE": str(tmp_path)}, capture_output=True, text=True,
+                            timeout=300, preexec_fn=limit_file_size)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: data.root: builtin:demo: cannot write the demo set under {tmp_path} (File too large); "
+        "set POWERGRAD_TRAIN_CACHE to a writable folder"]
+    assert list(tmp_path.iterdir()) == []

@@ -9,7 +9,7 @@ import torch
 from powergrad_train.config import build_config
 from powergrad_train.diagnostics import ZEROED_NORM, PooledFeatureWatch, conv_filter_norms, load_filter_norms
 from powergrad_train.models import build_model
-from tests.conftest import load_weights
+from tests.conftest import load_weights, tiny_overrides
 
 
 def test_filter_norms_are_saved_every_epoch_from_the_epoch_s_weights(two_epoch_run):
@@ -66,3 +66,13 @@ def test_dead_pooled_feature_channels_are_counted(tiny_root):
             bn.bias[alive] = 0
     assert dead() == before + 5
     watch.close()
+
+
+def test_a_filter_norm_file_that_cannot_be_written_is_one_line_and_no_partial_file(tiny_root, tmp_path):
+    from tests.test_run_folder import limited_run
+    run_dir = tmp_path / "run"
+    result = limited_run(run_dir, tiny_overrides(tiny_root), 8000)  # the first file over 8 kB: epoch 1's norms
+    npz = run_dir / "diagnostics" / "filter-norms-epoch-0001.npz"
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [f"error: {npz}: cannot write (File too large)"]
+    assert list((run_dir / "diagnostics").iterdir()) == []

@@ -204,3 +204,118 @@ def test_a_second_ctrl_c_is_one_line_and_exit_130(tiny_root, tmp_path):
                                         "(the run folder's last.pt, if any, is intact; continue with --resume auto)"]
     if (run_dir / "last.pt").stat().st_mtime_ns != before:  # a periodic save finished in between
         checkpoint.load(run_dir / "last.pt")
+
+
+def assert_no_process_left(group, timeout=30):
+    """The run's process group is empty: no loader worker outlived the run."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        assert time.time() < deadline, "a process of the run is still there"
+        time.sleep(0.1)
+
+
+def test_kill_9_then_an_immediate_resume_with_loader_workers(straight_run, tiny_root, tmp_path):
+    """Orphaned loader workers live on for a few seconds after kill -9 (here: until this test ends
+    them); the run folder's lock must not be theirs, so a requeued job resumes at once."""
+    run_dir = tmp_path / "killed"
+    overrides = tiny_overrides(tiny_root, **SMALL_BATCH, **{"data.workers": 2, "checkpoint.every_steps": 5})
+    proc = start(run_dir, overrides)
+    wait_for(run_dir / "last.pt", proc)
+    os.killpg(proc.pid, signal.SIGSTOP)  # the workers stay where kill -9 finds them
+    proc.kill()
+    proc.wait()  # (its output pipes stay open in the workers)
+    try:
+        os.killpg(proc.pid, 0)  # the orphaned workers are still there
+        main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *overrides])
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert_same_weights(load_weights(straight_run / "last.pt"), load_weights(run_dir / "last.pt"))
+
+
+def test_sigusr1_to_the_process_group_checkpoints_like_sigterm(tiny_root, tmp_path):
+    """(SIGHUP: the next test, from a terminal that really closes.)"""
+    signum = signal.SIGUSR1
+    run_dir = tmp_path / "group"
+    overrides = tiny_overrides(tiny_root, **SMALL_BATCH, **{"data.workers": 2, "checkpoint.every_steps": 5})
+    proc = start(run_dir, overrides)
+    wait_for(run_dir / "last.pt", proc)
+    os.killpg(proc.pid, signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert f"stopped by {signal.Signals(signum).name}" in err and "DataLoader worker" not in err, err[-3000:]
+    assert 0 < checkpoint.load(run_dir / "last.pt")["train_state"]["batch_in_epoch"] < 40
+    assert_no_process_left(proc.pid)
+
+
+def test_closing_the_terminal_of_a_run_checkpoints_it(tiny_root, tmp_path):
+    """The terminal of an interactive run goes away (a closed window, a dropped ssh session): its
+    process group gets SIGHUP, and writing to the terminal fails from then on."""
+    import fcntl
+    import select
+    import termios
+    run_dir = tmp_path / "hangup"
+    overrides = tiny_overrides(tiny_root, **SMALL_BATCH, **{"data.workers": 2, "checkpoint.every_steps": 5})
+    leader, terminal = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "powergrad_train", "--config", "smoke.yaml", "--output",
+                             str(run_dir), *overrides], cwd=REPO, stdin=terminal, stdout=terminal, stderr=terminal,
+                            start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    os.close(terminal)
+    shown = b""
+    while not (run_dir / "last.pt").exists():  # read what the run shows, as a terminal would
+        assert proc.poll() is None, shown[-2000:]
+        if select.select([leader], [], [], 0.1)[0]:
+            shown += os.read(leader, 1 << 16)
+    os.close(leader)  # the terminal goes away
+    assert proc.wait(timeout=120) == 128 + signal.SIGHUP, shown[-2000:]
+    assert 0 < checkpoint.load(run_dir / "last.pt")["train_state"]["batch_in_epoch"] < 40
+    assert_no_process_left(proc.pid)
+
+
+def test_an_event_file_dated_in_the_future_neither_blocks_a_resume_nor_escapes_the_purge(two_epoch_run, tiny_root,
+                                                                                        tmp_path):
+    """Another machine's clock ran ahead when it wrote the run's events. TensorBoard reads event
+    files in name order, and the name starts with the second the file was made in."""
+    run_dir = tmp_path / "skewed"
+    shutil.copytree(two_epoch_run, run_dir)
+    for name in ("epoch-0002.pt", "best.pt"):  # back to epoch 1, with the events of epoch 2 still there
+        (run_dir / name).unlink()
+    shutil.copy(run_dir / "epoch-0001.pt", run_dir / "last.pt")
+    (events,) = run_dir.glob("events.out.tfevents.*")
+    second = events.name.split(".")[3]
+    events.rename(events.with_name(events.name.replace(second, str(int(second) + 10 * 365 * 86400))))
+    resumed = subprocess.run([sys.executable, "-m", "powergrad_train", "--config", "smoke.yaml", "--output",
+                              str(run_dir), "--resume", "auto", *tiny_overrides(tiny_root)], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert tensorboard_steps(run_dir) == tensorboard_steps(two_epoch_run)  # the stale epoch 2 purged, once
+    assert summary_rows(run_dir) == summary_rows(two_epoch_run)
+
+
+def test_a_data_set_that_lost_a_file_resumes_with_the_runs_steps_per_epoch(two_epoch_run, tiny_root, tmp_path, capsys):
+    """A bad file deleted between a checkpoint and its resume: 159 images give 9 batches of 16, the
+    run has 10; it keeps its 10, the epoch filled from the start of its shuffle. Losing more than
+    one step (or 1% of the steps) is another data set."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_root, data)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(two_epoch_run / "epoch-0001.pt", run_dir / "last.pt")
+    next((data / "train" / "ring").iterdir()).unlink()
+    main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *tiny_overrides(data)])
+    assert "159 train / 60 val images, 10 steps per epoch" in capsys.readouterr().out
+    state = checkpoint.load(run_dir / "last.pt")
+    assert state["train_state"]["step"] == 20 and state["steps_per_epoch"] == 10
+    for path in sorted((data / "train" / "dots").iterdir())[:8] + sorted((data / "train" / "ring").iterdir())[:8]:
+        path.unlink()  # 143 images: 8 steps
+    (tmp_path / "again").mkdir()
+    shutil.copy(two_epoch_run / "epoch-0001.pt", tmp_path / "again" / "last.pt")
+    with pytest.raises(SystemExit):
+        main(["--config", "smoke.yaml", "--output", str(tmp_path / "again"), "--resume", "auto",
+              *tiny_overrides(data)])
+    assert "saved with 10 steps per epoch, this run has 8" in capsys.readouterr().err

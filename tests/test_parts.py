@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from powergrad_train import registry
 from powergrad_train.cli import main

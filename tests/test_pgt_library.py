@@ -4,7 +4,6 @@ inputs), each checked against torch at alpha = 1 and against the formula in floa
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from powergrad_train import PowerGradCrossEntropy, power_grad_cross_entropy
 

@@ -150,3 +150,60 @@ def test_a_run_folder_that_cannot_be_made_is_one_line(tiny_root, tmp_path, capsy
         expected = f"error: --output: cannot create or write the run folder {target} ("
     line = refused(capsys, "--config", "smoke.yaml", "--output", target, *tiny_overrides(tiny_root))
     assert line.startswith(expected), line
+
+
+def test_resuming_an_older_checkpoint_in_its_own_folder_is_refused_and_a_new_folder_branches(two_epoch_run, tiny_root,
+                                                                                            tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_epoch_run, run_dir)
+    before = snapshot(run_dir)
+    older = run_dir / "epoch-0001.pt"
+    rollback = ["--resume", older, "--resume-force", *tiny_overrides(tiny_root), "--set=optim.lr=0.5"]
+    line = refused(capsys, "--config", "smoke.yaml", "--output", run_dir, *rollback)
+    assert line.startswith(f"error: --resume: {older} is at epoch 1, step 10, but {run_dir} goes on beyond it (")
+    for later in ("epoch-0002.pt (epoch 2, step 20)", "last.pt (epoch 2, step 20)", "summary.csv rows of epoch 2"):
+        assert later in line
+    assert line.endswith(f"which continuing in this folder would overwrite; to branch from it, pass a new --output "
+                         f"(for example {run_dir}-from-epoch-0001)")
+    assert snapshot(run_dir) == before
+    branch = tmp_path / "branch"
+    main(["--config", "smoke.yaml", "--output", str(branch), *[str(a) for a in rollback]])
+    assert [r.split(",")[0] for r in (branch / "summary.csv").read_text().splitlines()[1:]] == ["2"]
+    assert snapshot(run_dir) == before
+
+
+def limited_run(run_dir, overrides, max_bytes, *extra):
+    """The CLI in a process that may not write a file over `max_bytes` (as on a full disk: EFBIG)."""
+    def limit_file_size():
+        import resource
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+    return subprocess.run([sys.executable, "-m", "powergrad_train", "--config", "smoke.yaml", "--output",
+                           str(run_dir), *overrides, *extra], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit_file_size)
+
+
+@pytest.mark.parametrize("max_bytes,failing", [(400, "config.yaml"),  # the lock's pid and the first event fit
+                                               (1, "events.out.tfevents.*")])
+def test_a_start_on_a_full_disk_is_one_line_and_leaves_no_partial_file(tiny_root, tmp_path, max_bytes, failing):
+    run_dir = tmp_path / "run"
+    result = limited_run(run_dir, tiny_overrides(tiny_root), max_bytes)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [f"error: {run_dir / failing}: cannot write (File too large)"]
+    assert not (run_dir / "config.yaml").exists() and not list(run_dir.glob(".*tmp*"))
+
+
+def test_the_lock_refuses_a_second_claim_from_its_own_process_and_keeps_holding(tmp_path):
+    """A POSIX lock would be granted again to its own process, and dropped when that process closes
+    any descriptor of the file: the second claim must be refused without opening it."""
+    from powergrad_train.errors import RunFolderError
+    from powergrad_train.run_folder import RunFolderLock
+    run_dir = tmp_path / "run"
+    lock = RunFolderLock(run_dir)
+    with pytest.raises(RunFolderError, match=f"is in use by another training \\(pid {os.getpid()}\\)"):
+        RunFolderLock(run_dir)
+    claim = [sys.executable, "-c", f"from pathlib import Path; from powergrad_train.run_folder import RunFolderLock; "
+                                   f"RunFolderLock(Path({str(run_dir)!r}))"]
+    other = subprocess.run(claim, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert f"is in use by another training (pid {os.getpid()})" in other.stderr  # still held
+    lock.release()
+    assert subprocess.run(claim, cwd=REPO, capture_output=True, text=True, timeout=120).returncode == 0

@@ -36,7 +36,7 @@ class ValLoader(Protocol):
 
 @runtime_checkable
 class TrainLoader(ValLoader, Protocol):
-    batches_per_epoch: int
+    batches_per_epoch: int  # settable: a resumed run keeps its own when a few files came or went
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Position the next pass: `start_batch` global batches into `epoch`."""

@@ -24,9 +24,10 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from powergrad_train.config import DataConfig
-from powergrad_train.data import Backend, TrainLoader, ValLoader, val_backend_name
+from powergrad_train.data import Backend, TrainLoader, ValLoader, resolve_root, val_backend_name
+from powergrad_train.data.files import SkippedFiles
 from powergrad_train.data.sampling import TrainSampler, sample_seed
-from powergrad_train.errors import ConfigError
+from powergrad_train.errors import ConfigError, ImageError
 
 MEAN = [255 * m for m in IMAGENET_DEFAULT_MEAN]
 STD = [255 * s for s in IMAGENET_DEFAULT_STD]
@@ -127,23 +128,114 @@ def _pipeline(cfg: DataConfig, files: list[str], labels: list[int], batch_size: 
     return pipe
 
 
-def _batches(iterator, on_end=lambda: None):
-    for batch in iterator:
-        yield batch[0]["images"], batch[0]["labels"].squeeze(1).long()
-    on_end()
+def _with_stand_ins(files: list[str], labels: list[int], batch_size: int, stood_in: set[str]):
+    """(files, labels, kept rows per batch or None for all): each file in `stood_in` replaced by a
+    good file of its own batch, whose copy is then left out of the batch."""
+    files, labels, kept = list(files), list(labels), []
+    for first in range(0, len(files), batch_size):
+        rows = range(first, min(first + batch_size, len(files)))
+        good = [i for i in rows if files[i] not in stood_in]
+        if not good:
+            raise ImageError(files[first], "DALI cannot decode it; and every other image of its batch on this "
+                                           f"process ({len(rows)} in all) cannot be decoded either")
+        for i in rows:
+            if files[i] in stood_in:
+                files[i], labels[i] = files[good[0]], labels[good[0]]
+        kept.append(None if len(good) == len(rows) else [i - first for i in good])
+    return files, labels, kept
+
+
+def _undecodable(files: list[str], where: Placement) -> list[str]:
+    """The files DALI's decoder cannot decode, found one at a time (a failure ends its pipeline,
+    so the next pipeline starts after it)."""
+    dali, _ = _dali()
+    bad, rest = [], list(files)
+    while rest:
+        pipe = dali.Pipeline(batch_size=1, num_threads=1, device_id=where.device_id,
+                             prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
+        with pipe:
+            encoded, _ = dali.fn.readers.file(files=rest, random_shuffle=False)
+            pipe.set_outputs(dali.fn.decoders.image(encoded, device=where.decoder, **decoder_args()))
+        pipe.build()
+        failed = None
+        for i in range(len(rest)):
+            try:
+                pipe.run()
+            except RuntimeError:
+                failed = i
+                break
+        del pipe
+        if failed is None:
+            break
+        bad.append(rest[failed])
+        rest = rest[failed + 1:]
+    return bad
+
+
+PREFETCHED = 2  # batches a pipeline runs ahead (DALI's prefetch_queue_depth): a failure may belong to one
+
+
+def _read(where: Placement, files: list[str], labels: list[int], batch_size: int, list_start: int, first: int,
+          stood_in: set[str], skipped: SkippedFiles, make_iterator, on_end=lambda: None):
+    """Batches `first`, `first + 1`, ... of the file list through DALI.
+
+    `make_iterator(files, labels, list_start, stood_in)` gives an iterator over the list from
+    batch `list_start` on, whose first batch is `first` (later when it resumes a checkpoint).
+    When a batch fails to decode, its files (or those of the batches run ahead) are decoded one
+    by one to find the culprits, which `skipped` records; the pass goes on from the first batch
+    not yet delivered, with a new pipeline in which they are stood in for (see _with_stand_ins).
+    So every other image keeps its batch and every process its number of batches. A failure
+    that no file explains is raised as it is. `on_end()` is called when the pass is through.
+    """
+    while True:
+        rest_files, rest_labels, kept = _with_stand_ins(files[list_start * batch_size:],
+                                                        labels[list_start * batch_size:], batch_size, stood_in)
+        delivered = first
+        try:
+            for batch in make_iterator(rest_files, rest_labels, list_start, stood_in):
+                images, targets = batch[0]["images"], batch[0]["labels"].squeeze(1).long()
+                rows = kept[delivered - list_start]
+                if rows is not None:
+                    images, targets = images[rows], targets[rows]
+                yield images, targets
+                delivered += 1
+            on_end()
+            return
+        except RuntimeError:  # what a DALI pipeline raises when an operator fails
+            bad = []
+            for b in range(delivered, delivered + PREFETCHED + 1):
+                candidates = [f for f in files[b * batch_size:(b + 1) * batch_size] if f not in stood_in]
+                if bad := _undecodable(candidates, where):
+                    break
+            if not bad:
+                raise
+        stood_in, list_start, first = stood_in | set(bad), delivered, delivered
+        _with_stand_ins(files[list_start * batch_size:], labels[list_start * batch_size:], batch_size, stood_in)
+        for path in bad:  # (unless a batch is left with none: an error, above)
+            skipped.add(path, "DALI cannot decode it")
 
 
 class DaliTrainLoader(TrainLoader):
-    """This rank's training batches through a per-epoch DALI pipeline."""
+    """This rank's training batches through a per-epoch DALI pipeline. A file that fails to decode
+    is left out of its batch (see _read); every other image keeps its batch."""
 
     def __init__(self, cfg: DataConfig, samples: list[tuple[str, int]], seed: int, rank: int, world_size: int,
                  where: Placement):
         self.cfg, self.samples, self.seed, self.rank, self.where = cfg, samples, seed, rank, where
         self.sampler = TrainSampler(len(samples), cfg.batch_size, rank, world_size, seed)
-        self.batches_per_epoch, self.num_samples = self.sampler.batches_per_epoch, len(samples)
+        self.num_samples = len(samples)
+        self.skipped = SkippedFiles(resolve_root(cfg) / "train", "training")
         self.epoch, self.start_batch = 0, 0
         self._restore = None  # a saved position to resume from, for the next pass
         self._iterator = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    @batches_per_epoch.setter
+    def batches_per_epoch(self, batches: int) -> None:
+        self.sampler.batches_per_epoch = batches
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
@@ -152,10 +244,12 @@ class DaliTrainLoader(TrainLoader):
         self._restore = state
 
     def state_dict(self) -> Optional[dict]:
-        """Where the pass under way stands: the batch its file list starts at, and DALI's checkpoint."""
+        """Where the pass under way stands: the batch its file list starts at, the files stood in for
+        in that list, and DALI's checkpoint."""
         if self._iterator is None:  # no pass under way: (epoch, start_batch) says it all
             return None
-        return {"list_start": self._list_start, "pipeline": self._iterator.checkpoints()[0]}
+        return {"list_start": self._list_start, "stood_in": sorted(self._stood_in),
+                "pipeline": self._iterator.checkpoints()[0]}
 
     def _pass_ended(self) -> None:
         self._iterator = None
@@ -164,38 +258,69 @@ class DaliTrainLoader(TrainLoader):
         self._iterator = None  # releases the pipeline and its threads
 
     def __iter__(self):
-        _, dali_torch = _dali()
+        _dali()
         saved, self._restore = self._restore, None
-        self._list_start = saved["list_start"] if saved else self.start_batch
-        self.sampler.set_epoch(self.epoch, self._list_start)
+        self.sampler.set_epoch(self.epoch)
         indices = [i for i, _ in self.sampler]
-        self._iterator = None  # release the previous epoch's pipeline first
-        pipe = _pipeline(self.cfg, [self.samples[i][0] for i in indices], [self.samples[i][1] for i in indices],
-                         self.sampler.local_batch, sample_seed(self.seed, self.epoch, self.rank), train=True,
-                         where=self.where, checkpoint=saved["pipeline"] if saved else None)
-        self._iterator = dali_torch.DALIGenericIterator(
-            pipe, ["images", "labels"], reader_name="Reader",
-            last_batch_policy=dali_torch.LastBatchPolicy.DROP, auto_reset=False)
-        return _batches(self._iterator, on_end=self._pass_ended)
+        start = saved["list_start"] if saved else self.start_batch
+        stood_in = set(saved.get("stood_in", ())) if saved else self.skipped.earlier | set(self.skipped.found)
+        first_seed = sample_seed(self.seed, self.epoch, self.rank)
+
+        def make_iterator(files, labels, list_start, stood):
+            _, dali_torch = _dali()
+            self._iterator = None  # release the previous pipeline first
+            again = list_start != start  # started again after a bad file: a seed of its own, still reproducible
+            pipe = _pipeline(self.cfg, files, labels, self.sampler.local_batch,
+                             sample_seed(first_seed, self.epoch, list_start) if again else first_seed, train=True,
+                             where=self.where, checkpoint=saved["pipeline"] if saved and not again else None)
+            self._list_start, self._stood_in = list_start, stood
+            self._iterator = dali_torch.DALIGenericIterator(
+                pipe, ["images", "labels"], reader_name="Reader",
+                last_batch_policy=dali_torch.LastBatchPolicy.DROP, auto_reset=False)
+            return self._iterator
+
+        return _read(self.where, [self.samples[i][0] for i in indices], [self.samples[i][1] for i in indices],
+                     self.sampler.local_batch, start, self.start_batch, stood_in, self.skipped, make_iterator,
+                     on_end=self._pass_ended)
 
 
 class DaliValLoader(ValLoader):
-    """Every val image once across ranks; the last batch may be short (PARTIAL, no padding)."""
+    """Every val image once across ranks; the last batch may be short (PARTIAL, no padding). A file
+    that fails to decode is left out and said (so the images counted in the result are one fewer)."""
 
     def __init__(self, cfg: DataConfig, samples: list[tuple[str, int]], rank: int, world_size: int,
                  where: Placement):
-        _, dali_torch = _dali()
         mine = samples[rank::world_size]
-        self.num_samples = len(samples)
-        batch = cfg.val_batch_per_process(world_size)
-        pipe = _pipeline(cfg, [p for p, _ in mine], [label for _, label in mine], batch, seed=0, train=False,
-                         where=where)
+        self.cfg, self.where, self.num_samples = cfg, where, len(samples)
+        self.files, self.labels = [p for p, _ in mine], [label for _, label in mine]
+        self.batch = cfg.val_batch_per_process(world_size)
+        self.skipped = SkippedFiles(resolve_root(cfg) / "val", "validation")
+        self._iterator, self._stood_in = None, None  # a pipeline over the whole list, kept for every pass
+        stood_in = set(self.skipped.earlier)
+        files, labels, _ = _with_stand_ins(self.files, self.labels, self.batch, stood_in)
+        self._whole_list(files, labels, stood_in)
+
+    def _whole_list(self, files, labels, stood_in):
+        _, dali_torch = _dali()
+        self._iterator = None
+        pipe = _pipeline(self.cfg, files, labels, self.batch, seed=0, train=False, where=self.where)
         self._iterator = dali_torch.DALIGenericIterator(
-            pipe, ["images", "labels"], reader_name="Reader",
-            last_batch_policy=dali_torch.LastBatchPolicy.PARTIAL, auto_reset=True)
+            pipe, ["images", "labels"], reader_name="Reader", last_batch_policy=dali_torch.LastBatchPolicy.PARTIAL,
+            auto_reset=True, prepare_first_batch=False)
+        self._stood_in = stood_in
+        return self._iterator
 
     def __iter__(self):
-        return _batches(self._iterator)
+        def make_iterator(files, labels, first_batch, stood_in):
+            if first_batch == 0:
+                return self._iterator if stood_in == self._stood_in else self._whole_list(files, labels, stood_in)
+            _, dali_torch = _dali()  # the rest of a pass after a bad file
+            pipe = _pipeline(self.cfg, files, labels, self.batch, seed=0, train=False, where=self.where)
+            return dali_torch.DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
+                                                  last_batch_policy=dali_torch.LastBatchPolicy.PARTIAL)
+
+        return _read(self.where, self.files, self.labels, self.batch, 0, 0, self.skipped.earlier | set(self.skipped.found),
+                     self.skipped, make_iterator)
 
     def close(self) -> None:
         self._iterator = None

@@ -6,6 +6,7 @@ generated deterministically on first use into a cache folder and reused afterwar
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -14,7 +15,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from powergrad_train.atomic import fsync_folder, reason
 from powergrad_train.cache import cache_dir
+from powergrad_train.config import DEMO_ROOT
+from powergrad_train.errors import DataError
 
 CLASSES = ("checker", "circle", "cross", "diagonal", "dots", "hstripes", "ring", "square", "triangle", "vstripes")
 IMAGE_SIZE = 64
@@ -78,24 +82,40 @@ def write_demo_dataset(root: Path, per_class: dict[str, int] = PER_CLASS, seed: 
             folder.mkdir(parents=True, exist_ok=True)
             rng = np.random.default_rng([seed, split_index, class_index])
             for i in range(count):
-                draw(kind, rng).save(folder / f"{kind}_{i:04d}.jpg", quality=90)
+                # Encoded in memory, then written: PIL's own file writer can leave a file cut short
+                # by a full disk without an error.
+                encoded = io.BytesIO()
+                draw(kind, rng).save(encoded, format="JPEG", quality=90)
+                (folder / f"{kind}_{i:04d}.jpg").write_bytes(encoded.getvalue())
 
 
 def ensure_demo_dataset() -> Path:
-    """The demo ImageFolder root, generated on first use (safe when several processes race)."""
+    """The demo ImageFolder root, generated on first use (safe when several processes race).
+
+    It is written into a temporary folder, flushed to disk and renamed, so it appears whole or
+    not at all."""
     root = cache_dir() / f"demo-{VERSION}"
     if (root / "COMPLETE").exists():
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
-    write_demo_dataset(tmp)
-    (tmp / "COMPLETE").touch()
+    tmp = None
     try:
-        os.rename(tmp, root)
-    except OSError:  # another process finished first, or a partial folder is in the way
-        if not (root / "COMPLETE").exists():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
+        write_demo_dataset(tmp)
+        os.sync()  # once for all its files: an fsync per file would take longer than making them
+        (tmp / "COMPLETE").touch()
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process finished first, or a partial folder is in the way
+            if (root / "COMPLETE").exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+                return root
             shutil.rmtree(root, ignore_errors=True)
             os.rename(tmp, root)
-        else:
+        fsync_folder(root.parent)
+    except OSError as e:
+        if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"data.root: {DEMO_ROOT}: cannot write the demo set under {root.parent} ({reason(e)}); "
+                        "set POWERGRAD_TRAIN_CACHE to a writable folder") from None
     return root

@@ -2,9 +2,11 @@
 
 Classes are the sorted sub-folder names and files are sorted, exactly as torchvision's
 ImageFolder orders them, so both backends give the same labels and sample indices.
-Every file gets a fast header/trailer check (in parallel, cached by size and mtime):
-DALI's CPU decoder can crash the whole process on a file that is not an image, so such
-files are left out, counted and listed instead.
+Every file gets a fast header/trailer check (in parallel, cached per folder under a
+fingerprint of its files' names, sizes and times): DALI's CPU decoder can crash the whole
+process on a file that is not an image, so such files are left out, counted and listed
+instead. A file that passes but fails to decode when read is skipped by the loaders
+(SkippedFiles) and recorded here too.
 """
 
 from __future__ import annotations
@@ -14,21 +16,27 @@ import dataclasses
 import gzip
 import hashlib
 import json
+import multiprocessing
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from array import array
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from powergrad_train.atomic import make_folder, write_file
 from powergrad_train.cache import cache_dir
-from powergrad_train.errors import DataError, printable
+from powergrad_train.errors import DataError, WriteError, printable
 
-CACHE_VERSION = 4  # 4: one gzip JSON per split, folders with their mtimes, files and problems
+CACHE_VERSION = 5  # 5: one gzip JSON per split, folders with their fingerprints, files and problems
 CACHE_NAME = f"listing-v{CACHE_VERSION}.json.gz"
 CHUNK = 256  # files checked per task of the cold scan
+THREADS = min(32, (os.cpu_count() or 1) * 4)  # checking files: reads, which release the GIL
+PROCESSES = min(16, os.cpu_count() or 1)  # walking and fingerprinting folders (see _walk_classes)
+PATHS = "surrogateescape"  # file names are bytes: written back as they came
 
 
 def _jpeg_frame(f) -> Optional[tuple[int, int]]:
@@ -113,8 +121,8 @@ class Split:
     samples: list[tuple[str, int]]
 
 
-# A folder whose mtime is this close to the scan's start may still change within the same
-# timestamp tick unseen: it is listed again next time instead of trusted.
+# A file whose time is this close to the scan's start may still change within the same
+# timestamp tick unseen: its folder is checked again next time instead of trusted.
 RACY_NS = 2_000_000_000
 
 
@@ -127,20 +135,33 @@ def _read_listing(cache_file: Path) -> dict:
         return {}
 
 
-def _mtime_ns(folder: str) -> Optional[int]:
+def _fingerprint(folder: str, names: list[str], trusted_before_ns: int) -> Optional[str]:
+    """A digest of the files' names, sizes, modification and change times: adding, removing,
+    renaming or rewriting a file in place changes it. None when a file changed too recently to
+    be sure (its folder is checked again next time)."""
+    sizes, times = array("q"), array("q")
     try:
-        return os.stat(folder).st_mtime_ns
-    except OSError:
+        fd = os.open(folder, os.O_RDONLY)  # names are looked up relative to it: no walk along the path per file
+    except OSError:  # the folder went away since it was listed
         return None
-
-
-def _unchanged(top: Path, listing: dict) -> bool:
-    """True when no folder of the tree changed since it was listed: files added, removed or renamed
-    change their folder's mtime, so nothing needs listing or checking again."""
-    trusted = listing.get("started_ns", 0) - RACY_NS
-    folders = [(str(top), listing.get("mtime_ns"))] + [(os.path.join(top, f["path"]), f["mtime_ns"])
-                                                       for f in listing.get("folders", [])]
-    return bool(listing) and all(m is not None and m < trusted and _mtime_ns(folder) == m for folder, m in folders)
+    try:
+        for name in names:
+            try:
+                st = os.stat(name, dir_fd=fd)
+            except OSError:  # a dangling link: the check reports it
+                sizes.append(-1)
+                continue
+            sizes.append(st.st_size)
+            times.append(st.st_mtime_ns)
+            times.append(st.st_ctime_ns)
+    finally:
+        os.close(fd)
+    if times and max(times) >= trusted_before_ns:
+        return None
+    digest = hashlib.blake2b("\0".join(names).encode(errors=PATHS), digest_size=8)
+    digest.update(sizes)
+    digest.update(times)
+    return digest.hexdigest()
 
 
 def _walk(top: Path, loops: list[str]) -> list[tuple[str, list[str]]]:
@@ -173,23 +194,53 @@ def _walk(top: Path, loops: list[str]) -> list[tuple[str, list[str]]]:
     return found
 
 
+def _walk_class(task: tuple[Path, int, str, int, dict]):
+    """(folders, loops) of one class folder; per folder (label, path below the split, image names,
+    fingerprint), the names None when the fingerprint is the one `known` for that path (the
+    caller has them already)."""
+    top, label, name, trusted_before, known = task
+    found, loops = [], []
+    for folder, names in sorted(_walk(top / name, loops)):
+        images = [n for n in names if n.lower().endswith(IMG_EXTENSIONS)]
+        rel, fingerprint = os.path.relpath(folder, top), _fingerprint(folder, images, trusted_before)
+        found.append((label, rel, None if fingerprint and known.get(rel) == fingerprint else images, fingerprint))
+    return found, loops
+
+
+def _walk_classes(tasks: list) -> list:
+    """_walk_class of every class, in forked processes: a stat per file is mostly Python's work
+    around the system call, which threads would queue for the GIL (measured: slower than one
+    thread); processes scale with the cores, and wait on a network file system side by side."""
+    processes = min(PROCESSES, len(tasks) // 16)  # a small split is not worth the processes
+    if processes > 1:
+        try:
+            with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+                return list(pool.map(_walk_class, tasks, chunksize=max(1, len(tasks) // (4 * processes))))
+        except OSError:  # no processes to be had here (a container's limit): do it in this one
+            pass
+    return [_walk_class(task) for task in tasks]
+
+
 def _list(top: Path, earlier: dict, verbose: bool) -> dict:
-    """Walk the split and check its image files, reusing the earlier answers of folders that did not
-    change. Files are checked in parallel, a bounded chunk of one folder per task."""
-    started = time.time_ns()
+    """Walk the split and check its image files, reusing the earlier answers of folders whose
+    fingerprint did not change. Folders are walked and fingerprinted in processes (a class per
+    task), files checked in threads (a bounded chunk of one folder's files per task)."""
+    trusted_before = time.time_ns() - RACY_NS
     classes = sorted(d.name for d in os.scandir(top) if d.is_dir())
-    trusted = earlier.get("started_ns", 0) - RACY_NS
-    reuse = {f["path"]: f for f in earlier.get("folders", []) if f["mtime_ns"] is not None and f["mtime_ns"] < trusted}
+    reuse = {f["path"]: f for f in earlier.get("folders", []) if f.get("fingerprint")}
+    known = [{} for _ in classes]  # per label: fingerprints of its folders as listed before
+    for f in reuse.values():
+        if f["class"] < len(classes):
+            known[f["class"]][f["path"]] = f["fingerprint"]
     folders, loops, todo = [], [], []
-    for label, name in enumerate(classes):
-        for folder, names in sorted(_walk(top / name, loops)):
-            rel, mtime = os.path.relpath(folder, top), _mtime_ns(folder)
-            images = [n for n in names if n.lower().endswith(IMG_EXTENSIONS)]
-            old = reuse.get(rel)
-            if old and old["mtime_ns"] == mtime and old["class"] == label:
-                folders.append(old)
+    tasks = [(top, label, name, trusted_before, known[label]) for label, name in enumerate(classes)]
+    for found, class_loops in _walk_classes(tasks):
+        loops += class_loops
+        for label, rel, images, fingerprint in found:
+            if images is None:  # unchanged
+                folders.append(reuse[rel])
                 continue
-            entry = {"class": label, "path": rel, "mtime_ns": mtime, "files": images, "problems": {}}
+            entry = {"class": label, "path": rel, "fingerprint": fingerprint, "files": images, "problems": {}}
             folders.append(entry)
             todo += [(entry, images[i:i + CHUNK]) for i in range(0, len(images), CHUNK)]
     count = sum(len(names) for _, names in todo)
@@ -201,39 +252,34 @@ def _list(top: Path, earlier: dict, verbose: bool) -> dict:
         entry, names = task
         return entry, {n: p for n in names if (p := problem_with(os.path.join(top, entry["path"], n)))}
 
-    with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 4)) as pool:
+    with ThreadPoolExecutor(max_workers=THREADS) as pool:
         for entry, problems in pool.map(check, todo):
             entry["problems"].update(problems)
-    return {"version": CACHE_VERSION, "started_ns": started, "mtime_ns": _mtime_ns(str(top)), "classes": classes,
-            "folders": folders, "loops": loops}
+    return {"version": CACHE_VERSION, "classes": classes, "folders": folders, "loops": loops}
 
 
 _cache_warned = False
 
 
-def _write_cache(path: Path, write) -> bool:
+def _write_cache(path: Path, content: bytes) -> bool:
     """The scan cache is an optimisation: a folder we cannot write (a read-only home on a cluster)
-    only costs a rescan next time, said once. `write(tmp_path)` writes the content."""
+    only costs a rescan next time, said once."""
     global _cache_warned
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        write(tmp)
-        os.replace(tmp, path)
+        make_folder(path.parent)
+        write_file(path, lambda f: f.write(content))
         return True
-    except OSError as e:
+    except WriteError as e:
         if not _cache_warned:
-            print(f"data: cannot write the file-scan cache under {printable(path.parent)} ({e.strerror or e}); going on "
+            print(f"data: cannot write the file-scan cache under {printable(path.parent)} ({e.reason}); going on "
                   "without it (set POWERGRAD_TRAIN_CACHE to a writable folder to keep it)", flush=True)
             _cache_warned = True
         return False
 
 
-def _save_listing(path: Path, listing: dict) -> None:
-    def write(tmp):
-        with gzip.open(tmp, "wt", compresslevel=1) as f:  # level 1: a fraction of level 9's time
-            json.dump(listing, f, separators=(",", ":"))
-    _write_cache(path, write)
+def _scan_dir(folder: Path) -> Path:
+    """Where the cache of split `folder` lives: its listing, skipped.txt, its read failures."""
+    return cache_dir() / "scans" / hashlib.sha1(os.fsencode(folder.resolve())).hexdigest()[:16]
 
 
 def check_split(root: Path, split: str) -> None:
@@ -249,23 +295,27 @@ def check_split(root: Path, split: str) -> None:
 def list_split(root: Path, split: str, verbose: bool) -> Split:
     """Classes and samples of root/split, unusable files left out and reported.
 
-    The result is cached per split; a later start whose folders are all unchanged (their mtimes)
-    reads it without listing or checking any file.
+    The result is cached per split; a later start reads each folder's entries and stats its
+    files, and checks again only the folders whose fingerprint changed.
     """
     folder = root / split
     check_split(root, split)
-    scan_dir = cache_dir() / "scans" / hashlib.sha1(os.fsencode(folder.resolve())).hexdigest()[:16]
-    cache_file = scan_dir / f"{CACHE_NAME}"
-    listing = _read_listing(cache_file)
-    fresh = not _unchanged(folder, listing)
-    if fresh:
-        listing = _list(folder, listing, verbose)
+    scan_dir = _scan_dir(folder)
+    cache_file = scan_dir / CACHE_NAME
+    earlier = _read_listing(cache_file)
+    listing = _list(folder, earlier, verbose)
+    if listing != earlier:
         _save_listing(cache_file, listing)
-    _report(folder, scan_dir / "skipped.txt", listing, verbose, write=fresh)
+    stored = _read_failures(scan_dir)
+    failures = _still_failing(stored)
+    if failures != stored:
+        _write_cache(scan_dir / READ_FAILURES, json.dumps(failures).encode())
+    _report(folder, scan_dir / "skipped.txt", listing, failures, verbose,
+            write=listing != earlier or failures != stored)
     classes, samples = listing["classes"], []
     for f in listing["folders"]:
         base = os.path.join(folder, f["path"])
-        samples += [(os.path.join(base, n), f["class"]) for n in f["files"] if n not in f["problems"]]
+        samples += [(f"{base}/{n}", f["class"]) for n in f["files"] if n not in f["problems"]]  # (os.path.join's cost)
     labels = {label for _, label in samples}
     missing = [label for label in range(len(classes)) if label not in labels]
     for label in missing:
@@ -277,21 +327,101 @@ def list_split(root: Path, split: str, verbose: bool) -> Split:
     return Split(classes, samples)
 
 
-def _report(folder: Path, report: Path, listing: dict, verbose: bool, write: bool) -> None:
-    """Say which links and files are left out; a fresh listing also lists the files in `report`."""
+def _save_listing(path: Path, listing: dict) -> None:
+    text = json.dumps(listing, separators=(",", ":"))
+    _write_cache(path, gzip.compress(text.encode(), compresslevel=1))  # level 1: a fraction of level 9's time
+
+
+def _report(folder: Path, report: Path, listing: dict, failures: dict, verbose: bool, write: bool) -> None:
+    """Say which links and files are left out or skipped; when something changed, also list them in `report`."""
     loops = listing["loops"]
     if loops and verbose:
         print(f"data: skipped {len(loops)} folder link(s) in {printable(folder)} that lead back to a folder already "
               f"read ({', '.join(printable(os.path.relpath(p, folder)) for p in loops[:3])})", flush=True)
     bad = {os.path.join(folder, f["path"], n): reason for f in listing["folders"] for n, reason in f["problems"].items()}
-    if write and not bad:
+    lines = {**{p: f"{p}  ({reason})\n" for p, reason in bad.items()},
+             **{p: _failure_line(p, f["reason"]) for p, f in failures.items()}}
+    if write and not lines:
         with contextlib.suppress(OSError):
             report.unlink(missing_ok=True)
-    listed = bool(bad) and (_write_cache(report, lambda tmp: tmp.write_text(
-        "".join(f"{printable(p)}  ({bad[p]})\n" for p in sorted(bad)))) if write else report.exists())
-    if bad and verbose:
+    listed = bool(lines) and (_write_cache(report, "".join(lines[p] for p in sorted(lines)).encode(errors=PATHS))
+                              if write else report.exists())
+    if not verbose:
+        return
+    where = f"; list in {printable(report)}" if listed else ""
+    if bad:
         first = sorted(bad)[:3]
-        names = "; ".join(f"{printable(os.path.relpath(p, folder))}: {bad[p]}" for p in first) \
-            + ("; ..." if len(bad) > 3 else "")
-        print(f"data: skipped {len(bad)} unusable file(s) in {printable(folder)} ({names})"
-              + (f"; list in {printable(report)}" if listed else ""), flush=True)
+        names = "; ".join(f"{printable(os.path.relpath(p, folder))}: {bad[p]}" for p in first) + ("; ..." if len(bad) > 3 else "")
+        print(f"data: skipped {len(bad)} unusable file(s) in {printable(folder)} ({names}){where}", flush=True)
+    if failures:
+        first = sorted(failures)[:3]
+        names = "; ".join(printable(os.path.relpath(p, folder)) for p in first) + ("; ..." if len(failures) > 3 else "")
+        print(f"data: {len(failures)} file(s) in {printable(folder)} could not be decoded when last read and are skipped "
+              f"whenever read ({names}){where}", flush=True)
+
+
+# ----------------------------------------------------------------------------- files that fail when read
+
+READ_FAILURES = "read-failures.json"
+
+
+def _failure_line(path: str, reason: str) -> str:
+    return f"{path}  (cannot read image: {reason}; skipped when read)\n"
+
+
+def _read_failures(scan_dir: Path) -> dict:
+    """{path: {reason, size, mtime_ns}} of the files found undecodable while reading."""
+    try:
+        failures = json.loads((scan_dir / READ_FAILURES).read_bytes())
+        return failures if isinstance(failures, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _stat_key(path: str) -> Optional[list[int]]:
+    try:
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+    except OSError:
+        return None
+
+
+def _still_failing(failures: dict) -> dict:
+    """The failures whose file has not changed since (a replaced or repaired file is read again)."""
+    return {p: f for p, f in failures.items() if isinstance(f, dict) and _stat_key(p) == f.get("stat")}
+
+
+class SkippedFiles:
+    """Files of a split that passed the listing's check but cannot be decoded when read (damaged
+    after the scan, or beyond what the check sees). Reading goes on without them: each is said
+    once by the process that met it, counted, and recorded in the cache, so the split's
+    skipped.txt lists it and later starts name it. The file stays in the listing, so every
+    other sample keeps its place in the order (and its augmentation seed)."""
+
+    def __init__(self, folder: Path, reading: str):
+        self.folder, self.reading = folder, reading  # reading: "training" or "validation"
+        self.earlier = set(_still_failing(_read_failures(_scan_dir(folder))))  # found by earlier runs
+        self.found: list[str] = []  # found by this process, in order
+
+    def add(self, path: str, reason: str) -> None:
+        if path in self.found:
+            return
+        self.found.append(path)
+        listed = self._record(path, reason)
+        print(f"data: cannot read {printable(path)} ({reason}); {self.reading} goes on without it ({len(self.found)} file(s) "
+              f"skipped so far by this process{f'; listed in {printable(listed)}' if listed else ''})", flush=True)
+
+    def _record(self, path: str, reason: str) -> Optional[Path]:
+        scan_dir = _scan_dir(self.folder)
+        failures = _read_failures(scan_dir)
+        failures[path] = {"reason": reason, "stat": _stat_key(path)}
+        report = scan_dir / "skipped.txt"
+        try:
+            text = report.read_bytes().decode(errors=PATHS)
+            kept = [line for line in text.splitlines(keepends=True) if not line.startswith(f"{path}  (")]
+        except (OSError, ValueError):
+            kept = []
+        if not (_write_cache(scan_dir / READ_FAILURES, json.dumps(failures).encode())
+                and _write_cache(report, "".join(sorted(kept + [_failure_line(path, reason)])).encode(errors=PATHS))):
+            return None
+        return report

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms
 
 from powergrad_train.config import DataConfig
-from powergrad_train.data import Backend, TrainLoader, ValLoader
+from powergrad_train.data import Backend, TrainLoader, ValLoader, resolve_root
+from powergrad_train.data.files import SkippedFiles
 from powergrad_train.data.sampling import TrainSampler, ValSampler
 from powergrad_train.errors import ImageError
 from powergrad_train.preemption import STOP_SIGNALS
@@ -57,7 +58,7 @@ def val_transform(cfg: DataConfig):
 @dataclasses.dataclass(frozen=True)
 class Unreadable:
     """Stands in for a sample whose file could not be decoded. It travels from a worker to the main
-    process as data (an exception would arrive as the text of its traceback), where it is raised."""
+    process as data (an exception would arrive as the text of its traceback), where it is recorded."""
 
     path: str
     reason: str
@@ -106,15 +107,22 @@ def seeded_cpu_rng(seed: int):
 
 
 def collate(samples: list):
-    """A batch, or the first Unreadable among its samples."""
-    return next((s for s in samples if isinstance(s, Unreadable)), None) or default_collate(samples)
+    """(images, targets, the Unreadable samples left out); images and targets are None when every
+    sample of the batch was unreadable."""
+    good = [s for s in samples if not isinstance(s, Unreadable)]
+    bad = [s for s in samples if isinstance(s, Unreadable)]
+    return (*default_collate(good), bad) if good else (None, None, bad)
 
 
-def checked(batches):
-    for batch in batches:
-        if isinstance(batch, Unreadable):
-            raise ImageError(batch.path, batch.reason)
-        yield batch
+def skipping(batches, skipped: SkippedFiles):
+    """The batches without their unreadable samples, each of which `skipped` records."""
+    for images, targets, bad in batches:
+        if images is None:
+            raise ImageError(bad[0].path, f"{bad[0].reason}; and every other image of its batch on this process "
+                                          f"({len(bad)} in all) cannot be read either")
+        for sample in bad:
+            skipped.add(sample.path, sample.reason)
+        yield images, targets
 
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
@@ -134,39 +142,51 @@ def build_train(cfg: DataConfig, samples, seed: int, rank: int, world_size: int,
                 device: torch.device) -> TorchTrainLoader:
     sampler = TrainSampler(len(samples), cfg.batch_size, rank, world_size, seed)
     return TorchTrainLoader(_loader(SeededImages(samples, train_transform(cfg)), sampler.local_batch, sampler, cfg,
-                                    device.type == "cuda"))
+                                    device.type == "cuda"), SkippedFiles(resolve_root(cfg) / "train", "training"))
 
 
 def build_val(cfg: DataConfig, samples, rank: int, world_size: int, device: torch.device) -> TorchValLoader:
     return TorchValLoader(_loader(SeededImages(samples, val_transform(cfg)), cfg.val_batch_per_process(world_size),
-                                  ValSampler(len(samples), rank, world_size), cfg, device.type == "cuda"))
+                                  ValSampler(len(samples), rank, world_size), cfg, device.type == "cuda"),
+                          SkippedFiles(resolve_root(cfg) / "val", "validation"))
 
 
 class TorchTrainLoader(TrainLoader):
     """A DataLoader behind the TrainLoader interface; the position is (epoch, start_batch): the sampler
-    and the per-sample seeds do the rest, so the default state_dict()/load_state_dict() suffice."""
+    and the per-sample seeds do the rest, so the default state_dict()/load_state_dict() suffice. A
+    sample whose file cannot be decoded is left out of its batch (see SkippedFiles)."""
 
-    def __init__(self, loader: DataLoader):
-        self.loader, self.sampler = loader, loader.sampler
-        self.batches_per_epoch = self.sampler.batches_per_epoch
+    def __init__(self, loader: DataLoader, skipped: SkippedFiles):
+        self.loader, self.sampler, self.skipped = loader, loader.sampler, skipped
         self.num_samples = len(loader.dataset)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    @batches_per_epoch.setter
+    def batches_per_epoch(self, batches: int) -> None:
+        self.sampler.batches_per_epoch = batches
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_batch)
 
     def __iter__(self):
-        return checked(self.loader)
+        return skipping(self.loader, self.skipped)
 
     def close(self) -> None:
         stop_workers(self.loader)
 
 
 class TorchValLoader(ValLoader):
-    def __init__(self, loader: DataLoader):
-        self.loader, self.num_samples = loader, len(loader.dataset)
+    """Every val image once across ranks; one that cannot be decoded is left out and said (so the
+    images counted in the result are one fewer)."""
+
+    def __init__(self, loader: DataLoader, skipped: SkippedFiles):
+        self.loader, self.num_samples, self.skipped = loader, len(loader.dataset), skipped
 
     def __iter__(self):
-        return checked(self.loader)
+        return skipping(self.loader, self.skipped)
 
     def close(self) -> None:
         stop_workers(self.loader)

@@ -16,7 +16,11 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
 class TrainSampler(Sampler):
     """One global shuffle per epoch (seeded by run seed and epoch); this rank takes its slice of
     every global batch. The ragged tail is dropped so every rank has the same number of steps.
-    Yields (index, augmentation seed)."""
+    Yields (index, augmentation seed).
+
+    `batches_per_epoch` may be set higher than the samples fill (a resumed run keeps its own
+    steps per epoch when its data set has lost a few files since): the epoch's last positions
+    then wrap around to the start of its shuffle."""
 
     def __init__(self, size: int, global_batch: int, rank: int, world_size: int, seed: int):
         self.size, self.global_batch, self.rank, self.seed = size, global_batch, rank, seed
@@ -39,7 +43,7 @@ class TrainSampler(Sampler):
         for batch in range(self.start_batch, self.batches_per_epoch):
             first = batch * self.global_batch + self.rank * self.local_batch
             for position in range(first, first + self.local_batch):
-                yield order[position], sample_seed(self.seed, self.epoch, position)
+                yield order[position % self.size], sample_seed(self.seed, self.epoch, position)
 
 
 class ValSampler(Sampler):
