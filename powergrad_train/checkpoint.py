@@ -31,6 +31,7 @@ from typing import Any, Optional, Protocol
 import numpy as np
 import torch
 
+from powergrad_train.atomic import fsync_folder
 from powergrad_train.config import KEYS, Config, build_config, get
 from powergrad_train.errors import CheckpointError
 
@@ -100,14 +101,6 @@ class RngState:
 
 
 # ----------------------------------------------------------------------------- files
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def to_host(state):
     """`state` with every tensor copied to the host once (a GPU tensor cannot be checksummed,
@@ -187,7 +180,7 @@ def save_atomic(state: dict, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_folder(path.parent)
     except BaseException as e:  # no space, quota, permission, a vanished mount; or an interrupt
         tmp.unlink(missing_ok=True)
         error = recorder.error if recorder and recorder.error else e
@@ -214,7 +207,7 @@ def _link_atomic(src: Path, dst: Path, copy: bool = False) -> None:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, dst)
-        _fsync_dir(dst.parent)
+        fsync_folder(dst.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write checkpoint {dst} ({os.strerror(e.errno) if e.errno else e})") from None

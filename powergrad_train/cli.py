@@ -230,8 +230,6 @@ def train_command(argv: list[str]) -> None:
 def validate_command(argv: list[str]) -> None:
     args = _validate_parser().parse_args(argv)
     from powergrad_train import authors, checkpoint, dist
-    from powergrad_train.engine import autocast_for, build_data, build_model_on, evaluate_model
-    from powergrad_train.metrics import format_eval
     from powergrad_train.run_folder import checkpoints_in
 
     path = _user_path("--checkpoint", args.checkpoint)
@@ -246,6 +244,9 @@ def validate_command(argv: list[str]) -> None:
     else:
         state = checkpoint.load(path)
         cfg = build_config(None, args.set, start=(f"{path} (its config)", state["config"]), lenient=True)
+    from powergrad_train.engine import autocast_for, build_data, build_model_on, evaluate_model  # timm: seconds
+    from powergrad_train.metrics import format_eval
+
     env = dist.env_from_torchrun()
     _check_machine(cfg, env.world_size)
     _check_model(cfg, env.world_size, train=False)
@@ -268,6 +269,7 @@ def validate_command(argv: list[str]) -> None:
 
 
 def bench_command(argv: list[str]) -> None:
+    args = _bench_parser().parse_args(argv)  # a mistake here is told before torch loads
     import tempfile
 
     from powergrad_train import dist
@@ -275,7 +277,6 @@ def bench_command(argv: list[str]) -> None:
     from powergrad_train.data import check_data
     from powergrad_train.run import build_run
 
-    args = _bench_parser().parse_args(argv)
     overrides = args.set + (["data.backend=synthetic"] if args.data == "synthetic" else [])
     cfg = build_config(args.config, overrides)
     env = dist.env_from_torchrun()

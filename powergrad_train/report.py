@@ -489,7 +489,7 @@ def filter_norms(run: Run) -> tuple[list[int], list[dict]]:
     return epochs, norms
 
 
-def pooled_features(run: Run) -> Optional[tuple[int, "np.ndarray"]]:
+def pooled_features(run: Run) -> Optional[tuple]:
     """(epoch, each pooled-feature channel's RMS over the val images) of the last epoch saved, or None."""
     import numpy as np
     for path in sorted((run.folder / "diagnostics").glob("pooled-features-epoch-*.npz"), reverse=True):
@@ -506,6 +506,7 @@ def filter_norm_figure(runs: list[Run], title: str, path: Path, plt) -> Optional
     runs side by side on one scale; then the share of zeroed filters, the dead pooled features and
     the pooled features' channel RMS (Fig. 5c)."""
     import numpy as np
+    from matplotlib.collections import LineCollection
 
     from powergrad_train.diagnostics import ZEROED_NORM
     data = [filter_norms(r) for r in runs]
@@ -526,7 +527,12 @@ def filter_norm_figure(runs: list[Run], title: str, path: Path, plt) -> Optional
     for row_axes, layer in zip(layer_axes, layers):
         top = max(max(norms[layer].max() for norms in d[1]) for d in data)
         for ax, (epochs, norms), label in zip(row_axes, data, labels):
-            ax.plot(epochs, np.stack([n[layer] for n in norms]), lw=0.6, alpha=0.6)
+            # One line per filter, drawn as one collection (hundreds of separate lines draw slowly).
+            values = np.stack([n[layer] for n in norms]).T  # (filters, epochs)
+            x = np.broadcast_to(np.asarray(epochs, dtype=float), values.shape)
+            ax.add_collection(LineCollection(np.stack([x, values], axis=-1), lw=0.6, alpha=0.6,
+                                             colors=[f"C{i % 10}" for i in range(len(values))]))
+            ax.set_xlim(min(epochs) - 0.05, max(epochs) + 0.05)
             ax.set(xlabel="epoch", ylabel="filter L2 norm", ylim=(0, 1.05 * top),
                    title=f"{label}: {layer} ({len(norms[0][layer])} filters)")
     zero_ax, dead_ax, rms_ax = summary

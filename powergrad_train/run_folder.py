@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import fcntl
 import os
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -22,13 +21,12 @@ from powergrad_train.errors import CheckpointError, RunFolderError, WriteError
 
 MARKER = ".powergrad-train-run"
 LOCK = ".lock"
-CHECKPOINT_NAMES = re.compile(r"(last|best|nonfinite|epoch-\d+)\.pt")
 
 
 def checkpoints_in(run_dir: Path) -> list[Path]:
     if not run_dir.is_dir():
         return []
-    return sorted(p for p in run_dir.iterdir() if CHECKPOINT_NAMES.fullmatch(p.name))
+    return sorted(p for p in run_dir.iterdir() if checkpoint.CHECKPOINT_NAMES.fullmatch(p.name))
 
 
 def check_output(run_dir: Path) -> None:
@@ -51,20 +49,20 @@ def _newest_valid(run_dir: Path) -> tuple[Optional[Path], list[str]]:
     """last.pt when it loads cleanly (it is the newest good state by construction); else the checkpoint
     (not nonfinite.pt) with the most steps that does; and why others did not."""
     try:
-        checkpoint.load(run_dir / "last.pt")
-        return run_dir / "last.pt", []
+        checkpoint.load(run_dir / checkpoint.LAST)
+        return run_dir / checkpoint.LAST, []
     except CheckpointError:
         pass
     best, best_step, refused = None, -1, []
     for path in checkpoints_in(run_dir):
-        if path.name == "nonfinite.pt":
+        if path.name == checkpoint.NONFINITE:
             continue
         try:
             step = checkpoint.load(path)["train_state"]["step"]
         except CheckpointError as e:
             refused.append(str(e))
             continue
-        if step > best_step or (step == best_step and best is not None and best.name == "best.pt"):
+        if step > best_step or (step == best_step and best is not None and best.name == checkpoint.BEST):
             best, best_step = path, step
     return best, refused
 
@@ -72,7 +70,7 @@ def _newest_valid(run_dir: Path) -> tuple[Optional[Path], list[str]]:
 def resume_point(run_dir: Path, resume: Optional[str]) -> tuple[Optional[Path], Optional[str]]:
     """(checkpoint to continue from or None for a fresh start, a note to print or None)."""
     check_output(run_dir)
-    held = [p for p in checkpoints_in(run_dir) if p.name != "nonfinite.pt"]
+    held = [p for p in checkpoints_in(run_dir) if p.name != checkpoint.NONFINITE]
     if resume == "auto":
         if not held:
             return None, None
@@ -82,14 +80,14 @@ def resume_point(run_dir: Path, resume: Optional[str]) -> tuple[Optional[Path], 
                                   f"({refused[0] if refused else 'none readable'}); pass --resume PATH or "
                                   "choose another --output")
         note = None
-        if chosen.name != "last.pt":
-            why = "is missing" if not (run_dir / "last.pt").exists() else "is damaged"
-            note = f"resuming from {chosen}: {run_dir / 'last.pt'} {why}"
+        if chosen.name != checkpoint.LAST:
+            why = "is missing" if not (run_dir / checkpoint.LAST).exists() else "is damaged"
+            note = f"resuming from {chosen}: {run_dir / checkpoint.LAST} {why}"
         return chosen, note
     if resume:
         path = Path(resume)
         if path.is_dir():
-            raise CheckpointError(f"--resume: {path} is a folder; pass a checkpoint file ({path / 'last.pt'}), "
+            raise CheckpointError(f"--resume: {path} is a folder; pass a checkpoint file ({path / checkpoint.LAST}), "
                                   f"or continue that run with --output {path} --resume auto")
         if not path.is_file():
             raise CheckpointError(f"--resume: checkpoint not found: {path}")
@@ -115,7 +113,7 @@ def _refuse_rolling_back(run_dir: Path, chosen: Path) -> None:
         return  # the trainer reports it
     later = []
     for path in checkpoints_in(run_dir):
-        if path.name == "nonfinite.pt" or path.resolve() == chosen.resolve():
+        if path.name == checkpoint.NONFINITE or path.resolve() == chosen.resolve():
             continue
         try:
             other = checkpoint.load(path)["train_state"]
@@ -143,7 +141,7 @@ def _summary_epochs(run_dir: Path) -> list[int]:
 
 
 # (device, inode) of the lock files this process holds: see RunFolderLock.
-_held: set[tuple[int, int]] = set()
+_held: dict[tuple[int, int], int] = {}  # the lock files this process holds -> its pid (a forked child holds none)
 
 
 class RunFolderLock:
@@ -163,7 +161,7 @@ class RunFolderLock:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / MARKER).touch()
-            held_here = lock.exists() and _key(os.stat(lock)) in _held
+            held_here = lock.exists() and _held.get(_key(os.stat(lock))) == os.getpid()
             fd = None if held_here else os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise RunFolderError(f"--output: cannot create or write the run folder {run_dir} "
@@ -177,7 +175,7 @@ class RunFolderLock:
             os.close(fd)
             raise self._in_use(run_dir, holder) from None
         self._fd, self._key = fd, _key(os.fstat(fd))
-        _held.add(self._key)
+        _held[self._key] = os.getpid()
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)  # for the message of a refused second training
@@ -195,7 +193,7 @@ class RunFolderLock:
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the lock
-            _held.discard(self._key)
+            _held.pop(self._key, None)
             self._fd = None
 
 

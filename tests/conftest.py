@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,15 @@ def _isolated_cache(tmp_path_factory):
     """The demo set and any cache go to a temporary folder, never the user's home."""
     os.environ["POWERGRAD_TRAIN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory) -> Path:
+    """A folder for a module's shared runs, removed when the module's tests are done (the suite's
+    disk use stays that of a few runs)."""
+    path = tmp_path_factory.mktemp("module")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Run the real Trainer under torchrun and save every rank's final weights (and EMA weights) for tests.
+"""Run the real Trainer and save every rank's final weights (and EMA weights) for tests: under
+torchrun for several processes, or called in the test's own process for one.
 
     torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py RUN_DIR KEY=VALUE ...
 """
@@ -12,8 +13,8 @@ from powergrad_train import dist
 from powergrad_train.config import build_config, check_runtime
 from powergrad_train.run import build_run
 
-if __name__ == "__main__":
-    run_dir, overrides = Path(sys.argv[1]), sys.argv[2:]
+
+def train_and_save(run_dir: Path, overrides: list[str]) -> None:
     cfg = build_config(None, overrides)
     env = dist.env_from_torchrun()
     check_runtime(cfg, env.world_size, cuda=False)
@@ -26,3 +27,7 @@ if __name__ == "__main__":
     if trainer.ema is not None:
         torch.save(trainer.ema.state_dict(), run_dir / f"ema-rank{env.rank}.pt")
     dist.close()
+
+
+if __name__ == "__main__":
+    train_and_save(Path(sys.argv[1]), sys.argv[2:])

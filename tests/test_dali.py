@@ -32,9 +32,9 @@ def dali_cfg(root, *extra):
 
 
 @pytest.fixture(scope="module")
-def one_per_class(tmp_path_factory):
+def one_per_class(module_tmp):
     """26 classes of one image each, so a label names its image."""
-    root = tmp_path_factory.mktemp("unique")
+    root = module_tmp / "unique"
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for c in range(26):
@@ -369,3 +369,24 @@ def test_a_val_file_dali_cannot_decode_is_left_out_and_said(tiny_root, tmp_path,
         assert labels == [t for i, t in enumerate(reference.targets) if i != left_out]
     assert [line for line in capsys.readouterr().out.splitlines() if str(victim) in line][0].startswith(
         f"data: cannot read {victim} (DALI cannot decode it); validation goes on without it")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_file_name_that_is_not_utf8_is_one_line_with_dali(tmp_path, capsys, split):
+    """DALI takes its file list as UTF-8 text: such a name is refused before any pipeline, naming it
+    (the torchvision backend reads it)."""
+    import os
+    root = tmp_path / "data"
+    write_demo_dataset(root, {"train": 2, "val": 1})
+    folder = os.fsencode(root / split / "ring")
+    first = sorted(os.listdir(folder))[0]
+    os.rename(folder + b"/" + first, folder + b"/\xff" + first)
+    args = ["--config", "smoke.yaml", "--dry-run", *tiny_overrides(root, **{"data.batch_size": 4})]
+    main(args)  # torchvision
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--set", "data.backend=dali"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {root}/{split}/ring/\\xff{os.fsdecode(first)}: data.backend = dali cannot read a file name that "
+        "is not UTF-8; rename it, or use data.backend: torchvision"]

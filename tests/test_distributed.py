@@ -1,4 +1,4 @@
-"""DDP with 2 CPU processes under gloo, through the real torchrun launcher."""
+"""DDP with 2 CPU processes under gloo, through the real torchrun launcher, against one process."""
 
 import subprocess
 import sys
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, assert_same_weights, tiny_overrides
+from tests.ddp_worker import train_and_save
 
 NOBN = {"model.name": "resnet18_nobn", "loss.pgt_alpha": 0.25, "loss.label_smoothing": 0.1,
         "grad_clip.mode": "agc", "grad_clip.value": 0.02, "schedule.epochs": 1, "optim.lr": 0.02}
@@ -20,6 +21,11 @@ def torchrun(nproc, run_dir, overrides):
     return result
 
 
+def one_process(run_dir, overrides):
+    """The same training in this test's own process (what torchrun with one process runs)."""
+    train_and_save(run_dir, [o.removeprefix("--set=") for o in overrides])
+
+
 def weights(run_dir, rank=0):
     return torch.load(run_dir / f"weights-rank{rank}.pt", weights_only=True)
 
@@ -30,8 +36,8 @@ def assert_close_weights(a, b):
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tiny_root, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("ddp") / "two"
+def two_process_run(tiny_root, module_tmp):
+    run_dir = module_tmp / "ddp" / "two"
     result = torchrun(2, run_dir, tiny_overrides(tiny_root, **NOBN))
     return run_dir, result
 
@@ -47,13 +53,13 @@ def test_two_processes_train_and_only_rank0_writes(two_process_run):
 
 def test_two_processes_match_one_process_with_the_same_global_batch(two_process_run, tiny_root, tmp_path):
     one = tmp_path / "one"
-    torchrun(1, one, tiny_overrides(tiny_root, **NOBN))
+    one_process(one, tiny_overrides(tiny_root, **NOBN))
     assert_close_weights(weights(two_process_run[0]), weights(one))
 
 
 def test_accumulation_matches_more_processes(two_process_run, tiny_root, tmp_path):
     """1 process x 2 micro-batches gives the update of 2 processes x 1 (PGT, smoothing, AGC on)."""
     acc = tmp_path / "acc"
-    torchrun(1, acc, tiny_overrides(tiny_root, **NOBN, **{"train.accumulate_steps": 2}))
+    one_process(acc, tiny_overrides(tiny_root, **NOBN, **{"train.accumulate_steps": 2}))
     assert_close_weights(weights(two_process_run[0]), weights(acc))
 

@@ -22,6 +22,7 @@ from tests.conftest import REPO, assert_same_weights, load_weights, tiny_overrid
 
 # 40 steps per epoch, so a signal lands inside an epoch.
 SMALL_BATCH = {"data.batch_size": 4, "schedule.epochs": 2, "train.log_every_steps": 10}
+ONLY_AT_EPOCH_ENDS = "--set=checkpoint.every_steps=0"  # fewer writes for a resumed run; same weights
 
 
 def start(run_dir, overrides, *extra, nproc=1):
@@ -48,8 +49,8 @@ def summary_rows(run_dir):
 
 
 @pytest.fixture(scope="module")
-def straight_run(tiny_root, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("straight") / "run"
+def straight_run(tiny_root, module_tmp):
+    run_dir = module_tmp / "straight" / "run"
     main(["--config", "smoke.yaml", "--output", str(run_dir), *tiny_overrides(tiny_root, **SMALL_BATCH)])
     return run_dir
 
@@ -65,7 +66,8 @@ def test_sigterm_mid_epoch_then_resume_is_exact(straight_run, tiny_root, tmp_pat
     assert "stopped by SIGTERM" in err and "--resume auto" in err
     assert checkpoint.load(run_dir / "last.pt")["train_state"]["batch_in_epoch"] > 0  # stopped inside an epoch
 
-    main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *overrides])
+    # (checkpoint.every_steps only says when to save: the rest of the run saves at epoch ends alone)
+    main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *overrides, ONLY_AT_EPOCH_ENDS])
     assert_same_weights(load_weights(straight_run / "last.pt"), load_weights(run_dir / "last.pt"))
     assert summary_rows(run_dir) == summary_rows(straight_run)  # train metrics of the cut epoch too
     assert tensorboard_steps(run_dir) == tensorboard_steps(straight_run)  # no gaps, no repeats
@@ -100,7 +102,7 @@ def test_repeated_kill_9_never_corrupts_and_resume_is_exact(straight_run, tiny_r
     run_dir = tmp_path / "killed"
     overrides = tiny_overrides(tiny_root, **SMALL_BATCH, **{"checkpoint.every_steps": 2})
     rng = random.Random(0)
-    for _ in range(3):
+    for _ in range(2):
         proc = start(run_dir, overrides, "--resume", "auto")
         wait_for(run_dir / "config.yaml", proc)
         time.sleep(rng.uniform(3.0, 6.0))
@@ -108,7 +110,7 @@ def test_repeated_kill_9_never_corrupts_and_resume_is_exact(straight_run, tiny_r
         proc.communicate()
         if (run_dir / "last.pt").exists():
             checkpoint.load(run_dir / "last.pt")  # always readable
-    main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *overrides])
+    main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *overrides, ONLY_AT_EPOCH_ENDS])
     assert_same_weights(load_weights(straight_run / "last.pt"), load_weights(run_dir / "last.pt"))
     assert not list(run_dir.glob(".*tmp*"))
     assert summary_rows(run_dir) == summary_rows(straight_run)
@@ -230,7 +232,7 @@ def test_kill_9_then_an_immediate_resume_with_loader_workers(straight_run, tiny_
     proc.wait()  # (its output pipes stay open in the workers)
     try:
         os.killpg(proc.pid, 0)  # the orphaned workers are still there
-        main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *overrides])
+        main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *overrides, ONLY_AT_EPOCH_ENDS])
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.stdout.close()
@@ -289,10 +291,7 @@ def test_an_event_file_dated_in_the_future_neither_blocks_a_resume_nor_escapes_t
     (events,) = run_dir.glob("events.out.tfevents.*")
     second = events.name.split(".")[3]
     events.rename(events.with_name(events.name.replace(second, str(int(second) + 10 * 365 * 86400))))
-    resumed = subprocess.run([sys.executable, "-m", "powergrad_train", "--config", "smoke.yaml", "--output",
-                              str(run_dir), "--resume", "auto", *tiny_overrides(tiny_root)], cwd=REPO,
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *tiny_overrides(tiny_root)])
     assert tensorboard_steps(run_dir) == tensorboard_steps(two_epoch_run)  # the stale epoch 2 purged, once
     assert summary_rows(run_dir) == summary_rows(two_epoch_run)
 

@@ -1,7 +1,5 @@
 """GPU generations: what the installed builds can drive, told before any CUDA work (faked GPUs on the CPU)."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ from powergrad_train.cli import main
 from powergrad_train.config import build_config, check_runtime
 from powergrad_train.errors import ConfigError
 from powergrad_train.hardware import Gpu, build_runs_on, precision_in_use, problems
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import tiny_overrides
 
 V100 = Gpu(0, "Tesla V100-SXM2-32GB", (7, 0))
 T4 = Gpu(0, "Tesla T4", (7, 5))
@@ -84,10 +82,8 @@ def test_the_precision_in_use_is_spelled_out():
 
 
 def test_env_command_reports_the_stack(monkeypatch, capsys):
-    result = subprocess.run([sys.executable, "-m", "powergrad_train", "env"], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    main(["env"])
+    lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith(f"torch {torch.__version__}, CUDA ") and "cuDNN" in lines[1] and "NCCL" in lines[1]
     assert any(line.startswith("DALI: ") for line in lines)
     if not torch.cuda.is_available():

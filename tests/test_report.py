@@ -26,9 +26,9 @@ R18_BASE, R18_PGT = ROW["resnet18 cosine baseline"], ROW["resnet18 cosine PGT 0.
 
 
 @pytest.fixture(scope="module")
-def pgt_run(tiny_root, tmp_path_factory):
+def pgt_run(tiny_root, module_tmp):
     """The PGT 0.25 partner of `two_epoch_run`: the same tiny settings, alpha aside."""
-    folder = tmp_path_factory.mktemp("report") / "pgt"
+    folder = module_tmp / "report" / "pgt"
     main(["--config", "smoke.yaml", "--output", str(folder), *tiny_overrides(tiny_root, **{"loss.pgt_alpha": 0.25})])
     return folder
 

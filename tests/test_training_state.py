@@ -313,12 +313,9 @@ def test_images_per_sec_counts_training_time_only(tiny_root, tmp_path, monkeypat
     assert float(row[8]) == pytest.approx(160 / float(row[9]), rel=1e-3)  # images_per_sec over that time
 
 
-def test_progress_lines_and_start_block_when_not_on_a_terminal(tiny_root, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "powergrad_train", "--config", "smoke.yaml", "--output",
-                             str(tmp_path / "log"), *tiny_overrides(tiny_root, **{"schedule.epochs": 1})],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    out = result.stdout.splitlines()
+def test_progress_lines_and_start_block_when_not_on_a_terminal(tiny_root, tmp_path, capsys):
+    main(["--config", "smoke.yaml", "--output", str(tmp_path / "log"), *tiny_overrides(tiny_root, **{"schedule.epochs": 1})])
+    out = capsys.readouterr().out.splitlines()  # (captured: not a terminal)
     assert out[0] == "model: resnet10t, 4,927,618 parameters, 10 classes"
     assert out[1].startswith("data: ") and "160 train / 60 val images, 10 steps per epoch, batch 16 global" in out[1]
     assert out[2].startswith("device: cpu") and "1 process(es); precision: float32" in out[2]

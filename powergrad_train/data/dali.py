@@ -26,8 +26,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from powergrad_train.config import DataConfig
 from powergrad_train.data import Backend, TrainLoader, ValLoader, resolve_root, val_backend_name
 from powergrad_train.data.files import SkippedFiles
-from powergrad_train.data.sampling import TrainSampler, sample_seed
-from powergrad_train.errors import ConfigError, ImageError
+from powergrad_train.data.sampling import SampledEpochs, TrainSampler, sample_seed
+from powergrad_train.errors import ConfigError, DataError, ImageError, printable
 
 MEAN = [255 * m for m in IMAGENET_DEFAULT_MEAN]
 STD = [255 * s for s in IMAGENET_DEFAULT_STD]
@@ -215,7 +215,7 @@ def _read(where: Placement, files: list[str], labels: list[int], batch_size: int
             skipped.add(path, "DALI cannot decode it")
 
 
-class DaliTrainLoader(TrainLoader):
+class DaliTrainLoader(SampledEpochs, TrainLoader):
     """This rank's training batches through a per-epoch DALI pipeline. A file that fails to decode
     is left out of its batch (see _read); every other image keeps its batch."""
 
@@ -228,14 +228,6 @@ class DaliTrainLoader(TrainLoader):
         self.epoch, self.start_batch = 0, 0
         self._restore = None  # a saved position to resume from, for the next pass
         self._iterator = None
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.sampler.batches_per_epoch
-
-    @batches_per_epoch.setter
-    def batches_per_epoch(self, batches: int) -> None:
-        self.sampler.batches_per_epoch = batches
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
@@ -326,14 +318,30 @@ class DaliValLoader(ValLoader):
         self._iterator = None
 
 
+def check_file_names(samples: list[tuple[str, int]]) -> None:
+    """DALI takes its file list as UTF-8 text; a name that is not UTF-8 (held as surrogates) would
+    fail deep inside it. The torchvision backend reads such names."""
+    for path, _ in samples:
+        if not path.isascii():
+            try:
+                path.encode()
+            except UnicodeEncodeError:
+                raise DataError(f"{printable(path)}: data.backend = dali cannot read a file name that is not UTF-8; "
+                                "rename it, or use data.backend: torchvision") from None
+
+
 def build_train(cfg: DataConfig, samples, seed: int, rank: int, world_size: int,
                 device: torch.device) -> DaliTrainLoader:
     # a gpu request on a machine without CUDA fails here, before any pipeline
-    return DaliTrainLoader(cfg, samples, seed, rank, world_size, placement(cfg, device))
+    where = placement(cfg, device)
+    check_file_names(samples)
+    return DaliTrainLoader(cfg, samples, seed, rank, world_size, where)
 
 
 def build_val(cfg: DataConfig, samples, rank: int, world_size: int, device: torch.device) -> DaliValLoader:
-    return DaliValLoader(cfg, samples, rank, world_size, placement(cfg, device))
+    where = placement(cfg, device)
+    check_file_names(samples)
+    return DaliValLoader(cfg, samples, rank, world_size, where)
 
 
 def measure_gpu_memory(cfg: DataConfig, train_samples, val_samples, device: torch.device, world_size: int = 1,

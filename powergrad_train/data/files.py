@@ -36,7 +36,7 @@ CACHE_NAME = f"listing-v{CACHE_VERSION}.json.gz"
 CHUNK = 256  # files checked per task of the cold scan
 THREADS = min(32, (os.cpu_count() or 1) * 4)  # checking files: reads, which release the GIL
 PROCESSES = min(16, os.cpu_count() or 1)  # walking and fingerprinting folders (see _walk_classes)
-PATHS = "surrogateescape"  # file names are bytes: written back as they came
+PATHS = "surrogateescape"  # a name that is not UTF-8 (held as surrogates) hashed as the bytes it is
 
 
 def _jpeg_frame(f) -> Optional[tuple[int, int]]:
@@ -339,12 +339,12 @@ def _report(folder: Path, report: Path, listing: dict, failures: dict, verbose: 
         print(f"data: skipped {len(loops)} folder link(s) in {printable(folder)} that lead back to a folder already "
               f"read ({', '.join(printable(os.path.relpath(p, folder)) for p in loops[:3])})", flush=True)
     bad = {os.path.join(folder, f["path"], n): reason for f in listing["folders"] for n, reason in f["problems"].items()}
-    lines = {**{p: f"{p}  ({reason})\n" for p, reason in bad.items()},
+    lines = {**{p: f"{printable(p)}  ({reason})\n" for p, reason in bad.items()},
              **{p: _failure_line(p, f["reason"]) for p, f in failures.items()}}
     if write and not lines:
         with contextlib.suppress(OSError):
             report.unlink(missing_ok=True)
-    listed = bool(lines) and (_write_cache(report, "".join(lines[p] for p in sorted(lines)).encode(errors=PATHS))
+    listed = bool(lines) and (_write_cache(report, "".join(lines[p] for p in sorted(lines)).encode())
                               if write else report.exists())
     if not verbose:
         return
@@ -366,7 +366,7 @@ READ_FAILURES = "read-failures.json"
 
 
 def _failure_line(path: str, reason: str) -> str:
-    return f"{path}  (cannot read image: {reason}; skipped when read)\n"
+    return f"{printable(path)}  (cannot read image: {reason}; skipped when read)\n"
 
 
 def _read_failures(scan_dir: Path) -> dict:
@@ -417,11 +417,11 @@ class SkippedFiles:
         failures[path] = {"reason": reason, "stat": _stat_key(path)}
         report = scan_dir / "skipped.txt"
         try:
-            text = report.read_bytes().decode(errors=PATHS)
-            kept = [line for line in text.splitlines(keepends=True) if not line.startswith(f"{path}  (")]
+            text = report.read_text()
+            kept = [line for line in text.splitlines(keepends=True) if not line.startswith(f"{printable(path)}  (")]
         except (OSError, ValueError):
             kept = []
         if not (_write_cache(scan_dir / READ_FAILURES, json.dumps(failures).encode())
-                and _write_cache(report, "".join(sorted(kept + [_failure_line(path, reason)])).encode(errors=PATHS))):
+                and _write_cache(report, "".join(sorted(kept + [_failure_line(path, reason)])).encode())):
             return None
         return report

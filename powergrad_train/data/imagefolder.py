@@ -21,7 +21,7 @@ from torchvision import transforms
 from powergrad_train.config import DataConfig
 from powergrad_train.data import Backend, TrainLoader, ValLoader, resolve_root
 from powergrad_train.data.files import SkippedFiles
-from powergrad_train.data.sampling import TrainSampler, ValSampler
+from powergrad_train.data.sampling import SampledEpochs, TrainSampler, ValSampler
 from powergrad_train.errors import ImageError
 from powergrad_train.preemption import STOP_SIGNALS
 
@@ -151,7 +151,7 @@ def build_val(cfg: DataConfig, samples, rank: int, world_size: int, device: torc
                           SkippedFiles(resolve_root(cfg) / "val", "validation"))
 
 
-class TorchTrainLoader(TrainLoader):
+class TorchTrainLoader(SampledEpochs, TrainLoader):
     """A DataLoader behind the TrainLoader interface; the position is (epoch, start_batch): the sampler
     and the per-sample seeds do the rest, so the default state_dict()/load_state_dict() suffice. A
     sample whose file cannot be decoded is left out of its batch (see SkippedFiles)."""
@@ -159,14 +159,6 @@ class TorchTrainLoader(TrainLoader):
     def __init__(self, loader: DataLoader, skipped: SkippedFiles):
         self.loader, self.sampler, self.skipped = loader, loader.sampler, skipped
         self.num_samples = len(loader.dataset)
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.sampler.batches_per_epoch
-
-    @batches_per_epoch.setter
-    def batches_per_epoch(self, batches: int) -> None:
-        self.sampler.batches_per_epoch = batches
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_batch)

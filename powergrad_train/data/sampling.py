@@ -57,3 +57,18 @@ class ValSampler(Sampler):
 
     def __iter__(self):
         return ((i, 0) for i in self.indices)
+
+
+class SampledEpochs:
+    """For a loader whose order comes from its TrainSampler: the epoch's length in global batches,
+    settable (a resumed run keeps its own when a few files came or went)."""
+
+    sampler: TrainSampler
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    @batches_per_epoch.setter
+    def batches_per_epoch(self, batches: int) -> None:
+        self.sampler.batches_per_epoch = batches
