@@ -187,9 +187,13 @@ def _read(where: Placement, files: list[str], labels: list[int], batch_size: int
     So every other image keeps its batch and every process its number of batches. A failure
     that no file explains is raised as it is. `on_end()` is called when the pass is through.
     """
+    found = []  # the files found undecodable by the pass just cut short
     while True:
+        # (raises when a batch is left with no file DALI can decode: then none of it is said skipped)
         rest_files, rest_labels, kept = _with_stand_ins(files[list_start * batch_size:],
                                                         labels[list_start * batch_size:], batch_size, stood_in)
+        for path in found:
+            skipped.add(path, "DALI cannot decode it")
         delivered = first
         try:
             for batch in make_iterator(rest_files, rest_labels, list_start, stood_in):
@@ -202,17 +206,14 @@ def _read(where: Placement, files: list[str], labels: list[int], batch_size: int
             on_end()
             return
         except RuntimeError:  # what a DALI pipeline raises when an operator fails
-            bad = []
+            found = []
             for b in range(delivered, delivered + PREFETCHED + 1):
                 candidates = [f for f in files[b * batch_size:(b + 1) * batch_size] if f not in stood_in]
-                if bad := _undecodable(candidates, where):
+                if found := _undecodable(candidates, where):
                     break
-            if not bad:
+            if not found:
                 raise
-        stood_in, list_start, first = stood_in | set(bad), delivered, delivered
-        _with_stand_ins(files[list_start * batch_size:], labels[list_start * batch_size:], batch_size, stood_in)
-        for path in bad:  # (unless a batch is left with none: an error, above)
-            skipped.add(path, "DALI cannot decode it")
+        stood_in, list_start, first = stood_in | set(found), delivered, delivered
 
 
 class DaliTrainLoader(SampledEpochs, TrainLoader):
