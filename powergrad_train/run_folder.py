@@ -17,7 +17,7 @@ from typing import Optional
 
 from powergrad_train import checkpoint
 from powergrad_train.atomic import reason, remove_leftovers
-from powergrad_train.errors import CheckpointError, RunFolderError, WriteError
+from powergrad_train.errors import CheckpointError, RunFolderError, WriteError, printable
 
 MARKER = ".powergrad-train-run"
 LOCK = ".lock"
@@ -32,7 +32,7 @@ def checkpoints_in(run_dir: Path) -> list[Path]:
 def check_output(run_dir: Path) -> None:
     """Refuse an --output that is a file, or a non-empty folder that is not a run of this program."""
     if run_dir.exists() and not run_dir.is_dir():
-        raise RunFolderError(f"--output: {run_dir} is a file, not a folder")
+        raise RunFolderError(f"--output: {printable(run_dir)} is a file, not a folder")
     if not run_dir.is_dir() or not any(run_dir.iterdir()) or (run_dir / MARKER).exists():
         return
     for path in checkpoints_in(run_dir):
@@ -41,7 +41,7 @@ def check_output(run_dir: Path) -> None:
             return  # a run written before the marker existed
         except CheckpointError:
             continue
-    raise RunFolderError(f"--output: {run_dir} is not empty and is not a powergrad-train run folder; "
+    raise RunFolderError(f"--output: {printable(run_dir)} is not empty and is not a powergrad-train run folder; "
                          "choose a new or empty folder")
 
 
@@ -76,30 +76,31 @@ def resume_point(run_dir: Path, resume: Optional[str]) -> tuple[Optional[Path], 
             return None, None
         chosen, refused = _newest_valid(run_dir)
         if chosen is None:
-            raise CheckpointError(f"--resume auto: {run_dir} holds checkpoints but none is usable "
+            raise CheckpointError(f"--resume auto: {printable(run_dir)} holds checkpoints but none is usable "
                                   f"({refused[0] if refused else 'none readable'}); pass --resume PATH or "
                                   "choose another --output")
         note = None
         if chosen.name != checkpoint.LAST:
             why = "is missing" if not (run_dir / checkpoint.LAST).exists() else "is damaged"
-            note = f"resuming from {chosen}: {run_dir / checkpoint.LAST} {why}"
+            note = f"resuming from {printable(chosen)}: {printable(run_dir / checkpoint.LAST)} {why}"
         return chosen, note
     if resume:
         path = Path(resume)
         if path.is_dir():
-            raise CheckpointError(f"--resume: {path} is a folder; pass a checkpoint file ({path / checkpoint.LAST}), "
-                                  f"or continue that run with --output {path} --resume auto")
+            raise CheckpointError(f"--resume: {printable(path)} is a folder; pass a checkpoint file "
+                                  f"({printable(path / checkpoint.LAST)}), or continue that run with --output "
+                                  f"{printable(path)} --resume auto")
         if not path.is_file():
-            raise CheckpointError(f"--resume: checkpoint not found: {path}")
+            raise CheckpointError(f"--resume: checkpoint not found: {printable(path)}")
         if held and path.resolve().parent != run_dir.resolve():
-            raise RunFolderError(f"--output: {run_dir} already holds a run; a checkpoint from elsewhere would "
-                                 "overwrite it: choose another --output (or --resume auto to continue this run)")
+            raise RunFolderError(f"--output: {printable(run_dir)} already holds a run; a checkpoint from elsewhere "
+                                 "would overwrite it: choose another --output (or --resume auto to continue this run)")
         if held:
             _refuse_rolling_back(run_dir, path)
         return path, None
     if held:
-        raise RunFolderError(f"--output: {run_dir} already holds a run ({held[-1].name}); pass --resume auto to "
-                             "continue it or choose another --output")
+        raise RunFolderError(f"--output: {printable(run_dir)} already holds a run ({held[-1].name}); pass --resume "
+                             "auto to continue it or choose another --output")
     return None, None
 
 
@@ -127,9 +128,10 @@ def _refuse_rolling_back(run_dir: Path, chosen: Path) -> None:
                      f"{rows[0]}{f'-{rows[-1]}' if len(rows) > 1 else ''}")
     if later:
         raise RunFolderError(
-            f"--resume: {chosen} is at epoch {state['epoch']}, step {state['step']}, but {run_dir} goes on beyond it "
-            f"({', '.join(later)}), which continuing in this folder would overwrite; to branch from it, pass a new "
-            f"--output (for example {run_dir}-from-{chosen.stem})")
+            f"--resume: {printable(chosen)} is at epoch {state['epoch']}, step {state['step']}, but "
+            f"{printable(run_dir)} goes on beyond it ({', '.join(later)}), which continuing in this folder would "
+            f"overwrite; to branch from it, pass a new --output (for example "
+            f"{printable(run_dir)}-from-{printable(chosen.stem)})")
 
 
 def _summary_epochs(run_dir: Path) -> list[int]:
@@ -164,7 +166,7 @@ class RunFolderLock:
             held_here = lock.exists() and _held.get(_key(os.stat(lock))) == os.getpid()
             fd = None if held_here else os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise RunFolderError(f"--output: cannot create or write the run folder {run_dir} "
+            raise RunFolderError(f"--output: cannot create or write the run folder {printable(run_dir)} "
                                  f"({e.strerror or e})") from None
         if held_here:
             raise self._in_use(run_dir, os.getpid())
@@ -187,7 +189,7 @@ class RunFolderLock:
 
     @staticmethod
     def _in_use(run_dir: Path, holder) -> RunFolderError:
-        return RunFolderError(f"--output: {run_dir} is in use by another training (pid {holder}); wait for "
+        return RunFolderError(f"--output: {printable(run_dir)} is in use by another training (pid {holder}); wait for "
                               "it to end or choose another --output")
 
     def release(self) -> None:

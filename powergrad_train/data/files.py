@@ -370,7 +370,7 @@ def _failure_line(path: str, reason: str) -> str:
 
 
 def _read_failures(scan_dir: Path) -> dict:
-    """{path: {reason, size, mtime_ns}} of the files found undecodable while reading."""
+    """{path: {"reason": ..., "stat": [size, mtime_ns]}} of the files found undecodable while reading."""
     try:
         failures = json.loads((scan_dir / READ_FAILURES).read_bytes())
         return failures if isinstance(failures, dict) else {}
