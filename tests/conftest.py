@@ -10,8 +10,24 @@ import pytest
 import torch
 
 from powergrad_train.data.demo import write_demo_dataset
+from tests import warm
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_finish(session):
+    """Tests that start real processes start them from a server that has torch and timm imported:
+    it starts now, beside the first tests, if any collected test uses it."""
+    def uses_warm(module):
+        return any(v is warm or getattr(v, "__globals__", {}).get("warm") is warm for v in vars(module).values())
+    if warm.SERVER is None and any(uses_warm(item.module) for item in session.items if hasattr(item, "module")):
+        warm.SERVER = warm.Server(REPO)
+
+
+def pytest_sessionfinish(session):
+    if warm.SERVER is not None:
+        warm.SERVER.close()
+        warm.SERVER = None
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -4,7 +4,6 @@ import csv
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from powergrad_train.cli import main
 from powergrad_train.config import build_config
 from powergrad_train.models import build_model
 from powergrad_train.data.demo import write_demo_dataset
+from tests import warm
 from tests.conftest import assert_same_weights, load_weights, tiny_overrides
 from tests.test_data import jpeg_without_tables
 
@@ -30,8 +30,8 @@ def run_cli(*args):
 
 
 def run_subprocess(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "powergrad_train", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return warm.run([sys.executable, "-m", "powergrad_train", *map(str, args)], cwd=cwd,
+                    capture_output=True, text=True, timeout=300)
 
 
 def test_smoke_recipe_learns_the_demo_set(tmp_path, monkeypatch):
@@ -192,10 +192,10 @@ def test_under_torchrun_a_user_error_is_printed_once(tmp_path, case):
         for image in (root / "val" / "ring").iterdir():
             image.write_bytes(b"garbage")
         message = f"error: {root / 'val' / 'ring'}: no usable image left in this class after the scan"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "powergrad_train", "--config", "smoke.yaml", "--set", f"data.root={root}",
-                             "--output", str(tmp_path / "run")],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = warm.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                       "-m", "powergrad_train", "--config", "smoke.yaml", "--set", f"data.root={root}",
+                       "--output", str(tmp_path / "run")],
+                      cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert (result.stdout + result.stderr).count(message) == 1, result.stderr[-2000:]
 

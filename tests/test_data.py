@@ -16,6 +16,7 @@ from powergrad_train.data import files
 from powergrad_train.data.demo import write_demo_dataset
 from powergrad_train.data.sampling import TrainSampler, ValSampler
 from powergrad_train.errors import DataError, ImageError
+from tests import warm
 
 
 def epoch_indices(size, batch, world, epoch, seed=0):
@@ -413,17 +414,12 @@ def test_the_demo_set_in_a_cache_that_cannot_be_written_is_one_line(tmp_path, mo
 
 
 def test_a_demo_set_cut_short_by_a_full_disk_is_one_line_and_leaves_nothing_behind(tmp_path):
-    import resource
-    import subprocess
     import sys
 
     from tests.conftest import REPO
-
-    def limit_file_size():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))  # smaller than one demo JPEG
-    result = subprocess.run([sys.executable, "-m", "powergrad_train", "--config", "smoke.yaml", "--dry-run"], cwd=REPO,
-                            env={**os.environ, "POWERGRAD_TRAIN_CACHE": str(tmp_path)}, capture_output=True, text=True,
-                            timeout=300, preexec_fn=limit_file_size)
+    result = warm.run([sys.executable, "-m", "powergrad_train", "--config", "smoke.yaml", "--dry-run"], cwd=REPO,
+                      env={**os.environ, "POWERGRAD_TRAIN_CACHE": str(tmp_path)}, capture_output=True, text=True,
+                      timeout=300, file_size_limit=1000)  # smaller than one demo JPEG
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         f"error: data.root: builtin:demo: cannot write the demo set under {tmp_path} (File too large); "
         "set POWERGRAD_TRAIN_CACHE to a writable folder"]

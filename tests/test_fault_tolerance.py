@@ -18,6 +18,7 @@ from powergrad_train.config import build_config
 from powergrad_train.dist import DistEnv
 from powergrad_train.run import build_run
 from powergrad_train.preemption import Preempted, StopRequest
+from tests import warm
 from tests.conftest import REPO, assert_same_weights, load_weights, tiny_overrides
 
 # 40 steps per epoch, so a signal lands inside an epoch.
@@ -30,9 +31,8 @@ def start(run_dir, overrides, *extra, nproc=1):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
          "powergrad_train"]
     # Its own session: a test can signal the run's whole process group, as SLURM does, without pytest's.
-    return subprocess.Popen([*launcher, "--config", "smoke.yaml", "--output", str(run_dir), *overrides, *extra],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return warm.popen([*launcher, "--config", "smoke.yaml", "--output", str(run_dir), *overrides, *extra],
+                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def wait_for(path, proc, timeout=120):
@@ -258,15 +258,13 @@ def test_sigusr1_to_the_process_group_checkpoints_like_sigterm(tiny_root, tmp_pa
 def test_closing_the_terminal_of_a_run_checkpoints_it(tiny_root, tmp_path):
     """The terminal of an interactive run goes away (a closed window, a dropped ssh session): its
     process group gets SIGHUP, and writing to the terminal fails from then on."""
-    import fcntl
     import select
-    import termios
     run_dir = tmp_path / "hangup"
     overrides = tiny_overrides(tiny_root, **SMALL_BATCH, **{"data.workers": 2, "checkpoint.every_steps": 5})
     leader, terminal = os.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "powergrad_train", "--config", "smoke.yaml", "--output",
-                             str(run_dir), *overrides], cwd=REPO, stdin=terminal, stdout=terminal, stderr=terminal,
-                            start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    proc = warm.popen([sys.executable, "-m", "powergrad_train", "--config", "smoke.yaml", "--output", str(run_dir),
+                       *overrides], cwd=REPO, stdin=terminal, stdout=terminal, stderr=terminal,
+                      start_new_session=True, controlling_terminal=True)
     os.close(terminal)
     shown = b""
     while not (run_dir / "last.pt").exists():  # read what the run shows, as a terminal would

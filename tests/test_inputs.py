@@ -3,7 +3,6 @@ recipe, text from the disk, and --dry-run making every check a real start makes.
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from powergrad_train.config import BUNDLED_RECIPES, ModelConfig, build_config
 from powergrad_train.data.demo import write_demo_dataset
 from powergrad_train.errors import ConfigError
 from powergrad_train.models import build_model, check_compile, check_model_runs
+from tests import warm
 from tests.conftest import tiny_overrides
 
 LONG = "a" * 300  # one name longer than any file system allows (255 bytes on Linux)
@@ -246,7 +246,7 @@ def test_names_with_any_bytes_are_printed_logged_and_cached_safely(tmp_path, cap
         os.utime(folder, (1e9, 1e9))
     args = ["--config", "smoke.yaml", "--dry-run", *tiny_overrides(Path(os.fsdecode(root)), **{"data.batch_size": 4})]
     printed = r"data\xff/train (ri\xffng/bad\nname\x1b[31m.jpg: not an image, or damaged)"
-    result = subprocess.run([sys.executable, "-m", "powergrad_train", *map(os.fsencode, args)], cwd=tmp_path,
+    result = warm.run([sys.executable, "-m", "powergrad_train", *map(os.fsencode, args)], cwd=tmp_path,
                             env=dict(os.environ, PYTHONIOENCODING="utf-8:strict"), capture_output=True, timeout=300)
     out = result.stdout.decode()
     assert result.returncode == 0, result.stderr.decode()[-2000:]

@@ -1,11 +1,14 @@
 """One command per table: the plan, seeds, reusing only the same run, and the report at the end."""
 
+import sys
+
 import pytest
 
 from powergrad_train import paper, reproduce
 from powergrad_train.cli import main
 from powergrad_train.config import build_config, dump
 from powergrad_train.report import read_run_config
+from tests import warm
 
 # The recipes' ImageNet settings shrunk to the tiny demo set, for every row alike.
 TINY = ["data.image_size=16", "data.crop_scale_min=0.35", "data.batch_size=16", "data.workers=0",
@@ -140,7 +143,9 @@ def test_a_folder_holding_another_run_is_refused_before_anything_starts(tmp_path
     assert "(to run)" in out[0]
 
 
-def test_rows_run_in_turn_finished_ones_are_skipped_and_the_report_follows(tiny_root, tmp_path, capsys):
+def test_rows_run_in_turn_finished_ones_are_skipped_and_the_report_follows(tiny_root, tmp_path, capsys,
+                                                                          monkeypatch):
+    monkeypatch.setattr(sys, "executable", warm.interpreter())  # each row's training, a real process
     args = ["reproduce", "1", "--data", str(tiny_root), "--rows", "14", "--seeds", "0,1", "--out", str(tmp_path),
             *[a for s in TINY for a in ("--set", s)]]
     main(args)

@@ -3,7 +3,6 @@
 import os
 import shutil
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from powergrad_train import checkpoint
 from powergrad_train.cli import main
 from powergrad_train.run_folder import MARKER
+from tests import warm
 from tests.conftest import REPO, assert_same_weights, load_weights, tiny_overrides
 from tests.test_fault_tolerance import SMALL_BATCH, start, wait_for
 
@@ -175,12 +175,9 @@ def test_resuming_an_older_checkpoint_in_its_own_folder_is_refused_and_a_new_fol
 
 def limited_run(run_dir, overrides, max_bytes, *extra):
     """The CLI in a process that may not write a file over `max_bytes` (as on a full disk: EFBIG)."""
-    def limit_file_size():
-        import resource
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
-    return subprocess.run([sys.executable, "-m", "powergrad_train", "--config", "smoke.yaml", "--output",
-                           str(run_dir), *overrides, *extra], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          preexec_fn=limit_file_size)
+    return warm.run([sys.executable, "-m", "powergrad_train", "--config", "smoke.yaml", "--output", str(run_dir),
+                     *overrides, *extra], cwd=REPO, capture_output=True, text=True, timeout=300,
+                    file_size_limit=max_bytes)
 
 
 @pytest.mark.parametrize("max_bytes,failing", [(400, "config.yaml"),  # the lock's pid and the first event fit

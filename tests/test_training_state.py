@@ -2,9 +2,7 @@
 hold only finite, good states, and resume state lives in one place."""
 
 import math
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -17,6 +15,7 @@ from powergrad_train.config import build_config
 from powergrad_train.dist import DistEnv
 from powergrad_train.run import build_run
 from powergrad_train.errors import CheckpointError, ConfigError, TrainingError
+from tests import warm
 from tests.conftest import REPO, assert_same_weights, load_weights, tiny_overrides
 
 DATA = REPO / "tests" / "data"
@@ -156,7 +155,7 @@ def test_ddp_batch_norm_buffers_agree_and_eval_matches_validate(tiny_root, tmp_p
                                                                                   "ema.decay": 0.9})]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "tests" / "ddp_worker.py"), str(run_dir), *overrides]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = warm.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(run_dir / f"weights-rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert any(k.endswith("running_mean") for k in ranks[0])
@@ -244,13 +243,10 @@ def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_temp_file(tiny_root
     """As on a full disk: a file-size limit makes the first checkpoint write fail for real."""
     run_dir = tmp_path / "full"
 
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG
-        resource.setrlimit(resource.RLIMIT_FSIZE, (2 * 2**20, 2 * 2**20))
-
-    result = subprocess.run([sys.executable, "-m", "powergrad_train", "--config", "smoke.yaml", "--output",
-                             str(run_dir), *tiny_overrides(tiny_root, **{"schedule.epochs": 1})],
-                            cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    # (Python ignores SIGXFSZ: writes past the limit fail with EFBIG)
+    result = warm.run([sys.executable, "-m", "powergrad_train", "--config", "smoke.yaml", "--output", str(run_dir),
+                       *tiny_overrides(tiny_root, **{"schedule.epochs": 1})],
+                      cwd=REPO, capture_output=True, text=True, timeout=300, file_size_limit=2 * 2**20)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
