@@ -107,9 +107,10 @@ def resume_point(run_dir: Path, resume: Optional[str]) -> tuple[Optional[Path], 
 def _refuse_rolling_back(run_dir: Path, chosen: Path) -> None:
     """Continuing from an older checkpoint of the run in its own folder would overwrite what came
     after it (later checkpoints, best.pt, summary.csv rows, diagnostics): that history is kept, and
-    the way to go on from the older state is a new run folder."""
+    the way to go on from the older state is a new run folder. The checkpoints' train states alone
+    are read (unverified: a later file damaged in content is still history)."""
     try:
-        state = checkpoint.load(chosen)["train_state"]
+        state = checkpoint.load(chosen, verify=False)["train_state"]
     except CheckpointError:
         return  # the trainer reports it
     later = []
@@ -117,9 +118,9 @@ def _refuse_rolling_back(run_dir: Path, chosen: Path) -> None:
         if path.name == checkpoint.NONFINITE or path.resolve() == chosen.resolve():
             continue
         try:
-            other = checkpoint.load(path)["train_state"]
+            other = checkpoint.load(path, verify=False)["train_state"]
         except CheckpointError:
-            continue  # damaged: nothing to keep
+            continue  # unreadable: nothing to keep
         if other["step"] > state["step"]:
             later.append(f"{path.name} (epoch {other['epoch']}, step {other['step']})")
     rows = [e for e in _summary_epochs(run_dir) if e > state["epoch"]]

@@ -164,7 +164,7 @@ DALI_RUN = {"data.backend": "dali", "data.dali_device": "cpu", "data.workers": 1
 
 
 def test_training_through_dali_and_exact_resume_after_sigterm(tiny_root, tmp_path):
-    overrides = tiny_overrides(tiny_root, **DALI_RUN, **{"data.batch_size": 4, "train.log_every_steps": 10})
+    overrides = tiny_overrides(tiny_root, **DALI_RUN, **{"data.batch_size": 8, "train.log_every_steps": 10})
     straight = tmp_path / "straight"
     main(["--config", "smoke.yaml", "--output", str(straight), *overrides])
     run_dir = tmp_path / "preempted"

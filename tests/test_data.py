@@ -3,6 +3,7 @@
 import hashlib
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -315,6 +316,18 @@ def test_files_changed_just_before_a_listing_are_checked_again_next_time(tmp_pat
     checked = count_checks(monkeypatch)
     files.list_split(tmp_path, "train", verbose=False)
     assert len(checked) == 20
+
+
+def test_a_file_that_failed_when_read_is_read_again_once_repaired_even_with_its_old_size_and_mtime(tmp_path):
+    write_demo_dataset(tmp_path, {"train": 2, "val": 1})
+    bad = sorted((tmp_path / "train").rglob("*.jpg"))[0]
+    files.SkippedFiles(tmp_path / "train", "training").add(str(bad), "damaged")
+    assert files.SkippedFiles(tmp_path / "train", "training").earlier == {str(bad)}
+    before = bad.stat()
+    time.sleep(0.05)  # past the file system's timestamp tick
+    bad.write_bytes(bad.read_bytes())  # repaired in place with the same size...
+    os.utime(bad, ns=(before.st_atime_ns, before.st_mtime_ns))  # ...and its old mtime (rsync --inplace -t)
+    assert files.SkippedFiles(tmp_path / "train", "training").earlier == set()
 
 
 def test_the_listing_cache_is_compact(tmp_path, monkeypatch):

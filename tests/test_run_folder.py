@@ -157,6 +157,7 @@ def test_resuming_an_older_checkpoint_in_its_own_folder_is_refused_and_a_new_fol
                                                                                             tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(two_epoch_run, run_dir)
+    overwrite_middle(run_dir / "epoch-0002.pt")  # damaged in content: still history, named below
     before = snapshot(run_dir)
     older = run_dir / "epoch-0001.pt"
     rollback = ["--resume", older, "--resume-force", *tiny_overrides(tiny_root), "--set=optim.lr=0.5"]

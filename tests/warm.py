@@ -293,6 +293,8 @@ def serve(socket_path):
     if output:
         sys.exit(f"the imports printed something, which a warm child would not print again: {output[-2000:]!r}")
     assert threading.active_count() == 1, "a thread started by an import would not survive a fork"
+    import gc
+    gc.freeze()  # what was imported is left to the collector of no child (each collection would copy it)
     parent = os.getppid()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(socket_path + ".new")

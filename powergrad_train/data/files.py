@@ -370,7 +370,7 @@ def _failure_line(path: str, reason: str) -> str:
 
 
 def _read_failures(scan_dir: Path) -> dict:
-    """{path: {"reason": ..., "stat": [size, mtime_ns]}} of the files found undecodable while reading."""
+    """{path: {"reason": ..., "stat": [size, mtime_ns, ctime_ns]}} of the files found undecodable while reading."""
     try:
         failures = json.loads((scan_dir / READ_FAILURES).read_bytes())
         return failures if isinstance(failures, dict) else {}
@@ -381,7 +381,7 @@ def _read_failures(scan_dir: Path) -> dict:
 def _stat_key(path: str) -> Optional[list[int]]:
     try:
         st = os.stat(path)
-        return [st.st_size, st.st_mtime_ns]
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]  # (a rewrite that puts the old mtime back changes ctime)
     except OSError:
         return None
 
