@@ -18,7 +18,8 @@ from powergrad_train.cli import main
 from powergrad_train.config import KEYS, build_config, dump, get
 from powergrad_train.diagnostics import save_filter_norms
 from powergrad_train.metrics import SUMMARY_COLUMNS, RunInfo, SummaryCsv, trim_summary_csv
-from powergrad_train.report import alpha_groups, main_path_convs, read_run, tables
+from powergrad_train.report import read_run, tables
+from powergrad_train.report_figures import alpha_groups, main_path_convs
 from tests.conftest import tiny_overrides
 
 ROW = {r.label: r for r in paper.table_rows(1)}
