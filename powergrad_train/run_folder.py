@@ -143,8 +143,9 @@ def _summary_epochs(run_dir: Path) -> list[int]:
         return []
 
 
-# (device, inode) of the lock files this process holds: see RunFolderLock.
-_held: dict[tuple[int, int], int] = {}  # the lock files this process holds -> its pid (a forked child holds none)
+# (device, inode) of each lock file this process holds -> its pid, so that a forked child (another
+# pid) holds none: see RunFolderLock.
+_held: dict[tuple[int, int], int] = {}
 
 
 class RunFolderLock:

@@ -101,9 +101,12 @@ def interpreter() -> str:
     return _server().interpreter
 
 
-def _send(sock, request: dict, fds: list[int]) -> int:
-    """Asks for a child; returns its pid once it is set up (its session, files, folder: as Popen)."""
-    payload = pickle.dumps(request)
+def _send(sock, fds: list[int], args: list, cwd: str, env: dict, session: bool, file_size_limit=None,
+          controlling_terminal=False) -> int:
+    """Asks for a child running `python ARGS` with `fds` as its stdin, stdout and stderr; returns its
+    pid once it is set up (its session, files, folder: as Popen)."""
+    payload = pickle.dumps({"args": args, "cwd": cwd, "env": env, "session": session,
+                            "file_size_limit": file_size_limit, "controlling_terminal": controlling_terminal})
     socket.send_fds(sock, [struct.pack("!I", len(payload)) + payload], fds)
     what, number = _read_line(sock).split()
     if what != b"pid":
@@ -154,9 +157,8 @@ class WarmProcess:
         self.returncode = None
         self._sock = sock
         try:
-            self.pid = _send(self._sock, {"args": args, "cwd": os.fspath(cwd or os.getcwd()), "env": env,
-                                          "session": start_new_session, "file_size_limit": file_size_limit,
-                                          "controlling_terminal": controlling_terminal}, theirs)
+            self.pid = _send(self._sock, theirs, args, os.fspath(cwd or os.getcwd()), env, start_new_session,
+                             file_size_limit, controlling_terminal)
         finally:
             for fd in theirs:
                 os.close(fd)
@@ -254,8 +256,7 @@ def stand_in(args):
         signal.signal(signum, forward)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(os.environ[SOCKET_ENV])
-    child.append(_send(sock, {"args": args, "cwd": os.getcwd(), "env": dict(os.environ), "session": leader,
-                              "file_size_limit": None, "controlling_terminal": False}, [0, 1, 2]))
+    child.append(_send(sock, [0, 1, 2], args, os.getcwd(), dict(os.environ), session=leader))
     for signum in pending:
         forward(signum, None)
     status = _exit_status(sock)

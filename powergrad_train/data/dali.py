@@ -206,7 +206,6 @@ def _read(where: Placement, files: list[str], labels: list[int], batch_size: int
             on_end()
             return
         except RuntimeError:  # what a DALI pipeline raises when an operator fails
-            found = []
             for b in range(delivered, delivered + PREFETCHED + 1):
                 candidates = [f for f in files[b * batch_size:(b + 1) * batch_size] if f not in stood_in]
                 if found := _undecodable(candidates, where):
