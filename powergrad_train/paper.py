@@ -5,7 +5,8 @@ PowerGrad Transform (code: github.com/bishshoy/power-grad-transform): ImageNet t
 top-1 %, 4 V100s.
 
 A run IS a row when its resolved config equals the resolved config of the row's bundled recipe
-on every key in ROW_KEYS (everything the row fixes). A run that is about the row (same model,
+on every key in ROW_KEYS (everything the row fixes; a key the config does not use, such as the
+step decay under a cosine schedule, differs in nothing). A run that is about the row (same model,
 schedule, PGT alpha, label smoothing and clipping: SUBJECT_KEYS, and Table 2's batch) but
 differs in other keys is only related to it, and the differing keys are named.
 """
@@ -16,26 +17,30 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from powergrad_train.config import Config, build_config, get
+from powergrad_train.config import KEYS, Config, build_config, get
 
-# Every key a row fixes. Not compared: where the data lives and how it is read (data.root,
-# backend, dali_device, val_backend, workers, val_batch_size), speed settings that keep the
-# numbers (channels_last, tf32, model.compile, train.accumulate_steps, which keeps the global
-# batch), bookkeeping (checkpoint.*, train.log_every_steps, train.max_nonfinite_steps, log.*),
-# model.sync_bn, an EMA of the weights (it leaves the weights the row reports as they train), and
-# the seed: the runs of one row differ in it. The other optimizers' betas and eps, and mixup's
-# settings, only matter once optim.name or batch_transform.name differ, which is compared.
-ROW_KEYS = (
-    "model.name", "model.num_classes", "model.zero_init_last", "model.init_from",
-    "data.image_size", "data.crop_pct", "data.crop_scale_min", "data.batch_size", "data.val_interpolation",
-    "optim.name", "optim.lr", "optim.momentum", "optim.nesterov", "optim.weight_decay",
-    "schedule.name", "schedule.mode", "schedule.epochs", "schedule.warmup_epochs", "schedule.warmup_lr",
-    "schedule.min_lr", "schedule.cooldown_epochs", "schedule.decay_epochs", "schedule.decay_rate",
-    "loss.name", "loss.pgt_alpha", "loss.label_smoothing", "loss.pgt_impl", "grad_clip.mode", "grad_clip.value",
-    "batch_transform.name", "amp",
+# Keys that never change what a run trains: where the data lives and how it is read (data.root,
+# backend, dali_device, val_backend, workers, val_batch_size), speed settings that keep the numbers
+# (channels_last, tf32, model.compile, train.accumulate_steps, which keeps the global batch) and
+# bookkeeping (checkpoint.*, train.log_every_steps, train.max_nonfinite_steps, log.*). Runs that
+# differ only in these and the seed trained the same thing: a paper row's runs (ROW_KEYS) and the
+# report's arms (SETTING_KEYS) both leave them out.
+BOOKKEEPING_KEYS = (
+    "data.root", "data.backend", "data.dali_device", "data.val_backend", "data.workers", "data.val_batch_size",
+    "channels_last", "tf32", "model.compile", "train.accumulate_steps",
+    "checkpoint.keep_last", "checkpoint.every_steps", "train.log_every_steps", "train.max_nonfinite_steps",
+    "log.outputs",
 )
-STEP_ONLY = ("schedule.decay_epochs", "schedule.decay_rate")  # unused by the cosine schedule (as is
-# grad_clip.value without clipping)
+# What an arm fixes: every key but the seed (its runs differ in it) and bookkeeping.
+SETTING_KEYS = tuple(k for k in KEYS if k != "seed" and k not in BOOKKEEPING_KEYS)
+# What a row fixes, of those: not model.sync_bn nor an EMA of the weights (it leaves the weights the
+# row reports as they train); the other optimizers' betas and eps, and mixup's settings, only matter
+# once optim.name or batch_transform.name differ, which is compared.
+ROW_FREE = ("model.sync_bn", "ema.decay", "optim.beta1", "optim.beta2", "optim.eps", "batch_transform.mixup_alpha",
+            "batch_transform.cutmix_alpha", "batch_transform.prob", "batch_transform.switch_prob")
+ROW_KEYS = tuple(k for k in SETTING_KEYS if k not in ROW_FREE)
+STEP_ONLY = ("schedule.decay_epochs", "schedule.decay_rate")  # unused by the cosine schedule
+METHOD_KEYS = ("loss.pgt_alpha", "loss.pgt_impl")  # the loss method: what the report compares by default
 SUBJECT_KEYS = ("model.name", "schedule.name", "loss.pgt_alpha", "loss.label_smoothing", "grad_clip.mode")
 
 # Table 2's batch: "global" reads 256/512/1024 as the global batch (what the recipes run);
@@ -140,12 +145,33 @@ def row_config(row: Row, reading: str = "global") -> Config:
     return build_config(row.recipe, batch_overrides(row, reading))
 
 
+def unused(cfg: Config) -> set[str]:
+    """The keys that do nothing under this config (a value there changes no run)."""
+    keys = set(STEP_ONLY) if cfg.schedule.name != "step" else set()
+    keys |= {"grad_clip.value"} if cfg.grad_clip.mode == "none" else set()
+    keys |= {"loss.pgt_impl"} if cfg.loss.pgt_alpha is None else set()  # the plain gradient has one way
+    keys |= {"optim.beta1", "optim.beta2", "optim.eps"} if cfg.optim.name == "sgd" else \
+        {"optim.momentum", "optim.nesterov"} if cfg.optim.name in ("adamw", "lamb") else set()
+    if cfg.batch_transform.name == "none":
+        keys |= {k for k in KEYS if k.startswith("batch_transform.") and k != "batch_transform.name"}
+    return keys
+
+
+def setting_differences(a: Config, b: Config, keys=SETTING_KEYS) -> list[tuple[str, Any, Any]]:
+    """(key, a's value, b's value) for every key of `keys` both configs use and set apart."""
+    idle = unused(a) | unused(b)
+    return [(k, get(a, k), get(b, k)) for k in keys if k not in idle and get(a, k) != get(b, k)]
+
+
+def setting(cfg: Config) -> tuple:
+    """What a run trains, seed aside: runs with equal settings are the seeds of one arm."""
+    idle = unused(cfg)
+    return tuple((k, repr(get(cfg, k))) for k in SETTING_KEYS if k not in idle)
+
+
 def differences(row: Row, cfg: Config, reading: str = "global") -> list[tuple[str, Any, Any]]:
     """(key, run value, row value) for every key in ROW_KEYS where the run differs from the row."""
-    want = row_config(row, reading)
-    unused = (STEP_ONLY if cfg.schedule.name == want.schedule.name == "cosine" else ()) + \
-        (("grad_clip.value",) if cfg.grad_clip.mode == want.grad_clip.mode == "none" else ())
-    return [(k, get(cfg, k), get(want, k)) for k in ROW_KEYS if k not in unused and get(cfg, k) != get(want, k)]
+    return setting_differences(cfg, row_config(row, reading), ROW_KEYS)
 
 
 def is_about(row: Row, cfg: Config, reading: str = "global") -> bool:

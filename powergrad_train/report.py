@@ -1,13 +1,18 @@
-"""`powergrad-train report RUN_DIR... [--reference AUTHORS_DIR]`: runs beside the paper's Tables 1-3.
+"""`powergrad-train report RUN_DIR... [--compare KEY] [--effect X] [--reference AUTHORS_DIR]`.
 
 Each run folder is read (config.yaml, summary.csv, diagnostics/) and placed by its resolved
-config, not by its name (paper.py): a run that trains exactly what a row trained is that row; the
-runs of a row are its seeds (n, mean ± sd); a run that is about a row but differs in some key is
-only related to it, and sits with every run that is no row in the "other runs" table. For each
-baseline/PGT pair: the gain on the final and on the best epoch with its 95% interval over seeds
-(seed_stats.py), the seeds per arm the observed spread would need, and the time to accuracy.
-With --reference, the authors' logged final and best test top-1 stand beside each row and their
-curves in the accuracy figures. The figures are drawn by report_figures.py.
+config, not by its name. Runs equal in every setting but the seed (paper.setting: bookkeeping
+such as the data location aside) are one arm, its runs the seeds. Two arms that differ in the
+compared keys alone (the loss method, or --compare KEY) are a comparison: each arm's n and mean ±
+sd, the gain on the final and on the best epoch with its 95% interval over seeds, p-value and
+verdict (seed_stats.py), the seeds per arm the observed spread needs, and the time to accuracy.
+Arms that differ in more are named with the keys that keep them apart.
+
+Against the paper's Tables 1-3 (paper.py): a run that trains exactly what a row trained is that
+row, and its seeds give the row's numbers and each baseline/PGT pair's gain. When some run is a
+row, the tables come first; when none is, the comparisons do, and the tables are left out (unless
+--reference is given: the authors' logged final and best test top-1 stand beside each row, and
+their curves in the figures). The figures are drawn by report_figures.py.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -26,8 +32,8 @@ import yaml
 from powergrad_train import paper, seed_stats
 from powergrad_train.atomic import make_folder, write_text
 from powergrad_train.authors import AuthorsLog, find_logs
-from powergrad_train.config import Config, build_config, read_yaml_text
-from powergrad_train.errors import DataError
+from powergrad_train.config import KEYS, Config, build_config, get, read_yaml_text, suggestion
+from powergrad_train.errors import ConfigError, DataError, printable, shown
 
 TABLE_TITLES = {1: "Table 1: networks with batch norm", 2: "Table 2: ResNet-18 without batch norm, cosine",
                 3: "Table 3: ablation, ResNet-50"}
@@ -197,9 +203,9 @@ def place(runs: list[Run], reading: str = "global") -> Placed:
     return Placed(exact, related, others)
 
 
-def arm(runs: list[Run]) -> list[Run]:
-    """The runs a row's numbers come from: one per seed (the furthest), the finished ones if any,
-    else the single furthest run."""
+def per_seed(runs: list[Run]) -> list[Run]:
+    """The runs the numbers of a row or an arm come from: one per seed (the furthest), the finished
+    ones if any, else the single furthest run."""
     per_seed = {}
     for run in sorted((r for r in runs if r.epochs), key=lambda r: (r.finished, r.done)):
         per_seed[run.seed] = run
@@ -217,6 +223,12 @@ def _spread_text(values: dict[int, float]) -> str:
     return seed_stats.spread(list(values.values())).text() if values else ""
 
 
+def _left_out(runs: list[Run], used: list[Run]) -> str:
+    """What the numbers of `used` leave out of `runs` (nothing to say when no run has an epoch)."""
+    left_out = len(runs) - len(used)
+    return f"; {left_out} other run(s) left out (unfinished or the same seed)" if used and left_out else ""
+
+
 def _runs_cell(row_runs: list[Run], used: list[Run], related: list) -> str:
     if not used:
         if row_runs:
@@ -226,8 +238,7 @@ def _runs_cell(row_runs: list[Run], used: list[Run], related: list) -> str:
         text = f"{used[0].name} ({used[0].status})"
     else:
         text = f"{len(used)} seeds ({', '.join(str(r.seed) for r in used)}), {used[0].status}"
-    left_out = len(row_runs) - len(used)
-    return text + (f"; {left_out} other run(s) left out (unfinished or the same seed)" if left_out else "")
+    return text + _left_out(row_runs, used)
 
 
 def _key_value(value) -> str:
@@ -239,11 +250,280 @@ def describe_differences(diffs: list) -> str:
     return ", ".join(f"{k} (run {_key_value(a)}, row {_key_value(b)})" for k, a, b in diffs)
 
 
+# ----------------------------------------------------------------------------- arms and comparisons
+
+@dataclass
+class Arm:
+    """The runs of one experiment: equal in every setting but the seed (paper.setting)."""
+
+    runs: list[Run]
+
+    @property
+    def cfg(self) -> Config:
+        return self.runs[0].cfg
+
+    @property
+    def used(self) -> list[Run]:
+        """The runs its numbers come from (one per seed), those with a logged test top-1."""
+        return [r for r in per_seed(self.runs) if r.final("eval_top1") is not None]
+
+    @property
+    def names(self) -> str:
+        return ", ".join(r.name for r in self.runs)
+
+
+def group_arms(runs: list[Run]) -> list[Arm]:
+    """The runs by arm, whatever their folders are called; arms in the order their first run was given."""
+    arms = {}
+    for run in runs:
+        arms.setdefault(paper.setting(run.cfg), Arm([])).runs.append(run)
+    return list(arms.values())
+
+
+def compare_keys(key: Optional[str]) -> tuple[str, ...]:
+    """The keys in which two arms may differ to be compared: the loss method, or the key --compare names."""
+    if key is None:
+        return paper.METHOD_KEYS
+    if key not in KEYS:
+        raise ConfigError(f"report --compare: {shown(key)} is not a config key{suggestion(key, KEYS)}")
+    if key == "seed":
+        raise ConfigError("report --compare: seed: the runs of one arm are its seeds; name a setting the arms "
+                          "differ in (for example optim.name)")
+    if key in paper.BOOKKEEPING_KEYS:
+        raise ConfigError(f"report --compare: {key} never changes what a run trains (data location, speed or "
+                          "bookkeeping), so runs that differ only in it are the seeds of one arm")
+    return (key,)
+
+
+@dataclass
+class Comparison:
+    """Two arms that differ in compared keys and nothing else; the gain is `other` minus `base`."""
+
+    base: Arm
+    other: Arm
+    keys: list[str]  # the compared keys they differ in
+    paper_pair: bool  # a baseline/PGT pair of the paper's rows: its gains table holds it
+
+    @property
+    def by_method(self) -> bool:
+        return all(k in paper.METHOD_KEYS for k in self.keys)
+
+    def label(self, arm: Arm) -> str:
+        if self.by_method:
+            return arm.runs[0].method
+        return ", ".join(f"{k} {_key_value(get(arm.cfg, k))}" for k in self.keys)
+
+    @property
+    def title(self) -> str:
+        c = self.base.cfg
+        epochs = f"{c.schedule.epochs} epoch{'s' if c.schedule.epochs > 1 else ''}"
+        common = f"{c.model.name} {c.schedule.name}, {epochs}" + \
+            ("" if self.by_method else f", {self.base.runs[0].method}")
+        return f"{common}: {self.label(self.base)} vs {self.label(self.other)}"
+
+
+@dataclass
+class Apart:
+    """Two arms that differ in a compared key and in others besides: not compared."""
+
+    a: Arm
+    b: Arm
+    diffs: list  # (key, a's value, b's value)
+
+
+def _defaults(cfg: Config, keys) -> int:
+    return sum(get(cfg, k) == KEYS[k].default for k in keys)
+
+
+def _rows_of(arm: Arm, reading: str) -> list[paper.Row]:
+    return [row for row in paper.ROWS if paper.matches(row, arm.cfg, reading)]
+
+
+def _paper_pair(a: Arm, b: Arm, reading: str) -> bool:
+    rows_a, rows_b = _rows_of(a, reading), _rows_of(b, reading)
+    return any(paper.baseline_of(y) == x or paper.baseline_of(x) == y for x in rows_a for y in rows_b)
+
+
+def find_comparisons(arms: list[Arm], keys: tuple[str, ...],
+                     reading: str = "global") -> tuple[list[Comparison], list[Apart]]:
+    """Every two arms that differ in `keys` alone (the one at the keys' defaults, else the one given
+    first, is the base), and, for each arm compared with none, the nearest arms that differ in `keys`
+    and more."""
+    comparisons, near = [], {id(a): [] for a in arms}
+    for i, a in enumerate(arms):
+        for b in arms[i + 1:]:
+            diffs = paper.setting_differences(a.cfg, b.cfg)
+            if not any(k in keys for k, _, _ in diffs):
+                continue
+            if all(k in keys for k, _, _ in diffs):
+                base, other = sorted((a, b), key=lambda arm: -_defaults(arm.cfg, keys))
+                comparisons.append(Comparison(base, other, [k for k, _, _ in diffs], _paper_pair(a, b, reading)))
+            else:
+                near[id(a)].append((b, diffs))
+                near[id(b)].append((a, [(k, y, x) for k, x, y in diffs]))
+    compared = {id(arm) for c in comparisons for arm in (c.base, c.other)}
+    apart, said = [], set()
+    for a in arms:
+        if id(a) in compared or not near[id(a)]:
+            continue
+        fewest = min(len(diffs) for _, diffs in near[id(a)])
+        for b, diffs in near[id(a)]:
+            if len(diffs) == fewest and frozenset((id(a), id(b))) not in said:
+                said.add(frozenset((id(a), id(b))))
+                apart.append(Apart(a, b, diffs))
+    return comparisons, apart
+
+
+def _seeds_needed(gain: seed_stats.Gain, effect: float) -> str:
+    """Seeds per arm the observed spread needs to resolve a gain of `effect` points."""
+    if gain.test is None:
+        return "unknown (needs 2 seeds per arm)"
+    if effect == 0:
+        return "none: no gain observed"
+    n = seed_stats.seeds_needed(gain.noise, effect, paired=gain.test == "paired")
+    return f"more than {seed_stats.MAX_SEEDS}" if n is None else str(n)
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def comparison_lines(c: Comparison, effect: Optional[float] = None) -> list[str]:
+    """One comparison: each arm's seeds with mean ± sd, the gain on the final and the best epoch with
+    its interval, p-value and verdict, the seeds needed, and the time to accuracy."""
+    rows = []
+    for arm, target in ((c.base, c.other), (c.other, c.base)):
+        used = arm.used
+        rows.append([c.label(arm), arm.names + _left_out(arm.runs, per_seed(arm.runs)), str(len(used)),
+                     ", ".join(str(r.seed) for r in used), _spread_text(_values(used, "final", "train_top1")),
+                     _spread_text(_values(used, "final")), _spread_text(_values(used, "best")),
+                     time_to_accuracy(target.used, used, c.label(target)) if used and target.used else ""])
+    lines = [f"### {c.title}", ""] + _table(
+        ["arm", "runs", "n", "seeds", "train top-1 (final)", "test top-1 (final)", "test top-1 (best)",
+         "first epoch at the other arm's final test top-1"], rows)
+    base, other = c.base.used, c.other.used
+    if not base or not other:
+        return lines + ["", f"No gain yet: {c.label(c.other if base else c.base)} has no test top-1 logged.", ""]
+    gains = []
+    for which in ("final", "best"):
+        g = seed_stats.compare(_values(base, which), _values(other, which))
+        interval = [f"[{g.low:+.2f}, {g.high:+.2f}]", f"{g.p:.2g}", g.test] if g.test else ["", "", ""]
+        gains.append([f"{which} epoch", f"{g.gain:+.2f}", *interval, g.verdict,
+                      _seeds_needed(g, abs(g.gain) if effect is None else effect)])
+    size = "the observed gain" if effect is None else f"a gain of {effect:g}"
+    lines += [""] + _table([f"{c.label(c.other)} minus {c.label(c.base)} (test top-1)", "gain",
+                            "95% interval", "p", "test", "verdict", f"seeds per arm to resolve {size}"], gains)
+    if not all(r.finished for r in base + other):
+        lines += ["", "Some of these runs are unfinished: their numbers are those of their last logged epoch."]
+    return lines + [""]
+
+
+def comparisons_section(arms: list[Arm], keys: tuple[str, ...], effect: Optional[float], reading: str,
+                        always: bool) -> list[str]:
+    """Every comparison of the arms (but the paper's pairs, which the tables hold), and the arms that
+    differ in more than `keys`; nothing when there is neither, unless `always`."""
+    comparisons, apart = find_comparisons(arms, keys, reading)
+    listed = [c for c in comparisons if not c.paper_pair]
+    if not (always or listed or apart):
+        return []
+    named = "the loss method (loss.pgt_alpha, loss.pgt_impl)" if keys == paper.METHOD_KEYS else keys[0]
+    lines = ["## Comparisons", "",
+             f"An arm is the runs whose resolved configs are equal in every key but the seed (and the keys that "
+             f"never change what a run trains: where the data lives, speed settings, checkpoints and logs). Two "
+             f"arms are compared when they differ in {named} and nothing else. Test top-1 gains carry a 95% t "
+             f"interval, paired by seed where both arms ran the same seeds, else Welch's: 'resolved' when it "
+             f"excludes 0, 'within noise' otherwise. The seeds per arm are those the observed spread needs to "
+             f"resolve the gain with 80% power (two-sided, 5%).", ""]
+    for c in listed:
+        lines += comparison_lines(c, effect)
+    if not listed:
+        pairs_note = " besides the paper's baseline/PGT pairs (in the tables above)" if comparisons else ""
+        lines += [f"No two arms differ in {named} alone{pairs_note}.", ""]
+    if apart:
+        lines += [f"Not compared: arms that differ in {named} and in other keys besides:", ""]
+        for x in apart:
+            compared, besides = ([f"{k} ({_key_value(va)} vs {_key_value(vb)})" for k, va, vb in x.diffs
+                                  if (k in keys) == side] for side in (True, False))
+            lines.append(f"- {x.a.names} and {x.b.names}: they differ in {', '.join(compared)}, and also in "
+                         f"{', '.join(besides)}")
+        lines.append("")
+    return lines
+
+
+# Keys the arms table shows in its own columns.
+_SHOWN_KEYS = ("model.name", "schedule.name", "schedule.mode", "schedule.epochs", "data.batch_size", "optim.lr",
+               "loss.pgt_alpha", "loss.pgt_impl", "loss.label_smoothing", "grad_clip.mode", "amp")
+
+
+def arms_table(arms: list[Arm]) -> list[str]:
+    """One line per arm: what it trains, its seeds and their mean ± sd; a column for any other key the
+    arms differ in."""
+    varying = [k for k in paper.SETTING_KEYS if k not in _SHOWN_KEYS and
+               len({_key_value(get(a.cfg, k)) for a in arms if k not in paper.unused(a.cfg)}) > 1]
+    head = ["runs", "model", "schedule (mode)", "epochs", "global batch", "lr", "method", "amp"] + \
+        (["also set"] if varying else []) + ["seeds", "status", "train (final)", "test (final)", "test (best)"]
+    rows = []
+    for arm in arms:
+        c, used = arm.cfg, per_seed(arm.runs)
+        status = "no epoch yet" if not used else "finished" if all(r.finished for r in used) else \
+            "; ".join(dict.fromkeys(r.status for r in used))
+        also = [", ".join(f"{k} {_key_value(get(c, k))}" for k in varying if k not in paper.unused(c))] \
+            if varying else []
+        rows.append([arm.names + _left_out(arm.runs, used), c.model.name, f"{c.schedule.name} ({c.schedule.mode})",
+                     str(c.schedule.epochs), str(c.data.batch_size), f"{c.optim.lr:g}", arm.runs[0].method, c.amp,
+                     *also, ", ".join(str(r.seed) for r in used), status,
+                     _spread_text(_values(used, "final", "train_top1")), _spread_text(_values(used, "final")),
+                     _spread_text(_values(used, "best"))])
+    return _table(head, rows)
+
+
+def closest_row(cfg: Config, reading: str = "global", about: bool = False) -> Optional[tuple[paper.Row, list]]:
+    """The row with the fewest differences to `cfg` among the rows it is about (same model, schedule
+    and method), else, unless about=True, among all rows."""
+    found = [(not paper.is_about(row, cfg, reading), row, paper.differences(row, cfg, reading)) for row in paper.ROWS]
+    found = [(far, row, diffs) for far, row, diffs in found if not (about and far)]
+    _, row, diffs = min(found, key=lambda x: (x[0], len(x[2])), default=(None, None, None))
+    return (row, diffs) if row else None
+
+
+def closest_rows(arms: list[Arm], reading: str, about: bool) -> list[str]:
+    """Once per arm: the row it is closest to, and what keeps it from being that row."""
+    lines = []
+    for arm in arms:
+        found = closest_row(arm.cfg, reading, about)
+        if found:
+            row, diffs = found
+            how = "related to" if paper.is_about(row, arm.cfg, reading) else "closest to"
+            lines.append(f"- {arm.names}: {how} Table {row.table} {row.label}: "
+                         f"differs in {describe_differences(diffs)}")
+    return lines
+
+
+def other_runs_section(arms: list[Arm], reading: str) -> list[str]:
+    """Beside the paper's tables: the runs that are no row, by arm, and the rows they are about."""
+    if not arms:
+        return ["## Other runs", "", "Every run given is a row of the paper's tables."]
+    lines = ["## Other runs", "", "Runs that train no row of the paper exactly, by arm (equal settings but the seed).",
+             ""] + arms_table(arms)
+    related = closest_rows(arms, reading, about=True)
+    if related:
+        lines += ["", "Related to a row (same model, schedule and method), but not the row:", ""] + related
+    return lines
+
+
+def arms_section(arms: list[Arm], reading: str) -> list[str]:
+    """When no run is a row: the arms, and the row closest to each."""
+    return ["## Arms", "", "The runs by arm (equal settings but the seed)."] + [""] + arms_table(arms) + [
+        "", "None of the runs is a row of the paper's tables (a run is a row when it trains exactly what the row "
+            "trained), so the tables are left out. The row closest to each arm:", ""] + \
+        closest_rows(arms, reading, about=False)
+
+
 # ----------------------------------------------------------------------------- tables
 
 def tables(runs: list[Run], reference: Optional[Reference] = None, reading: str = "global") -> str:
-    """Markdown: the paper's three tables with the runs' numbers beside them, the PGT gains with
-    their statistics, and the runs that are no row."""
+    """Markdown: the paper's three tables with the runs' numbers beside them, and the PGT gains with
+    their statistics."""
     placed = place(runs, reading)
     authors = reference is not None
     out = ["The paper's test top-1 is compared with the runs' best epoch (`best - paper`): it most likely reports "
@@ -259,7 +539,7 @@ def tables(runs: list[Run], reference: Optional[Reference] = None, reading: str 
                 "final - paper / best - paper"] + (["authors final / best"] if authors else [])
         out += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in paper.table_rows(table):
-            used = arm(placed.exact[row])
+            used = per_seed(placed.exact[row])
             cells = [row.label, f"{row.train:.2f}", f"{row.test:.3f}",
                      _runs_cell(placed.exact[row], used, placed.related[row])]
             final, best = _values(used, "final"), _values(used, "best")
@@ -275,7 +555,6 @@ def tables(runs: list[Run], reference: Optional[Reference] = None, reading: str 
                              if theirs and theirs.epochs else "not published")
             out.append("| " + " | ".join(cells) + " |")
         out += [""] + gains_table(table, placed) + [""]
-    out += other_runs_table(placed)
     return "\n".join(out)
 
 
@@ -290,7 +569,8 @@ def gains_table(table: int, placed: Placed) -> list[str]:
     shown = 0
     for base_row, row in pairs(table):
         # Runs with a logged test top-1 (a diverged run's may be NaN throughout).
-        base, pgt = ([r for r in arm(placed.exact[x]) if r.final("eval_top1") is not None] for x in (base_row, row))
+        base, pgt = ([r for r in per_seed(placed.exact[x]) if r.final("eval_top1") is not None]
+                     for x in (base_row, row))
         if not base and not pgt:
             continue
         shown += 1
@@ -302,61 +582,75 @@ def gains_table(table: int, placed: Placed) -> list[str]:
         else:
             gains = [seed_stats.compare(_values(base, w), _values(pgt, w)) for w in ("final", "best")]
             cells += [g.text() for g in gains]
-            cells.append(" / ".join(_seeds_needed(g, paper_gain) for g in gains))
+            cells.append(" / ".join(_seeds_needed(g, abs(paper_gain)) for g in gains))
             cells.append(time_to_accuracy(base, pgt))
         lines.append("| " + " | ".join(cells) + " |")
     return lines if shown else [f"No baseline/PGT pair of Table {table} was run."]
 
 
-def _seeds_needed(gain: seed_stats.Gain, paper_gain: float) -> str:
-    if gain.test is None:
-        return "unknown (needs 2 seeds per arm)"
-    n = seed_stats.seeds_needed(gain.noise, paper_gain, paired=gain.test == "paired")
-    return f"more than {seed_stats.MAX_SEEDS}" if n is None else str(n)
-
-
-def time_to_accuracy(base: list[Run], pgt: list[Run]) -> str:
-    """The first epoch at which PGT's test top-1 (mean over its seeds) reaches the baseline's final one."""
-    target = statistics.fmean(_values(base, "final").values())
-    curves = [dict(zip(*r.curve("eval_top1"))) for r in pgt]
+def time_to_accuracy(target: list[Run], runs: list[Run], target_name: str = "baseline") -> str:
+    """The first epoch at which the test top-1 of `runs` (mean over their seeds) reaches the final one
+    of `target` (mean over its seeds)."""
+    goal = statistics.fmean(_values(target, "final").values())
+    curves = [dict(zip(*r.curve("eval_top1"))) for r in runs]
     for epoch in sorted(set.intersection(*(set(c) for c in curves))):
-        if statistics.fmean(c[epoch] for c in curves) >= target:
-            return f"epoch {epoch} of {pgt[0].cfg.schedule.epochs} (baseline final {target:.2f})"
-    return f"never (baseline final {target:.2f})"
+        if statistics.fmean(c[epoch] for c in curves) >= goal:
+            return f"epoch {epoch} of {runs[0].cfg.schedule.epochs} ({target_name} final {goal:.2f})"
+    return f"never ({target_name} final {goal:.2f})"
 
 
-def other_runs_table(placed: Placed) -> list[str]:
-    if not placed.others:
-        return ["## Other runs", "", "Every run given is a row of the paper's tables."]
-    head = ["run", "model", "schedule (mode)", "epochs", "global batch", "lr", "method", "amp", "seed", "status",
-            "train (final)", "test (final)", "test (best)"]
-    lines = ["## Other runs", "", "Runs that train no row of the paper exactly.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for run in placed.others:
-        c = run.cfg
-        numbers = [run.final("train_top1"), run.final("eval_top1"), run.best("eval_top1")]
-        lines.append("| " + " | ".join([
-            run.name, c.model.name, f"{c.schedule.name} ({c.schedule.mode})", str(c.schedule.epochs),
-            str(c.data.batch_size), f"{c.optim.lr:g}", run.method, c.amp, str(c.seed), run.status,
-            *("" if v is None else f"{v:.2f}" for v in numbers)]) + " |")
-    related = [(row, run, diffs) for row, found in placed.related.items() for run, diffs in found]
-    if related:
-        lines += ["", "Related to a row (same model, schedule and method), but not the row:", ""]
-        lines += [f"- {run.name}: related to Table {row.table} {row.label}: differs in {describe_differences(diffs)}"
-                  for row, run, diffs in related]
-    return lines
+# ----------------------------------------------------------------------------- the report
+
+def report_text(runs: list[Run], reference: Optional[Reference] = None, reading: str = "global",
+                keys: tuple[str, ...] = paper.METHOD_KEYS, effect: Optional[float] = None) -> str:
+    """report.md: when some run is a paper row, the paper's tables first, then the comparisons of the
+    other arms and the runs that are no row; when none is, the comparisons first, the arms and the
+    row closest to each, and the tables only where the authors' logs were given."""
+    placed = place(runs, reading)
+    if any(placed.exact.values()) or not runs:
+        parts = ["# Runs beside the paper", "", tables(runs, reference, reading),
+                 *comparisons_section(group_arms(runs), keys, effect, reading, always=False),
+                 *other_runs_section(group_arms(placed.others), reading)]
+    else:
+        arms = group_arms(runs)
+        parts = ["# Runs compared over seeds", "", *comparisons_section(arms, keys, effect, reading, always=True),
+                 *arms_section(arms, reading)]
+        if reference is not None:
+            parts += ["", "# The paper's tables, beside the authors' logs", "", tables(runs, reference, reading)]
+    return "\n".join(parts)
 
 
-# ----------------------------------------------------------------------------- figures
+def distinct(folders: list[Path]) -> list[Path]:
+    """Each folder once, however often or by whichever path it was given (the first name kept)."""
+    seen = {}
+    for folder in folders:
+        seen.setdefault(os.path.realpath(folder), Path(folder))
+    return list(seen.values())
 
-def write_report(run_dirs: list[Path], out: Path, reference_dir: Optional[Path] = None,
-                 reading: str = "global") -> tuple[str, list[Path]]:
-    """Read everything first (any bad input stops before a file is written), then write report.md
-    and the figures into `out`."""
-    runs = [read_run(d) for d in run_dirs]
+
+def check_out(out: Path) -> None:
+    """The report's folder can be made: neither it nor a folder above it is a file."""
+    existing = next(p for p in (out, *out.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        what = "is a file, not a folder" if existing.is_file() else "is not a folder"
+        raise ConfigError(f"report --out: {printable(existing)} {what}"
+                          + (f", so {printable(out)} cannot be made" if existing != out else "")
+                          + " (report.md and the figures go into a folder)")
+
+
+def write_report(run_dirs: list[Path], out: Path, reference_dir: Optional[Path] = None, reading: str = "global",
+                 compare: Optional[str] = None, effect: Optional[float] = None) -> tuple[str, list[Path]]:
+    """Check and read everything first (any bad input stops before a file is written), then write
+    report.md and the figures into `out`."""
+    keys = compare_keys(compare)
+    if effect is not None and not (math.isfinite(effect) and effect > 0):
+        raise ConfigError(f"report --effect: the gain to resolve, in points of test top-1, must be a number > 0, "
+                          f"got {effect:g}")
+    check_out(out)
+    runs = [read_run(d) for d in distinct(run_dirs)]
     reference = read_reference(reference_dir) if reference_dir is not None else None
-    text = "# Runs beside the paper\n\n" + tables(runs, reference, reading)
+    text = report_text(runs, reference, reading, keys, effect)
     make_folder(out)
     write_text(out / "report.md", text)
     from powergrad_train.report_figures import figures
-    return text, figures(runs, out, reference, reading)
+    return text, figures(runs, out, reference, reading, keys)

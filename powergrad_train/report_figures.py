@@ -1,6 +1,7 @@
 """The report's figures (PNG, matplotlib): accuracy per epoch (Fig. 4), filter norms with the pooled
-features (Fig. 5-7), logit norm and loss against alpha (Fig. 8), drawn from the runs report.py read
-and placed."""
+features (Fig. 5-7), logit norm and loss against alpha (Fig. 8), drawn from the runs report.py read,
+placed and grouped into arms: one accuracy and one filter-norm figure per comparison (and per
+baseline/PGT pair of the paper's rows), the arms side by side and each seed drawn."""
 
 from __future__ import annotations
 
@@ -14,66 +15,69 @@ from typing import Optional
 
 from powergrad_train import paper
 from powergrad_train.atomic import write_file
-from powergrad_train.config import get
-from powergrad_train.report import Placed, Reference, Run, arm, pairs, place, warn
+from powergrad_train.report import (Placed, Reference, Run, find_comparisons, group_arms, pairs, per_seed, place,
+                                    warn)
+
+SEED_STYLES = ("-", "--", ":", "-.")  # a seed's line style inside its arm
 
 
 @dataclass
 class FigurePair:
     name: str  # for file names
     title: str
-    base: list[Run]
-    pgt: list[Run]
+    arms: list[tuple[str, list[Run]]]  # (label, its seeds' runs): the base arm first
     theirs: list[Run]  # the authors' runs of the two rows, when given
 
 
-def figure_pairs(placed: Placed, reference: Optional[Reference]) -> list[FigurePair]:
-    """Each baseline/PGT pair of the paper's rows with runs (or the authors' logs), then pairs among
-    the other runs: runs equal in every key a row fixes but alpha, the plain-gradient ones the baseline."""
+def figure_pairs(placed: Placed, reference: Optional[Reference], runs: list[Run],
+                 keys: tuple[str, ...] = paper.METHOD_KEYS, reading: str = "global") -> list[FigurePair]:
+    """Each baseline/PGT pair of the paper's rows with runs (or the authors' logs), then each other
+    comparison of arms."""
     found, drawn = [], set()
     for table in (1, 2, 3):
         for base_row, row in pairs(table):
-            base, pgt = arm(placed.exact[base_row]), arm(placed.exact[row])
+            base, pgt = per_seed(placed.exact[base_row]), per_seed(placed.exact[row])
             theirs = [t for t in (reference.of(base_row), reference.of(row)) if t] if reference else []
             if (base_row.recipe, row.recipe) in drawn or not (base or pgt or theirs):
                 continue  # Tables 1 and 3 share rows
             drawn.add((base_row.recipe, row.recipe))
             found.append(FigurePair(f"table{table}-{_slug(row.label)}", f"Table {table}: {base_row.label} vs {row.label}",
-                                    base, pgt, theirs))
-    for group in alpha_groups(placed.others, need_losses=False).values():
-        base = arm([r for r in group if r.cfg.loss.pgt_alpha is None])
-        for alpha in sorted({r.cfg.loss.pgt_alpha for r in group} - {None}):
-            pgt = arm([r for r in group if r.cfg.loss.pgt_alpha == alpha])
-            if base and pgt:
-                c = pgt[0].cfg
-                found.append(FigurePair(_slug(f"{base[0].name}-vs-{pgt[0].name}"),
-                                        f"{c.model.name} {c.schedule.name} (no paper row): baseline vs {pgt[0].method}",
-                                        base, pgt, []))
+                                    [(base_row.label, base), (row.label, pgt)], theirs))
+    names = {pair.name for pair in found}
+    for c in find_comparisons(group_arms(runs), keys, reading)[0]:
+        if c.paper_pair:
+            continue  # drawn above
+        name = _unique(_slug(f"{c.base.cfg.model.name} {c.label(c.base)} vs {c.label(c.other)}"), names)
+        found.append(FigurePair(name, c.title, [(c.label(c.base), c.base.used), (c.label(c.other), c.other.used)], []))
     return found
 
 
-def figures(runs: list[Run], out: Path, reference: Optional[Reference] = None, reading: str = "global") -> list[Path]:
-    """PNG files: accuracy per epoch (Fig. 4), filter norms (Fig. 5-7), logit norm and loss vs alpha (Fig. 8)."""
+def figures(runs: list[Run], out: Path, reference: Optional[Reference] = None, reading: str = "global",
+            keys: tuple[str, ...] = paper.METHOD_KEYS) -> list[Path]:
+    """PNG files: per pair or comparison the accuracy (Fig. 4) and filter norms (Fig. 5-7), the same
+    for each arm in none, every run's accuracy, and logit norm and loss vs alpha (Fig. 8)."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
     placed = place(runs, reading)
-    written, in_pairs = [], set()
-    for pair in figure_pairs(placed, reference):
-        colors = ["C0"] * len(pair.base) + ["C1"] * len(pair.pgt)  # one color per arm, the authors' dashed in it
-        written.append(accuracy_figure(pair.base + pair.pgt, pair.theirs, pair.title, out / f"pair-{pair.name}.png",
-                                       plt, colors=colors))
-        if pair.base and pair.pgt:
-            path = filter_norm_figure([pair.base[0], pair.pgt[0]], pair.title, out / f"filters-{pair.name}.png", plt)
+    written, in_pairs, names = [], set(), set()
+    for pair in figure_pairs(placed, reference, runs, keys, reading):
+        written.append(accuracy_figure(pair.arms, pair.theirs, pair.title, out / f"pair-{pair.name}.png", plt))
+        if all(seeds for _, seeds in pair.arms):
+            path = filter_norm_figure(pair.arms, pair.title, out / f"filters-{pair.name}.png", plt)
             written += [path] if path else []
-            in_pairs.update(id(r) for r in (pair.base[0], pair.pgt[0]))
+            in_pairs.update(id(r) for _, seeds in pair.arms for r in seeds)
+        names.add(pair.name)
     runs = [r for r in runs if r.epochs]
+    arms = group_arms(runs)
     if runs:
-        written.append(accuracy_figure(runs, [], "every run", out / "accuracy.png", plt, setting=True))
-    for run in runs:
-        if id(run) not in in_pairs:
-            path = filter_norm_figure([run], run.label(setting=True), out / f"filters-{_slug(run.name)}.png", plt)
+        written.append(accuracy_figure(_labelled(arms), [], "every run", out / "accuracy.png", plt))
+    for (label, _), arm in zip(_labelled(arms), arms):
+        if not any(id(r) in in_pairs for r in arm.runs):  # an arm drawn in a pair gets no figure of its own
+            seeds = per_seed(arm.runs)
+            name = _unique(_slug(seeds[0].name if len(seeds) == 1 else label), names)
+            path = filter_norm_figure([(label, seeds)], label, out / f"filters-{name}.png", plt)
             written += [path] if path else []
     path = alpha_figure(runs, out / "alpha.png", plt)
     return written + ([path] if path else [])
@@ -83,24 +87,49 @@ def _slug(text: str) -> str:
     return re.sub(r"-+", "-", "".join(c if c.isalnum() or c == "." else "-" for c in text)).strip("-")
 
 
-def _legend_labels(runs: list[Run], setting: bool) -> list[str]:
-    """Method and alpha (and seed when several); the folder name only where two runs would read alike."""
-    labels = [r.label(setting=setting, seed=len({x.seed for x in runs}) > 1) for r in runs]
-    return [f"{label} ({r.name})" if labels.count(label) > 1 else label for label, r in zip(labels, runs)]
+def _unique(name: str, taken: set[str]) -> str:
+    """`name`, or `name-2`, `name-3`... when a figure of that name is already drawn; then taken."""
+    unique = name
+    for n in range(2, len(taken) + 2):
+        if unique not in taken:
+            break
+        unique = f"{name}-{n}"
+    taken.add(unique)
+    return unique
 
 
-def accuracy_figure(runs: list[Run], theirs: list[Run], title: str, path: Path, plt, setting: bool = False,
-                    colors: Optional[list[str]] = None) -> Path:
-    """Train and test top-1 per epoch; the authors' curves dashed, and the per-epoch difference to them."""
-    compare = [(r, t) for t in theirs for r in runs if r.cfg.loss.pgt_alpha == t.cfg.loss.pgt_alpha]
+def _labelled(arms) -> list[tuple[str, list[Run]]]:
+    """Each arm's runs with what it trains as its label; the folders only where two arms would read alike."""
+    labels = [a.runs[0].label(setting=True, seed=False) for a in arms]
+    return [(f"{label} ({a.names})" if labels.count(label) > 1 else label, a.runs) for label, a in zip(labels, arms)]
+
+
+def mean_curve(runs: list[Run], column: str) -> tuple[list[int], list[float]]:
+    """The mean over the runs at each epoch all of them logged."""
+    curves = [dict(zip(*r.curve(column))) for r in runs]
+    epochs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return epochs, [statistics.fmean(c[e] for c in curves) for e in epochs]
+
+
+def accuracy_figure(arms: list[tuple[str, list[Run]]], theirs: list[Run], title: str, path: Path, plt) -> Path:
+    """Train and test top-1 per epoch: one colour per arm, a thin line per seed and the arm's mean
+    thicker; the authors' curves dashed, and the difference of each arm's mean to them."""
+    color = {id(seeds): f"C{i % 10}" for i, (_, seeds) in enumerate(arms)}
+    compare = [(label, seeds, t) for t in theirs for label, seeds in arms
+               if seeds and seeds[0].cfg.loss.pgt_alpha == t.cfg.loss.pgt_alpha]
     panels = 3 if compare else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
-    color_of = dict(zip(map(id, runs), colors)) if colors else {}
-    seeds = sorted({r.seed for r in runs})
-    for run, label in zip(runs, _legend_labels(runs, setting)):
-        style = ("-", "-.", ":")[seeds.index(run.seed) % 3] if colors else "-"  # the authors' are dashed
+    marker = "o" if all(len(r.epochs) <= 1 for _, seeds in arms for r in seeds) else None  # a lone point shows
+    for label, seeds in arms:
         for ax, column in zip(axes, ("train_top1", "eval_top1")):
-            ax.plot(*run.curve(column), style, label=label, color=color_of.get(id(run)))
+            if len(seeds) == 1:
+                ax.plot(*seeds[0].curve(column), marker=marker, color=color[id(seeds)],
+                        label=f"{label}, seed {seeds[0].seed}")
+                continue
+            for i, run in enumerate(seeds):
+                ax.plot(*run.curve(column), marker=marker, lw=0.8, alpha=0.6, color=color[id(seeds)],
+                        label=f"{label}: seeds {', '.join(str(r.seed) for r in seeds)}" if i == 0 else None)
+            ax.plot(*mean_curve(seeds, column), marker=marker, lw=2.6, color=color[id(seeds)], label=f"{label}: mean")
     for t in theirs:
         for ax, column in zip(axes, ("train_top1", "eval_top1")):
             ax.plot(*t.curve(column), "--", color="C0" if t.cfg.loss.pgt_alpha is None else "C1",
@@ -109,13 +138,13 @@ def accuracy_figure(runs: list[Run], theirs: list[Run], title: str, path: Path, 
         ax.set(xlabel="epoch", ylabel=f"{what} top-1 (%)", title=f"{what} accuracy")
     if compare:
         diff_ax = axes[2]
-        for run, t in compare:
-            ours, mine = dict(zip(*t.curve("eval_top1"))), dict(zip(*run.curve("eval_top1")))
+        for label, seeds, t in compare:
+            ours, mine = dict(zip(*t.curve("eval_top1"))), dict(zip(*mean_curve(seeds, "eval_top1")))
             epochs = sorted(set(ours) & set(mine))
-            diff_ax.plot(epochs, [mine[e] - ours[e] for e in epochs], label=run.label(seed=len(runs) > 2),
-                         color=color_of.get(id(run)))
+            diff_ax.plot(epochs, [mine[e] - ours[e] for e in epochs], label=label, color=color[id(seeds)])
         diff_ax.axhline(0, color="0.5", lw=0.8)
-        diff_ax.set(xlabel="epoch", ylabel="test top-1: run - authors (points)", title="difference to the authors")
+        diff_ax.set(xlabel="epoch", ylabel="test top-1: runs' mean - authors (points)",
+                    title="difference to the authors")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -166,55 +195,70 @@ def pooled_features(run: Run) -> Optional[tuple]:
     return None
 
 
-def filter_norm_figure(runs: list[Run], title: str, path: Path, plt) -> Optional[Path]:
+def filter_norm_figure(arms: list[tuple[str, list[Run]]], title: str, path: Path, plt) -> Optional[Path]:
     """Fig. 5-7: for three main-path layers, one line per filter (its L2 norm over the epochs), the
-    runs side by side on one scale; then the share of zeroed filters, the dead pooled features and
-    the pooled features' channel RMS (Fig. 5c)."""
+    arms side by side on one scale, their seeds as line styles; then the share of zeroed filters
+    (each arm's mean over its seeds), the dead pooled features and the pooled features' channel RMS
+    (Fig. 5c), one colour per arm and its seeds as line styles. None when an arm saved no filter norms."""
     import numpy as np
     from matplotlib.collections import LineCollection
+    from matplotlib.lines import Line2D
 
     from powergrad_train.diagnostics import ZEROED_NORM
-    data = [filter_norms(r) for r in runs]
-    if not all(epochs for epochs, _ in data):
+    # Per arm, its seeds that saved filter norms: (run, epochs, {layer: norms} per epoch).
+    data = [[d for d in ((run, *filter_norms(run)) for run in seeds) if d[1]] for _, seeds in arms]
+    if not all(data):
         return None
-    layers = [n for n in main_path_convs(list(data[0][1][0])) if all(n in d[1][0] for d in data)]
-    if len(runs) == 1:  # the layers in a row, the summaries below them
+    every = [d for arm in data for d in arm]
+    layers = [n for n in main_path_convs(list(every[0][2][0])) if all(n in d[2][0] for d in every)]
+    if len(arms) == 1:  # the layers in a row, the summaries below them
         fig = plt.figure(figsize=(15.6, 6.4))
         grid = fig.add_gridspec(2, 3)
         layer_axes = [[fig.add_subplot(grid[0, i])] for i in range(len(layers))]
-    else:  # a row per layer, the runs side by side
+    else:  # a row per layer, the arms side by side
         fig = plt.figure(figsize=(12.0, 3.1 * (len(layers) + 1)))
         grid = fig.add_gridspec(len(layers) + 1, 6)
         layer_axes = [[fig.add_subplot(grid[i, :3]), fig.add_subplot(grid[i, 3:])] for i in range(len(layers))]
         grid = grid[-1, :].subgridspec(1, 3)
     summary = [fig.add_subplot(grid[-1, i]) for i in range(3)]
-    labels = _legend_labels(runs, setting=False)
+    labels = [label for label, _ in arms]
     for row_axes, layer in zip(layer_axes, layers):
-        top = max(max(norms[layer].max() for norms in d[1]) for d in data)
-        for ax, (epochs, norms), label in zip(row_axes, data, labels):
-            # One line per filter, drawn as one collection (hundreds of separate lines draw slowly).
-            values = np.stack([n[layer] for n in norms]).T  # (filters, epochs)
-            x = np.broadcast_to(np.asarray(epochs, dtype=float), values.shape)
-            ax.add_collection(LineCollection(np.stack([x, values], axis=-1), lw=0.6, alpha=0.6,
-                                             colors=[f"C{i % 10}" for i in range(len(values))]))
+        top = max(norms[layer].max() for _, _, per_epoch in every for norms in per_epoch)
+        for ax, arm, label in zip(row_axes, data, labels):
+            for i, (run, epochs, per_epoch) in enumerate(arm):
+                # One line per filter, drawn as one collection (hundreds of separate lines draw slowly).
+                values = np.stack([n[layer] for n in per_epoch]).T  # (filters, epochs)
+                x = np.broadcast_to(np.asarray(epochs, dtype=float), values.shape)
+                ax.add_collection(LineCollection(np.stack([x, values], axis=-1), lw=0.6, alpha=0.6,
+                                                 linestyles=SEED_STYLES[i % len(SEED_STYLES)],
+                                                 colors=[f"C{f % 10}" for f in range(len(values))]))
+            epochs = [e for _, arm_epochs, _ in arm for e in arm_epochs]
             ax.set_xlim(min(epochs) - 0.05, max(epochs) + 0.05)
             ax.set(xlabel="epoch", ylabel="filter L2 norm", ylim=(0, 1.05 * top),
-                   title=f"{label}: {layer} ({len(norms[0][layer])} filters)")
+                   title=f"{label}: {layer} ({len(arm[0][2][0][layer])} filters)")
+            if len(arm) > 1:
+                ax.legend(handles=[Line2D([], [], color="0.3", lw=0.8, ls=SEED_STYLES[i % len(SEED_STYLES)],
+                                          label=f"seed {run.seed}") for i, (run, _, _) in enumerate(arm)], fontsize=7)
     zero_ax, dead_ax, rms_ax = summary
-    for (epochs, norms), label, run, style in zip(data, labels, runs, ("-", "--")):
-        for color, layer in enumerate(layers):
-            zero_ax.plot(epochs, [100 * (n[layer] < ZEROED_NORM).mean() for n in norms], style, color=f"C{color}",
-                         label=f"{label}: {layer}")
-        dead_ax.plot(*run.curve("dead_features"), style, marker=".", color="C0" if style == "-" else "C1", label=label)
-    zero_ax.set(xlabel="epoch", ylabel=f"filters with norm < {ZEROED_NORM:g} (%)", title="zeroed filters")
+    for a, (arm, label) in enumerate(zip(data, labels)):
+        common = sorted(set.intersection(*(set(epochs) for _, epochs, _ in arm)))
+        for marker, layer in zip("os^", layers):
+            share = [statistics.fmean(100 * float((per_epoch[epochs.index(e)][layer] < ZEROED_NORM).mean())
+                                      for _, epochs, per_epoch in arm) for e in common]
+            zero_ax.plot(common, share, marker=marker, color=f"C{a}", label=f"{label}: {layer}")
+        for i, (run, _, _) in enumerate(arm):
+            style, name = SEED_STYLES[i % len(SEED_STYLES)], f"{label}, seed {run.seed}"
+            dead_ax.plot(*run.curve("dead_features"), style, marker=".", color=f"C{a}", label=name)
+            last = pooled_features(run)
+            if last is not None:
+                epoch, rms = last
+                rms_ax.plot(np.sort(rms)[::-1], style, color=f"C{a}",
+                            label=f"{name} (epoch {epoch}, {int((rms == 0).sum())} at 0)")
+    zero_ax.set(xlabel="epoch", ylabel=f"filters with norm < {ZEROED_NORM:g} (%)",
+                title="zeroed filters" + (" (mean over seeds)" if len(every) > len(arms) else ""))
     zero_ax.set_ylim(bottom=0, top=max(1.0, zero_ax.get_ylim()[1]))
     dead_ax.set(xlabel="epoch", ylabel="dead channels", title="pooled features zero on every val image (Fig. 5c)")
     dead_ax.set_ylim(bottom=0, top=max(1.0, dead_ax.get_ylim()[1]))
-    for run, label, style in zip(runs, labels, ("-", "--")):
-        last = pooled_features(run)
-        if last is not None:
-            epoch, rms = last
-            rms_ax.plot(np.sort(rms)[::-1], style, label=f"{label} (epoch {epoch}, {int((rms == 0).sum())} at 0)")
     rms_ax.set(xlabel="channel, sorted by its value", ylabel="RMS over the val images",
                title="pooled feature channels, last epoch")
     rms_ax.set_ylim(bottom=0)
@@ -227,19 +271,20 @@ def filter_norm_figure(runs: list[Run], title: str, path: Path, plt) -> Optional
     return _save(fig, path, plt)
 
 
-def alpha_groups(runs: list[Run], need_losses: bool = True) -> dict[tuple, list[Run]]:
-    """Runs equal in every key a row fixes but alpha, in groups of more than one alpha."""
+def alpha_groups(runs: list[Run]) -> dict[tuple, list[Run]]:
+    """Runs with a logit norm and a loss, equal in every setting but the loss method (alpha), in
+    groups of more than one alpha."""
     groups = {}
     for run in runs:
-        if not need_losses or (run.final("logit_norm") is not None and run.final("train_loss") is not None):
-            key = tuple(str(get(run.cfg, k)) for k in paper.ROW_KEYS if k != "loss.pgt_alpha")
+        if run.final("logit_norm") is not None and run.final("train_loss") is not None:
+            key = tuple(kv for kv in paper.setting(run.cfg) if kv[0] not in paper.METHOD_KEYS)
             groups.setdefault(key, []).append(run)
     return {k: g for k, g in groups.items() if len({r.cfg.loss.pgt_alpha for r in g}) > 1}
 
 
 def alpha_figure(runs: list[Run], path: Path, plt) -> Optional[Path]:
     """Fig. 8: the last epoch's train logit norm and training loss against alpha, one curve per
-    group of runs equal in every key a row fixes but alpha (never mixing models or schedules)."""
+    group of runs equal in every setting but alpha (never mixing models or schedules)."""
     groups = alpha_groups(runs)
     if not groups:
         return None

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from powergrad_train import paper, seed_stats
+from powergrad_train import paper, report, seed_stats
 from powergrad_train.cli import main
 from powergrad_train.config import KEYS, build_config, dump, get
 from powergrad_train.diagnostics import save_filter_norms
@@ -202,29 +202,31 @@ def test_time_to_accuracy_never(tmp_path):
 
 # ----------------------------------------------------------------------------- real runs, other runs
 
-def test_tiny_runs_are_other_runs_related_to_the_rows_they_are_about(two_epoch_run, pgt_run, tmp_path, capsys):
+def test_tiny_runs_are_no_row_so_their_comparison_comes_first(two_epoch_run, pgt_run, tmp_path, capsys):
     text = report_text(capsys, two_epoch_run, pgt_run, "--out", tmp_path / "out")
-    assert text.startswith("# Runs beside the paper")
-    for row in paper.ROWS:
-        assert f"| {row.train:.2f} | {row.test:.3f} |" in row_line(text, row.label)
-    others = text.split("## Other runs")[1]
+    assert text.startswith("# Runs compared over seeds\n\n## Comparisons")
+    assert "## Table" not in text and "None of the runs is a row of the paper's tables" in text
     pgt = [r for r in csv.DictReader(open(pgt_run / "summary.csv"))]
     assert (f"| pgt | resnet10t | cosine (per_step) | 2 | 16 | 0.05 | PGT 0.25 | off | 0 | finished | "
             f"{float(pgt[-1]['train_top1']):.2f} | {float(pgt[-1]['eval_top1']):.2f} | "
-            f"{max(float(r['eval_top1']) for r in pgt):.2f} |") in others
-    assert "| run | resnet10t | cosine (per_step) | 2 | 16 | 0.05 | baseline |" in others
-    assert "not run" in row_line(text, R18_PGT.label)  # resnet10t is about no paper row
+            f"{max(float(r['eval_top1']) for r in pgt):.2f} |") in text.split("## Arms")[1]
+    assert "| run | resnet10t | cosine (per_step) | 2 | 16 | 0.05 | baseline |" in text
+    assert "### resnet10t cosine, 2 epochs: baseline vs PGT 0.25" in text
+    assert "- pgt: closest to Table " in text  # resnet10t is about no paper row
     assert (tmp_path / "out" / "report.md").read_text() == text.split("\nwritten: ")[0]
 
 
 def test_a_try_out_of_a_recipe_is_related_and_says_what_differs(tmp_path):
     cfg = build_config(R18_PGT.recipe, ["schedule.epochs=3", "schedule.mode=per_step", "data.batch_size=64",
                                         "schedule.warmup_epochs=1", "schedule.cooldown_epochs=0"])
-    text = tables_of(write_run(tmp_path / "tryout", cfg, 30.0))
+    tryout = read_run(write_run(tmp_path / "tryout", cfg, 30.0))
+    differs = ("- tryout: related to Table 1 resnet18 cosine PGT 0.25: differs in data.batch_size (run 64, row 1024), "
+               "schedule.mode (run per_step, row authors_per_epoch), schedule.epochs (run 3, row 100), "
+               "schedule.warmup_epochs (run 1, row 5), schedule.cooldown_epochs (run 0, row 10)")
+    assert differs in report.report_text([tryout])  # alone: no row is run, no table shown
+    text = report.report_text([tryout, read_run(row_run(tmp_path, R18_BASE, "b", 70.0))])  # beside a row's run
     assert "| not run; related: tryout (see other runs) |" in row_line(text, R18_PGT.label)
-    assert ("- tryout: related to Table 1 resnet18 cosine PGT 0.25: differs in data.batch_size (run 64, row 1024), "
-            "schedule.mode (run per_step, row authors_per_epoch), schedule.epochs (run 3, row 100), "
-            "schedule.warmup_epochs (run 1, row 5), schedule.cooldown_epochs (run 0, row 10)") in text
+    assert differs in text.split("## Other runs")[1]
 
 
 # ----------------------------------------------------------------------------- what report trusts
@@ -361,10 +363,10 @@ def test_figures_are_written(two_epoch_run, pgt_run, tmp_path):
     main(["report", *map(str, pair), str(two_epoch_run), str(pgt_run), "--out", str(tmp_path / "out"),
           "--reference", str(authors_tree(tmp_path / "authors"))])
     names = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
-    # The tiny runs are no row, but equal in every key a row fixes but alpha: a pair of their own.
-    assert names == ["accuracy.png", "alpha.png", "filters-run-vs-pgt.png", "filters-table1-resnet18-cosine-PGT-0.25.png",
-                     "pair-run-vs-pgt.png", "pair-table1-resnet18-cosine-PGT-0.25.png",
-                     "pair-table2-batch-256-PGT-0.25.png"]
+    # The tiny runs are no row, but two arms that differ in alpha alone: a comparison of their own.
+    assert names == ["accuracy.png", "alpha.png", "filters-resnet10t-baseline-vs-PGT-0.25.png",
+                     "filters-table1-resnet18-cosine-PGT-0.25.png", "pair-resnet10t-baseline-vs-PGT-0.25.png",
+                     "pair-table1-resnet18-cosine-PGT-0.25.png", "pair-table2-batch-256-PGT-0.25.png"]
     for path in (tmp_path / "out").glob("*.png"):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
@@ -379,7 +381,7 @@ def test_logit_norm_rises_as_alpha_falls(two_epoch_run, pgt_run):
     """The paper's Fig. 8 mechanism, on small real images: everything equal but alpha (1 vs 0.25).
 
     Only the logit norm is asserted: on the demo set the final training loss does not rise with
-    falling alpha in every regime (scripts/alpha_sweep.py: after 6 epochs it falls), see the README."""
+    falling alpha in every regime (scripts/alpha_sweep.py: after 6 epochs it falls), see docs/reproducing.md."""
     def last(folder, column):
         return float(list(csv.DictReader(open(folder / "summary.csv")))[-1][column])
     assert last(pgt_run, "logit_norm") > 1.5 * last(two_epoch_run, "logit_norm")

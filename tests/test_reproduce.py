@@ -155,8 +155,8 @@ def test_rows_run_in_turn_finished_ones_are_skipped_and_the_report_follows(tiny_
         assert (tmp_path / folder / "last.pt").is_file()
     assert read_run_config(tmp_path / "resnet18_pgt-seed1" / "config.yaml").seed == 1
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "| resnet18_pgt | resnet18 | cosine (authors_per_epoch) | 1 | 16 |" in report  # a try-out: no row
-    assert "- resnet18_pgt-seed1: related to Table 1 resnet18 cosine PGT 0.25: differs in model.num_classes" in report
+    assert "| resnet18_pgt, resnet18_pgt-seed1 | resnet18 | cosine (authors_per_epoch) | 1 | 16 |" in report  # one arm of two seeds, no row
+    assert "- resnet18_pgt, resnet18_pgt-seed1: related to Table 1 resnet18 cosine PGT 0.25: differs in model.num_classes" in report
     # Another table's run in the same OUT: the next report keeps it.
     other = tmp_path / "nobn_b256_baseline"
     other.mkdir()
@@ -165,4 +165,4 @@ def test_rows_run_in_turn_finished_ones_are_skipped_and_the_report_follows(tiny_
     out = capsys.readouterr().out
     assert out.count("finished, skipped") == 2 and "seed 0 (finished: skipped)" in out
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "| nobn_b256_baseline | resnet18_nobn |" in report and "| resnet18_pgt-seed1 | resnet18 |" in report
+    assert "| nobn_b256_baseline | resnet18_nobn |" in report and "| resnet18_pgt, resnet18_pgt-seed1 | resnet18 |" in report
