@@ -13,7 +13,6 @@ eval_top5). Their no-BN ResNet-18 is `resnet18_wobn` (the folder says `resnet_no
 from __future__ import annotations
 
 import argparse
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,26 +93,14 @@ def _classifier_size(state_dict: dict) -> int:
 
 
 def load_checkpoint(path: Path) -> AuthorsCheckpoint:
-    """One of their `.pth.tar` files, loaded with torch's weights-only unpickler: tensors and plain
-    values, and argparse.Namespace for their `args`; anything else is refused (it could run code)."""
-    import torch
-
-    from powergrad_train.checkpoint import load_failure
+    """One of their `.pth.tar` files, loaded as every torch file here is (checkpoint.torch_load:
+    weights only, with argparse.Namespace allowed for their `args`; anything else is refused)."""
+    from powergrad_train.checkpoint import torch_load
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}" + (" (a folder: give the .pth.tar file in it)"
-                                                                 if path.is_dir() else ""))
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e).split("\n", 1)[0]:
-            raise load_failure(path, e) from None
-        raise CheckpointError(f"{path}: holds Python objects besides tensors, plain values and argparse.Namespace, "
-                              "so it is not loaded (loading it could run code)") from None
-    except Exception as e:
-        raise load_failure(path, e) from None
+    if path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint file (a folder: give the .pth.tar file in it)")
+    state = torch_load(path)
     if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
         raise CheckpointError(f"{path}: not a timm checkpoint (no state_dict in it)")
     args = state.get("args")

@@ -16,6 +16,7 @@ carries a checksum of its content, checked on loading.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import errno
 import math
@@ -34,6 +35,7 @@ import torch
 from powergrad_train.atomic import fsync_folder
 from powergrad_train.config import KEYS, Config, build_config, get
 from powergrad_train.errors import CheckpointError
+from powergrad_train.user_files import NotAFile, check_regular
 
 FORMAT = "powergrad-train-checkpoint/3"
 FORMAT_2 = "powergrad-train-checkpoint/2"  # the train meter was a shared part (sums reduced over ranks)
@@ -213,17 +215,36 @@ def _link_atomic(src: Path, dst: Path, copy: bool = False) -> None:
         raise CheckpointError(f"cannot write checkpoint {dst} ({os.strerror(e.errno) if e.errno else e})") from None
 
 
+# What a weights-only load takes besides tensors and plain values: the argparse.Namespace that
+# timm's train.py (and the PGT authors' fork of it) saves as `args` in its checkpoints. One list
+# for every torch file this program loads: its checkpoints, model.init_from and validate's.
+ALLOWED_GLOBALS = [argparse.Namespace]
+
+
+def torch_load(path: Path, mmap: bool = False):
+    """A torch file's content, loaded weights-only with ALLOWED_GLOBALS (nothing in it can run code),
+    from a regular file only; any failure is one CheckpointError."""
+    try:
+        check_regular(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except NotAFile as e:
+        raise CheckpointError(f"{path}: {e} (a checkpoint is a file)") from None
+    except OSError as e:
+        raise load_failure(path, e) from None
+    try:
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise load_failure(path, e) from None
+
+
 def load(path: Path, verify: bool = True) -> dict:
     """A checkpoint file as a dict in the current format (older formats are converted). Unverified
     (its content not checked against its checksum), a file's train state costs almost nothing to
     read: the tensors are mapped, not read."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise load_failure(path, e) from None
+    state = torch_load(path, mmap=True)
     if not isinstance(state, dict) or state.get("format") not in (FORMAT, FORMAT_2, FORMAT_1):
         raise CheckpointError(f"{path}: not a powergrad-train checkpoint")
     saved_checksum = state.pop("checksum", None)  # format 1 has none
@@ -246,8 +267,8 @@ def load_failure(path: Path, error: Exception) -> Exception:
         return CheckpointError(f"not enough memory to load checkpoint {path} ({first})")
     if isinstance(error, pickle.UnpicklingError) and _unsafe_globals(path):
         # A file that needs arbitrary code to unpickle; powergrad-train never writes one.
-        return CheckpointError(f"{path}: holds Python objects outside torch's weights-only allow-list, so it "
-                               "was not written by powergrad-train and is not loaded (loading it could run code)")
+        return CheckpointError(f"{path}: holds Python objects besides tensors, plain values and argparse.Namespace, "
+                               "so it is not loaded (loading it could run code)")
     if isinstance(error, (RuntimeError, EOFError, pickle.UnpicklingError)):
         # The zip reader (truncated, damaged) or mmap (a file that is not a torch zip archive at all).
         return CheckpointError(f"{path}: not a readable checkpoint, truncated or not a checkpoint "
@@ -257,8 +278,9 @@ def load_failure(path: Path, error: Exception) -> Exception:
 
 def _unsafe_globals(path: Path) -> list[str]:
     """The Python objects a torch file needs that the weights-only loader does not allow."""
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS}
     try:
-        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
     except Exception:  # not a readable zip archive: not the allow-list's doing
         return []
 
@@ -325,8 +347,13 @@ STEPS_TOLERANCE = 0.01
 def check_compatible(state: dict, path: Path, cfg: Config, *, classes: list[str], steps_per_epoch: int,
                      world_size: int, force: bool) -> None:
     """Every reason a checkpoint cannot continue this run, as one kind of error."""
+    saved = config_of(state, path)
+    if saved.optim.name != cfg.optim.name:  # settings may change under --resume-force, state of another kind not
+        raise CheckpointError(
+            f"--resume {path}: its optimizer state is {saved.optim.name}'s, which optim.name = {cfg.optim.name} "
+            f"cannot continue from, even with --resume-force; resume with optim.name={saved.optim.name}, or start a "
+            f"new run from its weights with model.init_from={path}")
     if not force:
-        saved = config_of(state, path)
         changed = [f"{k.dotted}: {get(saved, k.dotted)!r} -> {get(cfg, k.dotted)!r}"
                    for k in KEYS.values() if k.meta["fixed"] and get(saved, k.dotted) != get(cfg, k.dotted)]
         if changed:

@@ -1,6 +1,6 @@
 """The config schema: every option defined once, with its type, default, range and help.
 
-Recipes (YAML), `--set KEY=VALUE` overrides, validation, `--help` and the README's key
+Recipes (YAML), `--set KEY=VALUE` overrides, validation, `--help` and the key
 table all come from the dataclasses below. A recipe may start from another with
 `base: other.yaml`.
 """
@@ -23,6 +23,7 @@ import yaml
 
 from powergrad_train import registry
 from powergrad_train.errors import SHOWN_CHARS, ConfigError, printable, shown
+from powergrad_train.user_files import read_bytes
 
 BUNDLED_RECIPES = Path(__file__).parent / "configs"
 DEMO_ROOT = "builtin:demo"
@@ -252,7 +253,7 @@ KEYS = {k.dotted: k for k in schema_keys()}
 
 
 def describe_keys() -> str:
-    """The key list shown by --help and copied into the README."""
+    """The key list shown by --help and copied into docs/config.md."""
     lines = []
     for k in KEYS.values():
         allowed = _allowed_text(k.meta)
@@ -263,7 +264,7 @@ def describe_keys() -> str:
 
 
 def describe_keys_markdown() -> str:
-    """The same, as the Markdown table in README.md."""
+    """The same, as the Markdown table in docs/config.md."""
     rows = ["| key | type | default | allowed | help |", "|---|---|---|---|---|"]
     for k in KEYS.values():
         fixed = " *(fixed on resume)*" if k.meta["fixed"] else ""
@@ -578,7 +579,7 @@ def _read_yaml(path: Path) -> dict:
         size = path.stat().st_size
         if size > MAX_RECIPE_BYTES:
             raise ConfigError(f"{where}: {size} bytes is too large for a recipe (at most {MAX_RECIPE_BYTES})")
-        data = path.read_bytes()
+        data = read_bytes(path, MAX_RECIPE_BYTES)  # a regular file only, and no more than that however it grows
     except OSError as e:
         raise ConfigError(f"{where}: cannot read the recipe ({e.strerror or e})") from None
     if data[:4] == b"PK\x03\x04":  # a zip archive: what torch.save writes

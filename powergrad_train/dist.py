@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -60,10 +62,13 @@ def init(env: DistEnv, device: torch.device) -> None:
 
 
 def _meet(env: DistEnv, timeout: timedelta):
-    """The store of torchrun's environment (what init_process_group's env:// would make)."""
+    """The store of torchrun's environment, with a namespace of this attempt's own: torchrun's store
+    outlives a restart (--max-restarts), and a restarted process group that read the keys of the
+    attempt before would connect to the addresses of processes that are gone."""
     store, _, _ = next(torch_dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
     store.set_timeout(timeout)
-    return store
+    return torch_dist.PrefixStore(f"powergrad-train/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+                                  store)
 
 
 def close() -> None:
@@ -71,6 +76,8 @@ def close() -> None:
         error = sys.exc_info()[1]
         if isinstance(error, Exception) and not lost_a_peer(error):  # on the way out of an error of its own:
             note_failure()  # say so before the others see the connections close (see failed_after_another)
+        elif lost_a_peer(error):
+            outlast_the_stop()  # (cli.main says what was lost)
         torch_dist.destroy_process_group()
 
 
@@ -130,12 +137,36 @@ class PeerFailed(Exception):
 
 def lost_a_peer(error: BaseException) -> bool:
     """Whether `error` is torch's word that another process failed or vanished (its DistError
-    family: a closed connection, a store gone, a backend error), or ours."""
-    return isinstance(error, (PeerFailed, torch_dist.DistError))
+    family: a closed connection, a store gone, a backend error), gloo's, or ours."""
+    return isinstance(error, (PeerFailed, torch_dist.DistError)) or connection_lost(error)
+
+
+# gloo reports a peer that vanished (kill -9, out of memory, a machine gone) as a plain RuntimeError
+# from its TCP transport ("[.../gloo/transport/tcp/pair.cc:545] Read error [addr]:port: Connection reset
+# by peer. This is typically caused by ..."); tests/test_faults_and_state.py kills a process to check
+# that this is still how it says so.
+_GLOO_TRANSPORT = re.compile(r"\[[^\]]*gloo/transport/[^\]]*\]\s*")
+
+
+def connection_lost(error: BaseException) -> bool:
+    """Whether `error` is gloo's word that the connection to another process broke."""
+    return isinstance(error, RuntimeError) and bool(_GLOO_TRANSPORT.search(str(error)))
+
+
+def lost_peer_reason(error: BaseException) -> str:
+    """What the lost-peer `error` says, in a few words: its first sentence, without gloo's source location."""
+    text = _GLOO_TRANSPORT.sub("", (str(error).strip().splitlines() or [""])[0])
+    return f"{type(error).__name__}: {text.split('. ')[0]}".rstrip(": ")
+
+
+def outlast_the_stop() -> None:
+    """Ignore SIGTERM from here on. When a process of the run ends, torchrun stops the others with it;
+    one already on its way out of an error (a peer lost) finishes saying why instead of dying mid-way."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _errors_key(name: str) -> str:
-    return f"powergrad-train/errors/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"
+    return f"powergrad-train/errors/{name}"  # (the store is this attempt's own: see _meet)
 
 
 def _errors_store(env: DistEnv):

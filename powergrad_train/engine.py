@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,17 @@ def evaluate_model(model, loader, device, autocast, memory_format=torch.contiguo
     return meter.read()
 
 
+def full_batch(images: torch.Tensor, targets: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch filled up to `size` images with copies of its first ones, when it came out short (a file
+    that failed when read was left out of it): the start-up checks' batch size, even batch (mixup) and
+    micro-batches of more than one image (batch norm) then hold for every step, and the step count and
+    every other image's augmentation stay what they were. No host sync: shapes are known on the host."""
+    if images.shape[0] >= size:
+        return images, targets
+    rows = torch.arange(size, device=images.device) % images.shape[0]
+    return images[rows], targets[rows]
+
+
 @dataclass(eq=False)
 class Trainer:
     """The loop, handed every part it uses (run.build_run assembles them from a config)."""
@@ -141,6 +153,7 @@ class Trainer:
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> None:
         """One optimizer step over this process's share of one global batch. No host sync (unless the
         optimizer can only skip a bad step on the host: step_guard.py)."""
+        images, targets = full_batch(images, targets, self.cfg.data.batch_size // self.env.world_size)
         set_lr(self.optimizer, self.lr())
         self.buffers.take()  # the forward updates batch-norm statistics; a skipped step puts them back
         images, targets = self.batch_transform(images, targets)
@@ -206,6 +219,8 @@ class Trainer:
             log.message(f"done: best val top1 {s.best_top1:.2f} at epoch {s.best_epoch}; run folder {self.run_dir}")
         finally:
             stop.close()
+            if self.env.distributed and dist.lost_a_peer(sys.exc_info()[1]):
+                dist.outlast_the_stop()  # torchrun's SIGTERM must not cut short what this process says of it
 
     def _train_epoch(self, stop: StopRequest) -> None:
         """Train the rest of the current epoch; afterwards the state counts it as done."""
@@ -360,6 +375,7 @@ class Trainer:
             f"{self.steps_per_epoch} steps per epoch, batch {cfg.data.batch_size} global = "
             f"{cfg.data.batch_size // env.world_size} per process",
             f"device: {device}; {env.world_size} process(es); precision: {precision_in_use(cfg.amp, cfg.tf32, capability)}",
+            f"loss: {self.objective.describe()}",
             f"run folder: {self.run_dir}; {start}",
         ]
         self.log.message("\n".join(lines))

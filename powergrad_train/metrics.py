@@ -8,6 +8,8 @@ import csv
 import io
 import json
 import math
+import os
+import stat
 import sys
 import threading
 import time
@@ -18,8 +20,9 @@ from typing import Optional, Sequence
 import torch
 
 from powergrad_train import dist
-from powergrad_train.atomic import reason, write_text
-from powergrad_train.errors import RunFolderError, WriteError
+from powergrad_train.atomic import reason, write_file
+from powergrad_train.errors import RunFolderError, WriteError, printable
+from powergrad_train.user_files import NotAFile, check_regular, open_regular, read_bytes, what_is
 
 SUMMARY_COLUMNS = ("epoch", "step", "train_loss", "train_top1", "eval_loss", "eval_top1", "eval_top5", "lr",
                    "images_per_sec", "epoch_time_s", "logit_norm", "eval_logit_norm", "zeroed_filters",
@@ -217,6 +220,40 @@ class Console(Output):
 SUMMARY_CSV = "summary.csv"
 
 
+@contextlib.contextmanager
+def writing(path):
+    """A failed write to the file (or files) `path` as one WriteError naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise WriteError(path, reason(e)) from None
+
+
+def append(path: Path, text: str) -> None:
+    """Add `text` (whole lines) at the end of the log `path`, completely or not at all: a write cut
+    short (a full disk, a quota) is cut off again, so the log keeps whole lines. A path that is not
+    a regular file (a FIFO would block the open) or a failed write is a WriteError naming it."""
+    data = memoryview(text.encode(errors="surrogateescape"))
+    with writing(path):
+        if os.path.lexists(path):
+            check_regular(path)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise NotAFile(what_is(mode))
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+            except BaseException:  # an OSError, or an interrupt between two parts of the write
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, end)
+                raise
+        finally:
+            os.close(fd)
+
+
 class SummaryCsv(Output):
     """summary.csv: one row per epoch, with our columns and then any added by hand (left empty in
     new rows). build_run first trims the rows of epochs after the checkpoint it resumes."""
@@ -226,40 +263,62 @@ class SummaryCsv(Output):
         self.columns = summary_columns(info.run_dir)
 
     def epoch_end(self, row: dict) -> None:
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        with open(self.path, "a", newline="") as f:
-            w = csv.DictWriter(f, self.columns, restval="")
-            if new:
-                w.writeheader()
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        with writing(self.path):
+            new = not self.path.exists() or self.path.stat().st_size == 0
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, self.columns, restval="")
+        if new:
+            w.writeheader()
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        append(self.path, text.getvalue())
 
 
-def _read_csv(path: Path) -> tuple[Optional[list[str]], list[list[str]]]:
-    if not path.exists():
-        return None, []
-    with open(path, newline="") as f:
-        header, *rows = list(csv.reader(f)) or [None]
-    return header, rows
+# A summary.csv holds a row per epoch (about 200 bytes): one larger than this is not ours to read.
+MAX_SUMMARY_BYTES = 64 << 20
+
+
+def read_summary(run_dir: Path) -> tuple[Optional[list[str]], list[list[str]], bool]:
+    """(header, rows, whether a torn last row was left out) of the run's summary.csv; (None, [], False)
+    when there is none. A row this program writes always ends with its line end: a last row
+    without one, with fewer cells than the header and a whole number as its epoch, is what a
+    write cut short (a full disk, a kill) left, and is left out."""
+    path = Path(run_dir) / SUMMARY_CSV
+    if not os.path.lexists(path):
+        return None, [], False
+    try:
+        text = read_bytes(path, MAX_SUMMARY_BYTES).decode(errors="surrogateescape")
+    except OSError as e:
+        raise RunFolderError(f"{printable(path)}: cannot read it ({reason(e)}); move it away") from None
+    try:
+        header, *rows = list(csv.reader(io.StringIO(text, newline=""))) or [None]
+    except csv.Error as e:
+        raise RunFolderError(f"{printable(path)}: not a CSV file ({e}); move it away") from None
+    torn = False
+    if header is not None and rows and not text.endswith(("\n", "\r")) and "epoch" in header:
+        epoch = rows[-1][header.index("epoch")] if len(rows[-1]) > header.index("epoch") else ""
+        torn = len(rows[-1]) < len(header) and epoch.isascii() and epoch.isdigit()
+    return header, rows[:-1] if torn else rows, torn
 
 
 def summary_columns(run_dir: Path) -> list[str]:
     """The columns summary.csv is written with: ours, then those added to it by hand. A file whose
     first line is not a header with an `epoch` column is refused rather than rewritten."""
     path = Path(run_dir) / SUMMARY_CSV
-    header, _ = _read_csv(path)
+    header, _, _ = read_summary(run_dir)
     if header is not None and "epoch" not in header:
         raise RunFolderError(f"{path}: its first line is not a header with an 'epoch' column (edited by hand?); "
                              f"put the header back ({','.join(SUMMARY_COLUMNS)}) or move the file away")
     return list(SUMMARY_COLUMNS) + [c for c in header or () if c not in SUMMARY_COLUMNS]
 
 
-def trim_summary_csv(run_dir: Path, start_epoch: int) -> None:
-    """Drop the summary rows of epochs after `start_epoch` (a resumed run trains them again); keep
-    what was added by hand: columns, and rows whose epoch cell is not a whole number (notes)."""
+def trim_summary_csv(run_dir: Path, start_epoch: int) -> Optional[str]:
+    """Drop the summary rows of epochs after `start_epoch` (a resumed run trains them again), and a
+    torn last row; keep what was added by hand: columns, and rows whose epoch cell is not a whole
+    number (notes). Returns a line saying a torn row was dropped, or None."""
     path = Path(run_dir) / SUMMARY_CSV
-    header, rows = _read_csv(path)
+    header, rows, torn = read_summary(run_dir)
     if header is None:
-        return
+        return None
     columns = summary_columns(run_dir)
     where = {c: i for i, c in enumerate(header)}
     epoch = where["epoch"]
@@ -271,7 +330,11 @@ def trim_summary_csv(run_dir: Path, start_epoch: int) -> None:
     # Each cell under its column's new position; cells beyond the old header stay at the end.
     w.writerows([row[where[c]] if c in where and where[c] < len(row) else "" for c in columns]
                 + row[len(header):] for row in kept)
-    write_text(path, text.getvalue())  # a kill leaves the old file or the new one
+    write_file(path, lambda f: f.write(text.getvalue().encode(errors="surrogateescape")))  # the old file or the new
+    return f"{printable(path)}: {TORN_NOTE}" if torn else None
+
+
+TORN_NOTE = "dropped its last line, cut short when it was written (a full disk or a kill); the rest is kept"
 
 
 JSONL = "log.jsonl"
@@ -288,8 +351,7 @@ class JsonLines(Output):
 
     def _write(self, record: dict) -> None:
         self.last_step = record["step"]
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, allow_nan=True) + "\n")
+        append(self.path, json.dumps(record, allow_nan=True) + "\n")
 
     def progress(self, values: dict) -> None:
         self._write({"kind": "progress", **values})
@@ -301,14 +363,60 @@ class JsonLines(Output):
         self._write({"kind": "message", "step": self.last_step, "text": text})
 
 
-def trim_jsonl(run_dir: Path, start_step: int) -> None:
-    """Drop the log.jsonl records of steps after `start_step`: a resumed run writes them again."""
+MAX_RECORD_BYTES = 1 << 20  # a record is a few hundred bytes: a longer line is none of ours
+
+
+def trim_jsonl(run_dir: Path, start_step: int) -> Optional[str]:
+    """Drop the log.jsonl records of steps after `start_step` (a resumed run writes them again), and
+    every line that is not a whole record (what a write cut short by a full disk or a kill left).
+    The log is read a line at a time. Returns a line saying what was dropped as torn, or None."""
     path = Path(run_dir) / JSONL
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines(keepends=True)
-            if line.strip() and json.loads(line)["step"] <= start_step]
-    write_text(path, "".join(kept))
+    if not os.path.lexists(path):
+        return None
+    try:
+        check_regular(path)
+    except OSError as e:
+        raise RunFolderError(f"{printable(path)}: cannot read it ({reason(e)}); move it away") from None
+    torn = 0
+
+    def copy(out) -> None:
+        nonlocal torn
+        with open_regular(path) as f:
+            for line in _lines(f, MAX_RECORD_BYTES):
+                record = _record(line)
+                if record is None:
+                    torn += line is None or bool(line.strip())
+                    continue
+                step = record.get("step")
+                if not isinstance(step, (int, float)) or step <= start_step:
+                    out.write(line if line.endswith(b"\n") else line + b"\n")
+
+    write_file(path, copy)
+    if not torn:
+        return None
+    return f"{printable(path)}: " + (TORN_NOTE if torn == 1 else f"dropped {torn} lines that are not whole records "
+                                     "(writes cut short by a full disk or a kill); the rest is kept")
+
+
+def _lines(f, limit: int):
+    """The lines of binary file `f`, each with its line end; None for a line longer than `limit`
+    (which is read past, never held whole)."""
+    while line := f.readline(limit + 1):
+        if len(line) > limit and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = f.readline(limit + 1)
+            yield None
+        else:
+            yield line
+
+
+def _record(line: Optional[bytes]) -> Optional[dict]:
+    """The JSON object on a line of log.jsonl, or None when it holds none."""
+    try:
+        record = json.loads(line)
+    except (TypeError, ValueError):  # (TypeError: None, a line too long)
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class TensorBoard(Output):
@@ -328,12 +436,9 @@ class TensorBoard(Output):
             self.writer = SummaryWriter(str(info.run_dir), purge_step=info.start_step + 1 if info.start_step else None)
         self.path = next(iter(set(Path(info.run_dir).glob(f"{EVENT_FILES}*")) - earlier), self.path)
 
-    @contextlib.contextmanager
     def _writing(self):
-        try:
-            yield
-        except OSError as e:  # raised here, or by the writer's thread and handed on at the next call
-            raise WriteError(self.path, reason(e)) from None
+        """A failed write, here or in the writer's thread (handed on at its next call), as one WriteError."""
+        return writing(self.path)
 
     def progress(self, values: dict) -> None:
         self.scalars("train", values["step"], {k: values[k] for k in ("loss", "top1", "lr")})

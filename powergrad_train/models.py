@@ -100,23 +100,29 @@ def head_names(model: torch.nn.Module) -> set[str]:
     return {f"{prefix}.{key}" for key in head.state_dict()}
 
 
+INIT_FROM = "model.init_from"
+
+
 def _weights_in(path: Path) -> dict[str, torch.Tensor]:
     """A model's weights from a state_dict file (timm, torchvision), a training checkpoint that holds
-    one under 'state_dict' or 'model' (timm's train.py, this project), unwrapped from DDP's 'module.'."""
+    one under 'state_dict' or 'model' (timm's train.py and the PGT authors' .pth.tar, this project),
+    unwrapped from DDP's 'module.'. Loaded as validate loads a checkpoint (checkpoint.torch_load)."""
     from powergrad_train import checkpoint
-    if not path.is_file():
-        raise CheckpointError(f"model.init_from: {path} not found")
+    if path.is_dir():
+        held = sorted(p.name for p in path.iterdir() if p.name.endswith((".pt", ".pth", ".pth.tar", ".bin")))[:4]
+        raise CheckpointError(f"{INIT_FROM}: {printable(path)} is a folder; give a weights file"
+                              + (f" (files there: {', '.join(printable(n) for n in held)})" if held else ""))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise checkpoint.load_failure(path, e) from None
-    if isinstance(state, dict) and str(state.get("format", "")).startswith("powergrad-train-checkpoint/"):
-        state = checkpoint.load(path)  # checked against its checksum
+        state = checkpoint.torch_load(path)
+        if isinstance(state, dict) and str(state.get("format", "")).startswith("powergrad-train-checkpoint/"):
+            state = checkpoint.load(path)  # checked against its checksum
+    except CheckpointError as e:
+        raise CheckpointError(f"{INIT_FROM}: {e}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"model.init_from: {path} holds no model weights (a state_dict of tensors)")
+        raise CheckpointError(f"{INIT_FROM}: {path} holds no model weights (a state_dict of tensors)")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -134,7 +140,7 @@ def load_initial_weights(model: torch.nn.Module, path: Path) -> str:
     if missing or unexpected or wrong:
         first = (f"{wrong[0]} has shape {tuple(weights[wrong[0]].shape)}, the model's {tuple(own[wrong[0]].shape)}"
                  if wrong else f"{missing[0]} is missing" if missing else f"{unexpected[0]} is not in the model")
-        raise CheckpointError(f"model.init_from: {path}: the weights do not fit the model ({first}; "
+        raise CheckpointError(f"{INIT_FROM}: {path}: the weights do not fit the model ({first}; "
                               f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of another shape)")
     model.load_state_dict(weights, strict=not kept_head)
     return f"weights from {path}" + (" (classifier head re-initialised: other class count)" if kept_head else "")

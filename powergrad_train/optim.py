@@ -49,6 +49,49 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> tuple[torch.opt
     return registry.load(registry.OPTIMIZERS, cfg.name)(cfg, groups)
 
 
+class OptimizerState:
+    """The optimizer as a checkpoint part: its state (momentum buffers, moment estimates, step counts)
+    comes from the checkpoint, its settings (momentum, nesterov, weight decay, betas, eps, ...) from the
+    recipe. torch's load_state_dict restores the saved groups' settings too, so a run resumed with new
+    ones (--resume-force) would train with the old ones while its config said the new ones.
+
+    A group's settings are the keys it has when built; a key an optimizer adds as it steps (LAMB's
+    per-group step count) is state."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+        for group, settings in zip(self.optimizer.param_groups, self.settings):
+            group.update(settings)
+        if isinstance(self.optimizer, torch.optim.SGD):
+            zero_momentum_buffers(self.optimizer)  # a checkpoint saved with momentum 0 has no buffers
+
+
+class ScalerState:
+    """The fp16 GradScaler as a checkpoint part: its loss scale and growth count from the checkpoint, its
+    settings (growth and backoff factors, interval) from this run. A checkpoint saved without fp16 has no
+    loss scale: the run starts from the initial one."""
+
+    STATE = ("scale", "_growth_tracker")
+
+    def __init__(self, scaler: torch.amp.GradScaler):
+        self.scaler = scaler
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state and self.scaler.is_enabled():
+            settings = {k: v for k, v in self.scaler.state_dict().items() if k not in self.STATE}
+            self.scaler.load_state_dict({**state, **settings})
+
+
 def lr_at_step(cfg: ScheduleConfig, base_lr: float, step: int, steps_per_epoch: int) -> float:
     """The LR of optimizer step `step` (0-based, counted over the whole run)."""
     if cfg.mode == "authors_per_epoch":

@@ -5,7 +5,9 @@ OUT/<recipe name>-seed<N> for seed N), with `--resume auto`: a finished run is s
 interrupted one continues where it stopped, and the command can simply be started again after a
 preemption. A folder is reused only when the config it holds equals the one the command would
 run; otherwise the command names the keys that differ and starts nothing. Rows run one after
-another, each under torchrun with --nproc processes. `--dry-run` prints the plan: recipe, seed,
+another, each under torchrun with --nproc processes. A stop signal to the command (Ctrl-C, SIGTERM,
+SIGUSR1, SIGHUP) is passed on to the row's trainer, which writes its checkpoint; the command waits
+for it, says what it did and starts no further row. `--dry-run` prints the plan: recipe, seed,
 command, global batch, steps, the LR of every epoch and the estimated GPU hours.
 """
 
@@ -16,6 +18,7 @@ import difflib
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -24,7 +27,8 @@ from typing import Optional
 
 from powergrad_train import paper
 from powergrad_train.config import KEYS, Config, build_config, get
-from powergrad_train.errors import ConfigError
+from powergrad_train.errors import ConfigError, DataError, printable
+from powergrad_train.preemption import STOP_SIGNALS
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 IMAGENET_VAL_IMAGES = 50_000
@@ -161,7 +165,11 @@ def count_train_images(data: Path) -> Optional[int]:
     train = data / "train"
     if not train.is_dir():
         return None
-    return sum(len([f for f in os.scandir(c.path) if f.is_file()]) for c in os.scandir(train) if c.is_dir())
+    try:
+        return sum(len([f for f in os.scandir(c.path) if f.is_file()]) for c in os.scandir(train) if c.is_dir())
+    except OSError as e:
+        raise DataError(f"reproduce --data: cannot list {printable(e.filename or train)} "
+                        f"({e.strerror or type(e).__name__})") from None
 
 
 def folder_name(row: paper.Row, seed: int, reading: str) -> str:
@@ -175,7 +183,8 @@ def plan(table: int, data: Path, nproc: int, out: Path, overrides: list[str], ro
     chosen = paper.table_rows(table)
     if rows:
         chosen = [chosen[i - 1] for i in rows]
-    images = count_train_images(data) or IMAGENET_TRAIN_IMAGES
+    counted = count_train_images(data)
+    images = IMAGENET_TRAIN_IMAGES if counted is None else counted
     launcher = [sys.executable, "-m", "powergrad_train"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
          "powergrad_train"]
@@ -185,11 +194,29 @@ def plan(table: int, data: Path, nproc: int, out: Path, overrides: list[str], ro
             sets = [f"data.root={data}", *paper.batch_overrides(row, reading), *overrides,
                     *([f"seed={seed}"] if seed is not None else [])]
             cfg = build_config(row.recipe, sets)
+            if images < cfg.data.batch_size:  # an epoch of no step: nothing to plan, nothing to train
+                raise DataError(f"reproduce --data {printable(data)}: {printable(data / 'train')} holds "
+                                f"{images:,} file(s) in its class folders, fewer than one global batch of "
+                                f"{row.recipe} ({cfg.data.batch_size}); give the ImageNet root (train/ and val/), "
+                                "or a smaller data.batch_size with --set")
             output = out / folder_name(row, cfg.seed, reading)
             command = [*launcher, "--config", row.recipe, "--output", str(output), "--resume", "auto",
                        *[arg for s in sets for arg in ("--set", s)]]
             planned.append(PlannedRun(row, cfg, output, command, images))
     return planned
+
+
+def check_out(out: Path, runs: list[PlannedRun], writing: bool) -> None:
+    """--out and every run folder in it are folders or can be made (`writing`: and written to), before
+    anything starts: a trainer would otherwise find out alone, after the rows before it ran."""
+    for path, what in [(out, "--out"), *((run.output, f"the run folder of {run.row.recipe}") for run in runs)]:
+        if os.path.lexists(path) and not path.is_dir():
+            raise ConfigError(f"reproduce --out: {printable(path)} ({what}) is a file, not a folder")
+    existing = next(p for p in (out, *out.parents) if os.path.lexists(p))
+    why = "is a file" if not existing.is_dir() else \
+        "is not writable" if writing and not os.access(existing, os.W_OK | os.X_OK) else None
+    if why:
+        raise ConfigError(f"reproduce --out: cannot create or write {printable(out)} ({printable(existing)} {why})")
 
 
 def check_reuse(runs: list[PlannedRun]) -> None:
@@ -199,13 +226,17 @@ def check_reuse(runs: list[PlannedRun]) -> None:
         stored_path = run.output / "config.yaml"
         if not stored_path.is_file():
             continue
-        stored = read_run_config(stored_path)
-        changed = [f"{k}: {get(stored, k)!r} -> {get(run.cfg, k)!r}" for k in KEYS
-                   if k not in REUSE_IGNORES and get(stored, k) != get(run.cfg, k)]
+        changed = changed_keys(read_run_config(stored_path), run.cfg)
         if changed:
             raise ConfigError(f"reproduce: {run.output} holds another run than this command trains "
                               f"({'; '.join(changed)}); nothing was started: give another --out, or the "
                               "settings that folder was started with")
+
+
+def changed_keys(stored: Config, cfg: Config) -> list[str]:
+    """'key: stored -> cfg' for each key that makes `cfg` another run than `stored` (REUSE_IGNORES aside)."""
+    return [f"{k}: {get(stored, k)!r} -> {get(cfg, k)!r}" for k in KEYS
+            if k not in REUSE_IGNORES and get(stored, k) != get(cfg, k)]
 
 
 def describe(runs: list[PlannedRun], nproc: int, throughput: Throughput, data: Path) -> str:
@@ -231,7 +262,7 @@ def describe(runs: list[PlannedRun], nproc: int, throughput: Throughput, data: P
                  f"(seeds {', '.join(map(str, seeds))}); each epoch includes validating {IMAGENET_VAL_IMAGES:,} images "
                  f"at an assumed {EVAL_SPEEDUP:g}x the training images/s")
     if estimated:
-        lines.append("GPU hours marked (estimate) use stated V100 fp16 throughputs, not measurements (README); pass "
+        lines.append("GPU hours marked (estimate) use stated V100 fp16 throughputs, not measurements (docs/reproducing.md); pass "
                      "--images-per-sec MODEL=X,... with the figures `powergrad-train bench` prints on your GPUs")
     return "\n".join(lines)
 
@@ -255,18 +286,112 @@ def lr_table(runs: list[PlannedRun]) -> list[str]:
 
 
 def execute(runs: list[PlannedRun]) -> tuple[int, str]:
-    """Run the rows in turn; (0, "") when all finished, else the first failing row's exit status and why."""
-    for run in runs:
-        name = f"{run.row.title}, seed {run.cfg.seed}"
-        if run.finished:
-            print(f"{name}: finished, skipped ({run.output})", flush=True)
-            continue
-        print(f"{name}: {shlex.join(run.command)}", flush=True)
-        code = subprocess.call(run.command)
-        if code:
-            return code, (f"error: reproduce: {run.row.recipe} (seed {run.cfg.seed}) stopped with exit status {code}; "
-                          f"its run folder is {run.output}: run the same reproduce command again to continue")
+    """Run the rows in turn; (0, "") when all finished, else the exit status and what happened, in a line.
+
+    Each row's trainer runs in a session of its own, so a Ctrl-C at the terminal reaches this process
+    alone, which passes each stop signal on to the trainer once, as it came (SIGINT, SIGTERM, SIGUSR1,
+    SIGHUP: the trainer writes a checkpoint and stops; a second SIGINT stops it at once), and waits
+    for it to end. No row starts after a stop signal.
+    """
+    with StopsPassedOn() as stops:
+        for run in runs:
+            name = f"{run.row.recipe} (seed {run.cfg.seed})"
+            if stops.received:
+                return 128 + stops.received[0], (f"reproduce: stopped by {signal.Signals(stops.received[0]).name} "
+                                                 f"before {name} started; run the same reproduce command again "
+                                                 "to run the rows left")
+            if run.finished:
+                print(f"{run.row.title}, seed {run.cfg.seed}: finished, skipped ({run.output})", flush=True)
+                continue
+            print(f"{run.row.title}, seed {run.cfg.seed}: {shlex.join(run.command)}", flush=True)
+            last = run.output / "last.pt"
+            before = _file_identity(last)
+            code = stops.run(run.command)
+            if code == 0 and not stops.received:
+                continue
+            return (128 + stops.received[0] if stops.received else code,
+                    outcome(name, run.output, code, stops.received[0] if stops.received else None,
+                            wrote=_file_identity(last) not in (None, before)))
     return 0, ""
+
+
+def outcome(name: str, output: Path, code: int, signum: Optional[int], wrote: bool) -> str:
+    """What a row's trainer that ended with exit status `code` did, as one line: whether it wrote a
+    checkpoint, and what running the command again does. `signum`: the stop signal passed on to it."""
+    from powergrad_train import checkpoint
+    last = output / "last.pt"
+    if signum is None and code - 128 in STOP_SIGNALS:  # a stop signal sent to it directly (by a scheduler)
+        signum = code - 128
+    if signum is not None:
+        how = f"reproduce: stopped by {signal.Signals(signum).name}"
+        if code == 0:
+            return f"{how} after {name} finished; run the same reproduce command again to run the rows left"
+        if wrote:
+            return (f"{how}: {name} wrote its checkpoint {checkpoint.describe(last)}; run the same reproduce "
+                    "command again to continue from it")
+        held = (f"its last checkpoint is still {checkpoint.describe(last)}: run the same reproduce command again "
+                "to continue from it") if last.exists() else \
+            f"{output} holds no checkpoint of it: the same reproduce command starts it again"
+        return f"{how} before {name} wrote a checkpoint; {held}"
+    held = f"its run folder holds {checkpoint.describe(last)}; once the cause is fixed, the same reproduce command " \
+           "continues from it" if last.exists() else \
+        f"{output} holds no checkpoint of it; once the cause is fixed, the same reproduce command starts it again"
+    cause = f"was killed by {signal.Signals(-code).name}" if code < 0 else \
+        f"stopped on an error (exit status {code}; its message is above)"
+    return f"error: reproduce: {name} {cause}; {held}"
+
+
+def _file_identity(path: Path) -> Optional[tuple[int, int, int]]:
+    """What changes when a checkpoint is written over `path` (a new file renamed or linked there), or None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+class StopsPassedOn:
+    """While the rows run: every stop signal this process gets is recorded and passed on, once, to the
+    trainer running (one that comes while none runs stops the next from starting)."""
+
+    def __init__(self):
+        self.received: list[int] = []
+        self.child: Optional[subprocess.Popen] = None
+        self._pending: list[int] = []  # arrived while a trainer was being started
+        self._previous = {}
+        self._terminal = [fd for fd in (1, 2) if os.isatty(fd)]
+
+    def __enter__(self) -> "StopsPassedOn":
+        self._previous = {s: signal.signal(s, self._record) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _record(self, signum, frame) -> None:
+        # (a handler runs in the main thread between two of its bytecodes, never beside them)
+        self.received.append(signum)
+        if signum == signal.SIGHUP:  # the terminal is gone: what is left to print goes nowhere, as under nohup
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            for fd in self._terminal:
+                os.dup2(devnull, fd)
+            os.close(devnull)
+        if self.child is None:
+            self._pending.append(signum)
+        else:
+            self.child.send_signal(signum)
+
+    def run(self, command: list[str]) -> int:
+        """Run `command` in a session of its own, with the stop signals passed on; its exit status."""
+        child = subprocess.Popen(command, start_new_session=True)
+        self.child = child
+        while self._pending:
+            child.send_signal(self._pending.pop(0))
+        try:
+            return child.wait()
+        finally:
+            self.child = None
 
 
 def run_folders(out: Path) -> list[Path]:

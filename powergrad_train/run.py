@@ -33,7 +33,7 @@ from powergrad_train.engine import Trainer, build_data, build_model_on
 from powergrad_train.metrics import Output, RunInfo, RunLog, TrainMeter
 from powergrad_train.models import load_initial_weights
 from powergrad_train.objectives import build_objective
-from powergrad_train.optim import build_grad_clipper, build_optimizer
+from powergrad_train.optim import OptimizerState, ScalerState, build_grad_clipper, build_optimizer
 from powergrad_train.run_folder import RunFolderLock
 from powergrad_train.step_guard import BufferSnapshot
 
@@ -80,8 +80,10 @@ def build_run(cfg: Config, run_dir: Path, env: DistEnv, device: torch.device, re
             model, device_ids=[device.index] if device.type == "cuda" else None) if env.distributed else model
         state, meter = TrainState(), TrainMeter(device)
 
-        # 3. What a checkpoint holds: one entry per part.
-        parts = {"model": model, "optimizer": optimizer, "scaler": scaler, "train_state": state}
+        # 3. What a checkpoint holds: one entry per part (the optimizer's and the scaler's state only: their
+        # settings stay the recipe's).
+        parts = {"model": model, "optimizer": OptimizerState(optimizer), "scaler": ScalerState(scaler),
+                 "train_state": state}
         if ema is not None:
             parts["ema"] = ema
         checkpointer = Checkpointer(
@@ -94,7 +96,7 @@ def build_run(cfg: Config, run_dir: Path, env: DistEnv, device: torch.device, re
             checkpoint.check_compatible(saved, resume_from, cfg, classes=data.classes,
                                         steps_per_epoch=data.train.batches_per_epoch, world_size=env.world_size,
                                         force=resume_force)
-            # A data set that lost or gained a few files since keeps the run's steps per epoch (README, Data).
+            # A data set that lost or gained a few files since keeps the run's steps per epoch (docs/data.md).
             data.train.batches_per_epoch = checkpointer.meta["steps_per_epoch"] = saved["steps_per_epoch"]
             checkpointer.restore(saved, resume_from, env.rank, env.world_size)
 
@@ -107,10 +109,16 @@ def build_run(cfg: Config, run_dir: Path, env: DistEnv, device: torch.device, re
             if resume_from is not None and Path(resume_from).resolve() == (run_dir / resume_from.name).resolve() \
                     and resume_from.name != checkpointer.last.name:  # last.pt was missing or damaged
                 checkpointer.restore_last(Path(resume_from))
-            metrics.trim_summary_csv(run_dir, state.epoch)  # rows of epochs after the checkpoint are written again
-            metrics.trim_jsonl(run_dir, state.step)
+            # Rows and records of steps after the checkpoint are written again; a torn last line is said once.
+            torn = [metrics.trim_summary_csv(run_dir, state.epoch), metrics.trim_jsonl(run_dir, state.step)]
+            for note in filter(None, torn):
+                print(note, flush=True)
             metrics.prepare_tensorboard_folder(run_dir, state.step)
             log = RunLog(metrics.build_outputs(cfg.log.outputs) + list(outputs))
+            if not log.outputs:
+                print("warning: log.outputs is empty: this run prints no progress and writes no summary.csv, log.jsonl "
+                      "or TensorBoard events, only its checkpoints (log.outputs: [console, csv, tensorboard] is the "
+                      "default)", flush=True)
             log.start(RunInfo(run_dir, to_dict(cfg), state.epoch, state.step, resume_from))
     except BaseException:
         data.close()  # DALI pipelines and loader workers hold threads and processes

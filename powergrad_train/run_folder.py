@@ -9,7 +9,6 @@ ends with the process that holds it.
 
 from __future__ import annotations
 
-import csv
 import fcntl
 import os
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Optional
 from powergrad_train import checkpoint
 from powergrad_train.atomic import reason, remove_leftovers
 from powergrad_train.errors import CheckpointError, RunFolderError, WriteError, printable
+from powergrad_train.metrics import read_summary
+from powergrad_train.user_files import what_is
 
 MARKER = ".powergrad-train-run"
 LOCK = ".lock"
@@ -90,6 +91,9 @@ def resume_point(run_dir: Path, resume: Optional[str]) -> tuple[Optional[Path], 
             raise CheckpointError(f"--resume: {printable(path)} is a folder; pass a checkpoint file "
                                   f"({printable(path / checkpoint.LAST)}), or continue that run with --output "
                                   f"{printable(path)} --resume auto")
+        if path.exists() and not path.is_file():  # (a folder is answered above)
+            raise CheckpointError(f"--resume: {printable(path)} is {what_is(path.stat().st_mode)}, "
+                                  "not a checkpoint file")
         if not path.is_file():
             raise CheckpointError(f"--resume: checkpoint not found: {printable(path)}")
         if held and path.resolve().parent != run_dir.resolve():
@@ -136,11 +140,14 @@ def _refuse_rolling_back(run_dir: Path, chosen: Path) -> None:
 
 
 def _summary_epochs(run_dir: Path) -> list[int]:
+    """The epochs of summary.csv's rows (an unreadable file has none: the start refuses it later)."""
     try:
-        with open(run_dir / "summary.csv", newline="") as f:
-            return sorted(int(r["epoch"]) for r in csv.DictReader(f) if (r.get("epoch") or "").isdigit())
-    except (OSError, csv.Error, UnicodeDecodeError):
+        header, rows, _ = read_summary(run_dir)
+    except RunFolderError:
         return []
+    column = header.index("epoch") if header and "epoch" in header else None
+    return sorted(int(r[column]) for r in rows if column is not None and len(r) > column
+                  and r[column].isascii() and r[column].isdigit())
 
 
 # (device, inode) of each lock file this process holds -> its pid, so that a forked child (another

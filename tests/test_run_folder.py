@@ -11,7 +11,7 @@ from powergrad_train import checkpoint
 from powergrad_train.cli import main
 from powergrad_train.run_folder import MARKER
 from tests import warm
-from tests.conftest import REPO, assert_same_weights, load_weights, tiny_overrides
+from tests.conftest import assert_same_weights, in_a_forked_process, load_weights, tiny_overrides
 from tests.test_fault_tolerance import SMALL_BATCH, start, wait_for
 
 
@@ -177,7 +177,7 @@ def test_resuming_an_older_checkpoint_in_its_own_folder_is_refused_and_a_new_fol
 def limited_run(run_dir, overrides, max_bytes, *extra):
     """The CLI in a process that may not write a file over `max_bytes` (as on a full disk: EFBIG)."""
     return warm.run([sys.executable, "-m", "powergrad_train", "--config", "smoke.yaml", "--output", str(run_dir),
-                     *overrides, *extra], cwd=REPO, capture_output=True, text=True, timeout=300,
+                     *overrides, *extra], capture_output=True, text=True, timeout=300,
                     file_size_limit=max_bytes)
 
 
@@ -201,20 +201,12 @@ def test_the_lock_refuses_a_second_claim_from_its_own_process_and_keeps_holding(
     with pytest.raises(RunFolderError, match=f"is in use by another training \\(pid {os.getpid()}\\)"):
         RunFolderLock(run_dir)
 
+    def claim() -> str:
+        RunFolderLock(run_dir).release()
+        return "granted"
+
     def claim_from_another_process() -> str:
-        read, write = os.pipe()
-        if (child := os.fork()) == 0:  # a real other process, without starting a new interpreter
-            try:
-                RunFolderLock(run_dir).release()
-                os.write(write, b"granted")
-            except RunFolderError as e:
-                os.write(write, str(e).encode())
-            finally:
-                os._exit(0)
-        os.close(write)
-        os.waitpid(child, 0)
-        with os.fdopen(read, "rb") as f:
-            return f.read().decode()
+        return in_a_forked_process(claim)
     assert f"is in use by another training (pid {os.getpid()})" in claim_from_another_process()  # still held
     lock.release()
     assert claim_from_another_process() == "granted"

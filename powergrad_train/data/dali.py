@@ -87,8 +87,11 @@ def decoder_args() -> dict:
     differ between them): `mixed` defaults to nearest-neighbour chroma upsampling, while DALI's
     CPU decoder (libjpeg-turbo) and PIL interpolate ("fancy" upsampling). nvImageCodec applies the
     flag to its hardware JPEG decoder (A100/H100, `hw_decoder_load` of each batch) and its CUDA
-    decoder alike, so the load split changes speed only; the fast IDCT stays off in both."""
-    return {"output_type": _dali()[0].types.RGB, "jpeg_fancy_upsampling": True, "use_fast_idct": False}
+    decoder alike, so the load split changes speed only; the fast IDCT stays off in both. An image
+    is turned as its EXIF orientation says, as the torchvision backend does (imagefolder.to_rgb,
+    where the rest of the one meaning of a file's pixels is written down)."""
+    return {"output_type": _dali()[0].types.RGB, "jpeg_fancy_upsampling": True, "use_fast_idct": False,
+            "adjust_orientation": True}
 
 
 def define_pipeline(cfg: DataConfig, files: list[str], labels: list[int], batch_size: int, seed: int, train: bool,

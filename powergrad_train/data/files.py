@@ -18,9 +18,14 @@ import hashlib
 import json
 import multiprocessing
 import os
+import queue
+import signal
+import threading
 import time
+import zlib
 from array import array
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +35,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from powergrad_train.atomic import make_folder, write_file
 from powergrad_train.cache import cache_dir
 from powergrad_train.errors import DataError, WriteError, printable
+from powergrad_train.user_files import NotAFile, open_regular, read_bytes
 
 CACHE_VERSION = 5  # 5: one gzip JSON per split, folders with their fingerprints, files and problems
 CACHE_NAME = f"listing-v{CACHE_VERSION}.json.gz"
@@ -66,10 +72,11 @@ def _jpeg_frame(f) -> Optional[tuple[int, int]]:
             frame = (width, height) if height > 0 and width > 0 and components in (1, 3, 4) else None
 
 
-def _decodes(path: str) -> bool:
+def _decodes(f) -> bool:
     """Other formats (BMP, TIFF, WebP, PNM) are rare in image sets: decode them fully with PIL."""
     try:
-        with Image.open(path) as image:
+        f.seek(0)
+        with Image.open(f) as image:
             image.load()
         return True
     except Exception:  # PIL raises many types for a bad file
@@ -83,27 +90,31 @@ def problem_with(path: str) -> str:
     up to the scan and that ends with its end marker, a PNG with its header and IEND chunk,
     which is what a garbage, empty, truncated or foreign file lacks. Any other file is decoded
     with PIL; DALI's CPU and GPU decoders read the same formats (BMP, TIFF, WebP, PNM). An image
-    over twice PIL's decompression-bomb limit, which PIL refuses to open, is reported too.
+    over twice PIL's decompression-bomb limit, which PIL refuses to open, is reported too. An
+    entry that is not a regular file (a FIFO, a device, a link to one) is not read at all, and
+    every read is bounded.
     """
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(24)
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(max(0, size - 32))
-            tail = f.read()
+            tail = f.read(32)
             if head[:3] == b"\xff\xd8\xff":
                 dims = _jpeg_frame(f)  # some writers pad after the end marker
                 if b"\xff\xd9" not in tail or dims is None:
                     return "not an image, or damaged"
                 return _too_large(*dims)
+            if head[:8] == b"\x89PNG\r\n\x1a\n":
+                if head[12:16] != b"IHDR" or int.from_bytes(head[16:20], "big") == 0 or b"IEND" not in tail:
+                    return "not an image, or damaged"
+                return _too_large(int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big"))
+            return "" if _decodes(f) else "not an image, or damaged"
+    except NotAFile as e:
+        return str(e)
     except OSError as e:
         return f"cannot be opened ({e.strerror or e})"
-    if head[:8] == b"\x89PNG\r\n\x1a\n":
-        if head[12:16] != b"IHDR" or int.from_bytes(head[16:20], "big") == 0 or b"IEND" not in tail:
-            return "not an image, or damaged"
-        return _too_large(int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big"))
-    return "" if _decodes(path) else "not an image, or damaged"
 
 
 def _too_large(width: int, height: int) -> str:
@@ -126,12 +137,24 @@ class Split:
 RACY_NS = 2_000_000_000
 
 
+# The listing's JSON compresses about 6 times (ImageNet's file names): a cache that unpacks to more
+# than this many times its size, or a file that is no cache at all, is not read on: the split is
+# scanned again.
+MAX_UNPACKED_RATIO = 64
+MAX_CACHE_BYTES = 64 << 20  # the other files of a split's cache: its read failures and skipped.txt
+
+
 def _read_listing(cache_file: Path) -> dict:
     try:
-        with gzip.open(cache_file, "rt") as f:
-            listing = json.load(f)
-        return listing if listing.get("version") == CACHE_VERSION else {}
-    except (OSError, ValueError, EOFError):
+        with open_regular(cache_file) as raw:
+            limit = MAX_UNPACKED_RATIO * os.fstat(raw.fileno()).st_size + (1 << 20)
+            with gzip.GzipFile(fileobj=raw) as f:
+                text = f.read(limit + 1)
+        if len(text) > limit:
+            return {}
+        listing = json.loads(text)
+        return listing if isinstance(listing, dict) and listing.get("version") == CACHE_VERSION else {}
+    except (OSError, ValueError, EOFError, zlib.error):
         return {}
 
 
@@ -210,15 +233,66 @@ def _walk_class(task: tuple[Path, int, str, int, dict]):
 def _walk_classes(tasks: list) -> list:
     """_walk_class of every class, in forked processes: a stat per file is mostly Python's work
     around the system call, which threads would queue for the GIL (measured: slower than one
-    thread); processes scale with the cores, and wait on a network file system side by side."""
+    thread); processes scale with the cores, and wait on a network file system side by side.
+    On an interrupt the walks not started are dropped: the pool's `with` would wait for all of
+    them, and the exit waits only for the few under way (small chunks keep that short)."""
     processes = min(PROCESSES, len(tasks) // 16)  # a small split is not worth the processes
     if processes > 1:
         try:
-            with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
-                return list(pool.map(_walk_class, tasks, chunksize=max(1, len(tasks) // (4 * processes))))
-        except OSError:  # no processes to be had here (a container's limit): do it in this one
+            pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                                       initializer=_leave_stop_signals_to_the_main_process)
+            try:
+                return list(pool.map(_walk_class, tasks, chunksize=max(1, len(tasks) // (32 * processes))))
+            finally:
+                pool.shutdown(wait=False, cancel_futures=True)
+        except (OSError, BrokenProcessPool):  # no processes to be had here (a container's limit), or one died
             pass
     return [_walk_class(task) for task in tasks]
+
+
+def _leave_stop_signals_to_the_main_process() -> None:
+    """A walking process does not act on Ctrl-C, SIGUSR1 or SIGHUP (nor run a handler inherited from
+    the main process): the main process stops the scan. SIGTERM keeps its default action, with which
+    the pool ends a process when another one died."""
+    for signum in (signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+_END = object()
+
+
+def _in_threads(work, tasks: list, threads: int):
+    """work(task) for every task, yielded as each is done (in any order), in daemon threads.
+
+    concurrent.futures' pool, on an interrupt, waits for every task it was given, and joins its
+    threads at exit: Ctrl-C during the scan of a large split would wait for the whole scan, and a
+    read hung on a network file system would keep the process from ever ending. Here an
+    interrupt stops the wait at once; the threads drop the tasks not started, and are not waited
+    for at exit."""
+    results, remaining, lock, stop = queue.SimpleQueue(), iter(tasks), threading.Lock(), threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            with lock:
+                task = next(remaining, _END)
+            if task is _END:
+                return
+            try:
+                results.put((work(task), None))
+            except BaseException as e:  # a bug: raised in the main thread
+                results.put((None, e))
+
+    for _ in range(min(threads, len(tasks))):
+        threading.Thread(target=run, name="powergrad-scan", daemon=True).start()
+    try:
+        for _ in tasks:
+            result, error = results.get()
+            if error is not None:
+                raise error
+            yield result
+    finally:
+        stop.set()
 
 
 def _list(top: Path, earlier: dict, verbose: bool) -> dict:
@@ -252,9 +326,8 @@ def _list(top: Path, earlier: dict, verbose: bool) -> dict:
         entry, names = task
         return entry, {n: p for n in names if (p := problem_with(os.path.join(top, entry["path"], n)))}
 
-    with ThreadPoolExecutor(max_workers=THREADS) as pool:
-        for entry, problems in pool.map(check, todo):
-            entry["problems"].update(problems)
+    for entry, problems in _in_threads(check, todo, THREADS):
+        entry["problems"].update(problems)
     return {"version": CACHE_VERSION, "classes": classes, "folders": folders, "loops": loops}
 
 
@@ -372,7 +445,7 @@ def _failure_line(path: str, reason: str) -> str:
 def _read_failures(scan_dir: Path) -> dict:
     """{path: {"reason": ..., "stat": [size, mtime_ns, ctime_ns]}} of the files found undecodable while reading."""
     try:
-        failures = json.loads((scan_dir / READ_FAILURES).read_bytes())
+        failures = json.loads(read_bytes(scan_dir / READ_FAILURES, MAX_CACHE_BYTES))
         return failures if isinstance(failures, dict) else {}
     except (OSError, ValueError):
         return {}
@@ -417,7 +490,7 @@ class SkippedFiles:
         failures[path] = {"reason": reason, "stat": _stat_key(path)}
         report = scan_dir / "skipped.txt"
         try:
-            text = report.read_text()
+            text = read_bytes(report, MAX_CACHE_BYTES).decode()
             kept = [line for line in text.splitlines(keepends=True) if not line.startswith(f"{printable(path)}  (")]
         except (OSError, ValueError):
             kept = []

@@ -13,7 +13,7 @@ import signal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms
@@ -24,6 +24,7 @@ from powergrad_train.data.files import SkippedFiles
 from powergrad_train.data.sampling import SampledEpochs, TrainSampler, ValSampler
 from powergrad_train.errors import ImageError
 from powergrad_train.preemption import STOP_SIGNALS
+from powergrad_train.user_files import NotAFile, open_regular
 
 
 MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN, dtype=torch.float32).view(3, 1, 1)
@@ -65,12 +66,33 @@ class Unreadable:
 
 
 def load_rgb(path: str):
-    """The image as RGB, or Unreadable saying why not."""
+    """The image as RGB (see to_rgb), or Unreadable saying why not. An entry the listing took for a
+    file may have been replaced since by something else (a FIFO would block the read forever)."""
     try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+        with open_regular(path) as f:
+            return to_rgb(Image.open(f))
+    except NotAFile as e:
+        return Unreadable(path, str(e))
     except Exception as e:  # PIL raises many types for a bad file
         return Unreadable(path, f"{type(e).__name__}: {e}")
+
+
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PIL's modes of 16-bit grey ("I" in older PIL)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """What DALI's decoders make of a file, made by PIL: one meaning of a file's pixels for both
+    backends. The image is turned as its EXIF orientation says (as viewers show it; a TIFF's
+    orientation PIL applies by itself); 16-bit samples are scaled to 8 bits as round(v / 257), not
+    clipped at 255 (PIL's convert would turn nearly every 16-bit grey image white; PIL reads
+    16-bit colour as the high byte, at most one level from DALI's rounding); transparency is
+    dropped and the colour under it kept (RGBA, LA, a palette with transparency); grey is
+    repeated in the three channels; CMYK is converted the way PIL and DALI agree on."""
+    ImageOps.exif_transpose(image, in_place=True)
+    if image.mode in SIXTEEN_BIT:
+        values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        image = Image.fromarray(((values + 128) // 257).astype(np.uint8), "L")
+    return image.convert("RGB")
 
 
 class SeededImages(Dataset):
