@@ -12,7 +12,6 @@ import time
 
 import torch
 
-from powergrad_train.config import Config
 from powergrad_train.engine import Trainer
 
 
@@ -51,12 +50,13 @@ def measure(trainer: Trainer, steps: int, warmup: int) -> list[str]:
             f"training step with data: {step:.1f} images/s"]
 
 
-def describe_setup(cfg: Config, world_size: int, device: torch.device) -> str:
+def describe_setup(trainer: Trainer, world_size: int, device: torch.device) -> str:
+    cfg = trainer.cfg
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     return (f"bench: {name}; {world_size} process(es); model {cfg.model.name}; global batch "
             f"{cfg.data.batch_size}; {cfg.data.image_size} px; amp {cfg.amp}; channels_last "
             f"{cfg.channels_last}; compile {cfg.model.compile}; data {cfg.data.backend}; optimizer "
-            f"{cfg.optim.name}; loss {cfg.loss.name}, pgt_alpha {cfg.loss.pgt_alpha}; grad_clip {cfg.grad_clip.mode}; "
+            f"{cfg.optim.name}; loss {trainer.objective.describe()}; grad_clip {cfg.grad_clip.mode}; "
             f"batch_transform {cfg.batch_transform.name}; ema {cfg.ema.decay}")
 
 

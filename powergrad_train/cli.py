@@ -7,8 +7,10 @@ The only place that prints a user error and exits: a UserError becomes one
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -51,13 +53,20 @@ def _user_path(option: str, text) -> Path:
     return path
 
 
+def _docs_line() -> str:
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    where = docs if (docs / "index.md").is_file() else "the docs/ folder of the source checkout"
+    return (f"documentation: {where} (start with index.md; `pip install -e \".[docs]\" && mkdocs serve` "
+            "in the checkout shows it as a site)")
+
+
 def _train_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="powergrad-train",
         description="Train an ImageNet classifier from a YAML recipe, with the PowerGrad Transform, "
                     "label smoothing and GC/AGC. Subcommands: train (default), validate, bench, env, report, reproduce "
                     "(see 'powergrad-train validate --help' and so on).",
-        epilog="config keys (set in a recipe, or with --set KEY=VALUE):\n" + describe_keys(),
+        epilog="config keys (set in a recipe, or with --set KEY=VALUE):\n" + describe_keys() + "\n\n" + _docs_line(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, metavar="RECIPE",
                    help="recipe file, or the name of a bundled recipe (e.g. smoke.yaml)")
@@ -106,10 +115,17 @@ def _bench_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_machine(cfg: Config, world_size: int) -> None:
-    """Before any CUDA work: can the installed builds drive these GPUs, and does the recipe suit them?"""
+def _check_machine(cfg: Config, world_size: int, measuring: str = "", announce: bool = True) -> None:
+    """Before any CUDA work: can the installed builds drive these GPUs, and does the recipe suit them?
+
+    measuring: what a subcommand that trains nothing lasting does ("evaluating", "timing"): fp16 needs a
+    GPU only for its loss scaling, so on the CPU it runs in float32 instead, said in one line."""
     from powergrad_train import hardware
     gpus = hardware.check_gpus(dali_on_gpu=cfg.data.backend == "dali" and cfg.data.dali_device != "cpu")
+    if measuring and cfg.amp == "fp16" and not gpus:
+        cfg.amp = "off"
+        if announce:
+            print(f"amp: fp16 needs a CUDA GPU; {measuring} in float32 on the CPU", flush=True)
     check_runtime(cfg, world_size, cuda=bool(gpus), capability=min((g.capability for g in gpus), default=None))
 
 
@@ -196,7 +212,46 @@ def train_command(argv: list[str]) -> None:
     cfg = build_config(args.config, args.set)
     from powergrad_train import dist
     env = dist.env_from_torchrun()
-    run_dir, resume_from, note = _start_checks(cfg, args, env)
+    with _stop_signals_end_the_start():
+        run_dir, resume_from, note = _start_checks(cfg, args, env)
+        try:
+            _train(cfg, args, env, run_dir, resume_from, note)
+        except KeyboardInterrupt as e:
+            raise Interrupted(getattr(e, "signum", signal.SIGINT), run_dir) from None
+
+
+class Interrupted(KeyboardInterrupt):
+    """A command stopped at once by a signal: one during start-up (before the trainer takes stop
+    signals as a request for a checkpoint), or a second Ctrl-C. `run_dir`: the run folder, once known."""
+
+    def __init__(self, signum: int, run_dir: Optional[Path] = None):
+        super().__init__(signum)
+        self.signum, self.run_dir = signum, run_dir
+
+
+def _stop_at_once(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_end_the_start():
+    """SIGTERM, SIGUSR1 and SIGHUP would end a start silently (their default action), Ctrl-C with a
+    traceback: each ends it with one line instead (see main), until the trainer takes them over
+    (preemption.StopRequest, for the whole of fit()). A signal set to be ignored (nohup) stays so."""
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+        if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+            with contextlib.suppress(ValueError):  # (not the main thread: signals stay as they are)
+                previous[signum] = signal.signal(signum, _stop_at_once)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _train(cfg: Config, args, env, run_dir: Path, resume_from: Optional[Path], note: Optional[str]) -> None:
+    from powergrad_train import dist
     if note and env.is_main:
         print(note, flush=True)
     if args.dry_run:
@@ -248,7 +303,7 @@ def validate_command(argv: list[str]) -> None:
     from powergrad_train.metrics import format_eval
 
     env = dist.env_from_torchrun()
-    _check_machine(cfg, env.world_size)
+    _check_machine(cfg, env.world_size, measuring="evaluating", announce=env.is_main)
     _check_model(cfg, env.world_size, train=False)
     device = dist.device_for(env)
     dist.init(env, device)
@@ -280,7 +335,7 @@ def bench_command(argv: list[str]) -> None:
     overrides = args.set + (["data.backend=synthetic"] if args.data == "synthetic" else [])
     cfg = build_config(args.config, overrides)
     env = dist.env_from_torchrun()
-    _check_machine(cfg, env.world_size)
+    _check_machine(cfg, env.world_size, measuring="timing", announce=env.is_main)
     _check_model(cfg, env.world_size)
     check_data(cfg.data)
     device = dist.device_for(env)
@@ -290,10 +345,11 @@ def bench_command(argv: list[str]) -> None:
             trainer = build_run(cfg, Path(run_dir), env, device)
             try:
                 lines = measure(trainer, args.steps, args.warmup)
+                setup = describe_setup(trainer, env.world_size, device)
             finally:
                 trainer.close()
         if env.is_main:
-            print(describe_setup(cfg, env.world_size, device) + f"; {args.warmup} warm-up + {args.steps} timed steps")
+            print(setup + f"; {args.warmup} warm-up + {args.steps} timed steps")
             print("\n".join(lines))
     finally:
         dist.close()
@@ -318,10 +374,18 @@ def env_command(argv: list[str]) -> None:
 
 def report_command(argv: list[str]) -> None:
     p = _Parser(prog="powergrad-train report",
-                                description="Put runs beside the paper's Tables 1-3 (matched by their resolved "
-                                            "config, several seeds of a row with statistics) and draw the paper's "
-                                            "figures from them.")
-    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folders, finished or not")
+                                description="Group runs into arms (equal resolved configs but the seed), compare "
+                                            "arms that differ in one setting over their seeds (the gain with its "
+                                            "95% interval, p-value, verdict and the seeds needed), put runs beside "
+                                            "the paper's Tables 1-3 (matched by their resolved config) and draw the "
+                                            "paper's figures from them.")
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folders, finished or not (a folder given twice is read once)")
+    p.add_argument("--compare", metavar="KEY",
+                   help="the config key two arms differ in to be compared, e.g. optim.name or loss.label_smoothing "
+                        "(default: the loss method, loss.pgt_alpha and loss.pgt_impl)")
+    p.add_argument("--effect", type=float, metavar="X",
+                   help="the seeds per arm needed to resolve a gain of X points of test top-1 (default: the "
+                        "observed gain)")
     p.add_argument("--out", default="report", metavar="DIR", help="where report.md and the PNG figures go "
                                                                   "(default: ./report)")
     p.add_argument("--reference", metavar="AUTHORS_DIR",
@@ -336,7 +400,7 @@ def report_command(argv: list[str]) -> None:
     out = _user_path("report --out", args.out)
     text, figures = write_report([_user_path("report", r) for r in args.runs], out,
                                  _user_path("report --reference", args.reference) if args.reference else None,
-                                 args.table2_batch)
+                                 args.table2_batch, args.compare, args.effect)
     print(text)
     print(f"written: {out / 'report.md'}" + "".join(f", {f}" for f in figures))
 
@@ -349,9 +413,11 @@ def paper_readings() -> tuple[str, ...]:
 def reproduce_command(argv: list[str]) -> None:
     p = _Parser(prog="powergrad-train reproduce",
                                 description="Run every row of one of the paper's tables in turn, once per seed "
-                                            "(finished runs skipped, interrupted ones resumed), then write the report.")
+                                            "(finished runs skipped, interrupted ones resumed), then write the report; "
+                                            "or submit them to SLURM as one job array (--slurm) and follow them "
+                                            "(--status).")
     p.add_argument("table", type=int, choices=(1, 2, 3))
-    p.add_argument("--data", required=True, metavar="DIR", help="ImageNet root holding train/ and val/")
+    p.add_argument("--data", metavar="DIR", help="ImageNet root holding train/ and val/ (not needed with --status)")
     p.add_argument("--nproc", type=_count(1), default=1, help="processes (GPUs) per row, under torchrun")
     p.add_argument("--out", default="runs/reproduce", metavar="DIR", help="a run folder per row and seed, and report/")
     p.add_argument("--rows", metavar="N,N", help="only these rows of the table, counted from 1 (default: all)")
@@ -364,17 +430,50 @@ def reproduce_command(argv: list[str]) -> None:
     p.add_argument("--images-per-sec", metavar="X|MODEL=X,...",
                    help="measured training images/s on --nproc GPUs (powergrad-train bench), for all models or "
                         "per model; without it the plan uses stated V100 estimates")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and exit (needs no data folder)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit (needs no data folder); with "
+                                                          "--slurm also the job array's script, submitting nothing")
+    p.add_argument("--slurm", action="store_true",
+                   help="submit the rows and seeds as one requeueable job array (its script: "
+                        "OUT/slurm/table<N>.sbatch) and a report job after it; again: submits only the runs "
+                        "neither finished, queued nor running")
+    p.add_argument("--status", action="store_true",
+                   help="one line per row and seed in OUT: queued, running, finished or failed (no --data needed)")
+    p.add_argument("--partition", help="SLURM partition of the jobs")
+    p.add_argument("--account", help="SLURM account charged")
+    p.add_argument("--qos", help="SLURM quality of service")
+    p.add_argument("--nodes", type=_count(1), help="nodes per row (default 1; several meet through torchrun's "
+                                                   "c10d rendezvous on the first)")
+    p.add_argument("--gpus-per-node", type=_count(0), metavar="N",
+                   help="GPUs, and processes, per node (default: --nproc); 0: CPU nodes, one process each")
+    p.add_argument("--time", metavar="LIMIT", help="time limit per job, e.g. 4:00:00: a row longer than that "
+                                                   "trains in slices, each job requeueing itself (default: the "
+                                                   "partition's)")
+    p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                   help="an extra #SBATCH line, e.g. --sbatch=--cpus-per-task=32 (repeatable)")
+    p.add_argument("--setup", metavar="SHELL", help="a line each job runs first, e.g. "
+                                                    "'module load cuda && source ~/venv/bin/activate'")
     args = p.parse_args(argv)
-    from powergrad_train import reproduce
+    from powergrad_train import reproduce, slurm
     from powergrad_train.report import write_report
     rows = reproduce.parse_rows(args.rows, args.table)
     seeds = reproduce.parse_seeds(args.seeds, args.set)
     throughput = reproduce.parse_throughput(args.images_per_sec)
+    cluster = slurm.options(args)
+    if args.status:
+        print(slurm.status(args.table, _user_path("reproduce --out", args.out), rows, seeds, args.table2_batch))
+        return
+    if args.data is None:
+        p.error("the following arguments are required: --data")
+    nproc = cluster.world_size if cluster else args.nproc
     out, data = _user_path("reproduce --out", args.out), _user_path("reproduce --data", args.data)
-    runs = reproduce.plan(args.table, data, args.nproc, out, args.set, rows, seeds, args.table2_batch)
+    runs = reproduce.plan(args.table, data, nproc, out, args.set, rows, seeds, args.table2_batch)
+    reproduce.check_out(out, runs, writing=not args.dry_run)
     reproduce.check_reuse(runs)
-    print(reproduce.describe(runs, args.nproc, throughput, data), flush=True)
+    print(reproduce.describe(runs, nproc, throughput, data), flush=True)
+    if cluster:
+        slurm.submit(args.table, runs, cluster, out, ["powergrad-train", "reproduce", *argv], args.table2_batch,
+                     args.dry_run)
+        return
     if args.dry_run:
         return
     code, failure = reproduce.execute(runs)
@@ -396,14 +495,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         commands = {"train": train_command, "validate": validate_command, "bench": bench_command, "env": env_command,
                     "report": report_command, "reproduce": reproduce_command}
-        commands[command](argv)
+        if command in ("train", "reproduce"):  # each takes stop signals over for its own checkpoints
+            commands[command](argv)
+        else:
+            with _stop_signals_end_the_start():
+                commands[command](argv)
     except UserError as e:
         _say_once(f"error: {e}")
         sys.exit(2)
-    except KeyboardInterrupt:  # a second Ctrl-C (the first asks for a checkpoint), or one during start-up
-        _say_once("error: interrupted: stopped at once, no checkpoint written for this stop "
-                  "(the run folder's last.pt, if any, is intact; continue with --resume auto)")
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # a second Ctrl-C (the first asks for a checkpoint), or a signal during start-up
+        signum = getattr(e, "signum", signal.SIGINT)
+        if command in ("train", "reproduce"):
+            _say_once(_interrupted_line(signum, getattr(e, "run_dir", None)))
+        else:
+            _say_once(f"error: {_what_stopped(signum)}: {command} stopped at once (nothing it writes is left "
+                      "half-written; run it again)")
+        sys.exit(128 + signum)
     except Exception as e:
         # Under torchrun the process that fails first says why (a bug: its traceback); an error that
         # follows another process's failure (a collective whose peer left) ends this one quietly.
@@ -411,13 +518,31 @@ def main(argv: Optional[list[str]] = None) -> None:
         if dist is None or not dist.env_from_torchrun().distributed:
             raise
         if dist.lost_a_peer(e):
-            if not dist.another_failed():
-                print(f"error: process {os.environ.get('RANK', '0')} of the run lost contact with the others "
-                      f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})", file=sys.stderr,
-                      flush=True)
+            dist.outlast_the_stop()  # (until this process has said what it lost)
+            # A broken connection means the peer is gone, and one that failed on an error said so before.
+            if not dist.another_failed(0 if dist.connection_lost(e) else 5) and dist.report_once("lost a peer"):
+                print(f"error: process {os.environ.get('RANK', '0')} of the run lost contact with another, which "
+                      f"ended without saying why (killed, out of memory, or its machine failed): "
+                      f"{dist.lost_peer_reason(e)}; --resume auto continues from the last checkpoint",
+                      file=sys.stderr, flush=True)
         elif not dist.failed_after_another():
             raise
         sys.exit(1)
+
+
+def _what_stopped(signum: int) -> str:
+    return "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+
+
+def _interrupted_line(signum: int, run_dir: Optional[Path]) -> str:
+    what = _what_stopped(signum)
+    if run_dir is not None:
+        from powergrad_train.run_folder import checkpoints_in
+        if not [p for p in checkpoints_in(run_dir) if p.name != "nonfinite.pt"]:  # what --resume auto would skip
+            return (f"error: {what}: stopped at once, before this run wrote any checkpoint (nothing to continue: "
+                    "run the same command again to start it)")
+    return (f"error: {what}: stopped at once, no checkpoint written for this stop "
+            "(the run folder's last.pt, if any, is intact; continue with --resume auto)")
 
 
 def _say_once(line: str) -> None:

@@ -1,8 +1,8 @@
-"""The config key table (Markdown) in README.md, generated from the schema.
+"""The config key table (Markdown) in docs/config.md, generated from the schema.
 
     python scripts/config_docs.py            # print it
-    python scripts/config_docs.py --write    # replace the table in README.md
-tests/test_docs.py checks that README.md holds exactly this table.
+    python scripts/config_docs.py --write    # replace the table in docs/config.md
+tests/test_docs.py checks that docs/config.md holds exactly this table.
 """
 
 import sys
@@ -15,9 +15,9 @@ START, END = "<!-- config-keys:start -->\n", "<!-- config-keys:end -->"
 if __name__ == "__main__":
     table = describe_keys_markdown()
     if "--write" in sys.argv[1:]:
-        readme = Path(__file__).resolve().parent.parent / "README.md"
-        text = readme.read_text()
+        page = Path(__file__).resolve().parent.parent / "docs" / "config.md"
+        text = page.read_text()
         head, rest = text.split(START)
-        readme.write_text(head + START + table + "\n" + END + rest.split(END)[1])
+        page.write_text(head + START + table + "\n" + END + rest.split(END)[1])
     else:
         print(table)

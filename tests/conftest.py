@@ -31,10 +31,30 @@ def pytest_sessionfinish(session):
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _isolated_cache(tmp_path_factory):
-    """The demo set and any cache go to a temporary folder, never the user's home."""
-    os.environ["POWERGRAD_TRAIN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    torch.set_num_threads(2)
+def _session_isolation(tmp_path_factory):
+    """What the whole session shares is temporary: the cache (the demo set is generated once into it),
+    no POWERGRAD_TRAIN_* setting of the user's, a working directory for session and module fixtures.
+    Undone when the session ends."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in [n for n in os.environ if n.startswith("POWERGRAD_TRAIN_")]:
+            mp.delenv(name)
+        mp.setenv("POWERGRAD_TRAIN_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.chdir(tmp_path_factory.mktemp("cwd"))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        yield
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _test_isolation(tmp_path_factory):
+    """Each test starts in an empty working directory of its own: a default output folder (`runs/`),
+    a relative path, or what the README's demo left in the checkout never reaches another test."""
+    cwd, before = tmp_path_factory.mktemp("cwd"), os.getcwd()
+    os.chdir(cwd)
+    yield
+    os.chdir(before)
+    shutil.rmtree(cwd, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +84,23 @@ def tiny_overrides(root: Path, **extra) -> list[str]:
     }
     values.update(extra)
     return [f"--set={k}={v}" for k, v in values.items()]
+
+
+def in_a_forked_process(work) -> str:
+    """What `work()` returns (a str), or the exception it raised as 'Name: message', run in a real other
+    process forked from this one (no new interpreter): for what a process may not do to itself."""
+    read, write = os.pipe()
+    if (child := os.fork()) == 0:
+        try:
+            os.write(write, work().encode())
+        except BaseException as e:
+            os.write(write, f"{type(e).__name__}: {e}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    with os.fdopen(read, "rb") as f:
+        return f.read().decode()
 
 
 def load_weights(path: Path) -> dict:

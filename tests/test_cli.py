@@ -16,7 +16,7 @@ from powergrad_train.config import build_config
 from powergrad_train.models import build_model
 from powergrad_train.data.demo import write_demo_dataset
 from tests import warm
-from tests.conftest import assert_same_weights, load_weights, tiny_overrides
+from tests.conftest import REPO, assert_same_weights, load_weights, tiny_overrides
 from tests.test_data import jpeg_without_tables
 
 
@@ -166,6 +166,40 @@ def test_existing_run_folder_is_not_overwritten(two_epoch_run, tiny_root, capsys
     assert e.value.code == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (two_epoch_run / "last.pt").read_bytes() == before
+
+
+def test_a_checkpoint_trained_with_fp16_is_evaluated_in_float32_on_the_cpu(two_epoch_run, tmp_path, capsys):
+    """Its weights are float32 (fp16 is autocast with loss scaling, a GPU's); evaluation needs no scaling."""
+    state = checkpoint.load(two_epoch_run / "last.pt")
+    assert state["config"]["amp"] == "off"
+    state["config"]["amp"] = "fp16"
+    torch.save(state, tmp_path / "fp16.pt")
+    run_cli("validate", "--checkpoint", two_epoch_run / "last.pt")
+    as_trained = capsys.readouterr().out.splitlines()[-1].split(": ", 1)[1]
+    run_cli("validate", "--checkpoint", tmp_path / "fp16.pt")
+    assert capsys.readouterr().out.splitlines() == [
+        "amp: fp16 needs a CUDA GPU; evaluating in float32 on the CPU", f"{tmp_path / 'fp16.pt'}: {as_trained}"]
+
+
+def test_bench_of_an_fp16_recipe_on_the_cpu_times_float32_and_training_stays_refused(tiny_root, capsys):
+    overrides = [o.removeprefix("--set=") for o in tiny_overrides(tiny_root, amp="fp16")]
+    run_cli("bench", "--config", "smoke.yaml", "--steps", "1", "--warmup", "0",
+            *[a for o in overrides for a in ("--set", o)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "amp: fp16 needs a CUDA GPU; timing in float32 on the CPU" and "; amp off;" in out[1]
+    with pytest.raises(SystemExit) as refused:
+        run_cli("--config", "smoke.yaml", "--dry-run", *tiny_overrides(tiny_root, amp="fp16"))
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: amp = fp16 needs a CUDA GPU (fp16 loss scaling); on the CPU use amp: bf16 or off")
+
+
+def test_help_ends_with_where_the_documentation_is(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert last.startswith(f"documentation: {REPO / 'docs'} (start with index.md;")
+    assert (REPO / "docs" / "index.md").is_file()
 
 
 def test_validate_names_the_first_weight_that_does_not_fit(two_epoch_run, capsys):

@@ -239,7 +239,7 @@ def test_base_is_relative_to_the_recipe_then_bundled_never_the_current_folder(tm
     child = write(folder, "child.yaml", "base: smoke.yaml\noptim: {lr: 0.2}\n")
     write(tmp_path, "smoke.yaml", "model: {name: from_the_current_folder}\n")
     monkeypatch.chdir(tmp_path)
-    assert build_config(str(child)).model.name == "resnet10t"  # the bundled smoke.yaml, as the README says
+    assert build_config(str(child)).model.name == "resnet10t"  # the bundled smoke.yaml, as docs/config.md says
     assert build_config("smoke.yaml").model.name == "from_the_current_folder"  # --config: the current folder first
     write(folder, "smoke.yaml", "model: {name: beside_the_recipe}\n")
     assert build_config(str(child)).model.name == "beside_the_recipe"

@@ -429,8 +429,7 @@ def test_the_demo_set_in_a_cache_that_cannot_be_written_is_one_line(tmp_path, mo
 def test_a_demo_set_cut_short_by_a_full_disk_is_one_line_and_leaves_nothing_behind(tmp_path):
     import sys
 
-    from tests.conftest import REPO
-    result = warm.run([sys.executable, "-m", "powergrad_train", "--config", "smoke.yaml", "--dry-run"], cwd=REPO,
+    result = warm.run([sys.executable, "-m", "powergrad_train", "--config", "smoke.yaml", "--dry-run"],
                       env={**os.environ, "POWERGRAD_TRAIN_CACHE": str(tmp_path)}, capture_output=True, text=True,
                       timeout=300, file_size_limit=1000)  # smaller than one demo JPEG
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [

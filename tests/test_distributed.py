@@ -16,7 +16,7 @@ NOBN = {"model.name": "resnet18_nobn", "loss.pgt_alpha": 0.25, "loss.label_smoot
 def torchrun(nproc, run_dir, overrides):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(REPO / "tests" / "ddp_worker.py"), str(run_dir), *[o.removeprefix("--set=") for o in overrides]]
-    result = warm.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = warm.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

@@ -116,6 +116,7 @@ def test_bench_command_prints_its_figures(tiny_root, capsys):
           *tiny_overrides(tiny_root, **{"model.num_classes": 3})])  # synthetic data fits any class count
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("bench: cpu") and "model resnet10t" in out[0] and "data synthetic" in out[0]
+    assert "; loss cross-entropy, plain gradient, label smoothing 0;" in out[0]  # the objective describes itself
     assert out[-1].startswith("training step with data: ") and float(out[-1].split()[-2]) > 0
     main(["bench", "--config", "smoke.yaml", "--steps", "3", "--warmup", "1", "--data", "real",
           *tiny_overrides(tiny_root)])

@@ -19,7 +19,7 @@ from powergrad_train.dist import DistEnv
 from powergrad_train.run import build_run
 from powergrad_train.preemption import Preempted, StopRequest
 from tests import warm
-from tests.conftest import REPO, assert_same_weights, load_weights, tiny_overrides
+from tests.conftest import assert_same_weights, load_weights, tiny_overrides
 
 # 40 steps per epoch, so a signal lands inside an epoch.
 SMALL_BATCH = {"data.batch_size": 4, "schedule.epochs": 2, "train.log_every_steps": 10}
@@ -32,7 +32,7 @@ def start(run_dir, overrides, *extra, nproc=1):
          "powergrad_train"]
     # Its own session: a test can signal the run's whole process group, as SLURM does, without pytest's.
     return warm.popen([*launcher, "--config", "smoke.yaml", "--output", str(run_dir), *overrides, *extra],
-                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def wait_for(path, proc, timeout=120):
@@ -41,6 +41,21 @@ def wait_for(path, proc, timeout=120):
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         assert time.time() < deadline, f"{path} never appeared"
         time.sleep(0.05)
+
+
+def wait_for_new_checkpoints(path, proc, count, timeout=120):
+    """Until the run has replaced `path` `count` times: evidence that it trains (each atomic write
+    brings a new inode, made while the old file still exists)."""
+    deadline = time.time() + timeout
+    seen = path.stat().st_ino if path.exists() else None
+    while count:
+        inode = path.stat().st_ino if path.exists() else None
+        if inode != seen:
+            seen, count = inode, count - 1
+            continue
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline, f"{path} was not written again"
+        time.sleep(0.01)
 
 
 def summary_rows(run_dir):
@@ -105,12 +120,12 @@ def test_repeated_kill_9_never_corrupts_and_resume_is_exact(straight_run, tiny_r
     rng = random.Random(0)
     for _ in range(2):
         proc = start(run_dir, overrides, "--resume", "auto")
-        wait_for(run_dir / "config.yaml", proc)
-        time.sleep(rng.uniform(1.5, 3.5))  # while it trains and saves (every 2 steps)
+        # while it trains: killed once it has written 1 to 3 checkpoints (every 2 steps, 80 in all) of its own
+        wait_for_new_checkpoints(run_dir / "last.pt", proc, rng.randint(1, 3))
         proc.kill()
         proc.communicate()
-        if (run_dir / "last.pt").exists():
-            checkpoint.load(run_dir / "last.pt")  # always readable
+        assert proc.returncode == -signal.SIGKILL
+        checkpoint.load(run_dir / "last.pt")  # always readable
     main(["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto", *overrides, ONLY_AT_EPOCH_ENDS])
     assert_same_weights(load_weights(straight_run / "last.pt"), load_weights(run_dir / "last.pt"))
     assert not list(run_dir.glob(".*tmp*"))
@@ -264,7 +279,7 @@ def test_closing_the_terminal_of_a_run_checkpoints_it(tiny_root, tmp_path):
     overrides = tiny_overrides(tiny_root, **SMALL_BATCH, **{"data.workers": 2, "checkpoint.every_steps": 5})
     leader, terminal = os.openpty()
     proc = warm.popen([sys.executable, "-m", "powergrad_train", "--config", "smoke.yaml", "--output", str(run_dir),
-                       *overrides], cwd=REPO, stdin=terminal, stdout=terminal, stderr=terminal,
+                       *overrides], stdin=terminal, stdout=terminal, stderr=terminal,
                       start_new_session=True, controlling_terminal=True)
     os.close(terminal)
     shown = b""

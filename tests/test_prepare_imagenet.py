@@ -53,8 +53,8 @@ def write_archives(folder):
 
 
 def prepare(archives, out, *extra):
-    return subprocess.run([sys.executable, "scripts/prepare_imagenet.py", str(archives), str(out), *extra],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_imagenet.py"), str(archives), str(out), *extra],
+                          capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture

@@ -155,7 +155,7 @@ def test_ddp_batch_norm_buffers_agree_and_eval_matches_validate(tiny_root, tmp_p
                                                                                   "ema.decay": 0.9})]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "tests" / "ddp_worker.py"), str(run_dir), *overrides]
-    result = warm.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = warm.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(run_dir / f"weights-rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert any(k.endswith("running_mean") for k in ranks[0])
@@ -246,7 +246,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_temp_file(tiny_root
     # (Python ignores SIGXFSZ: writes past the limit fail with EFBIG)
     result = warm.run([sys.executable, "-m", "powergrad_train", "--config", "smoke.yaml", "--output", str(run_dir),
                        *tiny_overrides(tiny_root, **{"schedule.epochs": 1})],
-                      cwd=REPO, capture_output=True, text=True, timeout=300, file_size_limit=2 * 2**20)
+                      capture_output=True, text=True, timeout=300, file_size_limit=2 * 2**20)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
@@ -315,7 +315,8 @@ def test_progress_lines_and_start_block_when_not_on_a_terminal(tiny_root, tmp_pa
     assert out[0] == "model: resnet10t, 4,927,618 parameters, 10 classes"
     assert out[1].startswith("data: ") and "160 train / 60 val images, 10 steps per epoch, batch 16 global" in out[1]
     assert out[2].startswith("device: cpu") and "1 process(es); precision: float32" in out[2]
-    assert out[3] == f"run folder: {tmp_path / 'log'}; fresh start"
+    assert out[3] == "loss: cross-entropy, plain gradient, label smoothing 0"
+    assert out[4] == f"run folder: {tmp_path / 'log'}; fresh start"
     progress = [line for line in out if line.startswith("epoch 1/1 step ")]
     assert [line.split()[3] for line in progress] == ["4/10", "8/10"]  # train.log_every_steps = 4
     assert all("| loss " in line and " img/s | ETA epoch " in line and ", run " in line for line in progress)
@@ -324,7 +325,7 @@ def test_progress_lines_and_start_block_when_not_on_a_terminal(tiny_root, tmp_pa
 def test_help_answers_without_importing_torch():
     code = ("import sys\nfrom powergrad_train.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n"
             "    pass\nprint('torch' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip().splitlines()[-1] == "False"
     assert "pgt_alpha" in result.stdout
 

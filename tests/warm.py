@@ -58,8 +58,11 @@ class Server:
                     "import warm\nwarm.stand_in(sys.argv[1:])\n")
         os.chmod(self.interpreter, 0o755)
         with open(self.log, "wb") as log:
+            # torch reads $CXX once, at import: the server imports it without, so a child's compiler is
+            # found on the PATH its test gives it.
+            env = {k: v for k, v in os.environ.items() if k != "CXX"}
             self.process = subprocess.Popen([sys.executable, __file__, "serve", self.socket_path], cwd=cwd,
-                                            stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                                            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         os.environ[SOCKET_ENV] = self.socket_path
 
     def wait_ready(self, timeout=300):
@@ -207,8 +210,13 @@ class WarmProcess:
         return read.get("stdout"), read.get("stderr")
 
     def send_signal(self, signum):
-        if self.returncode is None:
-            os.kill(self.pid, signum)
+        # As Popen: a process that has ended is not signalled. The server reaps it at once, so its pid is
+        # gone even before this side has read its exit status.
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
 
     def terminate(self):
         self.send_signal(signal.SIGTERM)
