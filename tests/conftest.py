@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,14 @@ from powergrad_train.data.demo import write_demo_dataset
 from tests import warm
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    """The tests send Ctrl-C to the processes they start, as a terminal would. A shell starts a
+    background job (`cmd &`, nohup, some CI runners) with SIGINT ignored, which every process started
+    from it inherits and keeps (as the program must): the suite's processes start as a terminal's."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_finish(session):
