@@ -177,7 +177,7 @@ def _dry_run(cfg: Config, env, resume_from: Optional[Path], resume_force: bool) 
     """What a start would do, down to the checkpoint's compatibility, without writing anything."""
     import torch
 
-    from powergrad_train import checkpoint
+    from powergrad_train import checkpoint, registry
     from powergrad_train.engine import build_data, build_model_on
     from powergrad_train.models import load_initial_weights
     from powergrad_train.optim import lr_at_step
@@ -195,12 +195,15 @@ def _dry_run(cfg: Config, env, resume_from: Optional[Path], resume_force: bool) 
     print(f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters")
     print(f"data: {len(data.classes)} classes, {data.train.num_samples} train / {data.val.num_samples} val images, "
           f"{steps} steps per epoch at global batch {cfg.data.batch_size}")
-    modes = [cfg.schedule.mode] + [m for m in ("per_step", "authors_per_epoch") if m != cfg.schedule.mode]
+    # the other mode for comparison, where the schedule has both (authors_per_epoch: cosine and step only)
+    both = registry.load(registry.SCHEDULES, cfg.schedule.name).like_authors is not None
+    modes = [cfg.schedule.mode] + [m for m in ("per_step", "authors_per_epoch") if m != cfg.schedule.mode and both]
     schedules = [dataclasses.replace(cfg.schedule, mode=m) for m in modes]
-    print(f"LR at the first step of each epoch: schedule.mode {modes[0]} (in use) | {modes[1]} (for comparison)")
+    print(f"LR at the first step of each epoch: schedule.mode {modes[0]} (in use)" +
+          "".join(f" | {m} (for comparison)" for m in modes[1:]))
     for epoch in range(cfg.schedule.epochs):
         lrs = [lr_at_step(s, cfg.optim.lr, epoch * steps, steps) for s in schedules]
-        print(f"  epoch {epoch + 1:4d} (step {epoch * steps:7d}): {lrs[0]:.6g} | {lrs[1]:.6g}")
+        print(f"  epoch {epoch + 1:4d} (step {epoch * steps:7d}): " + " | ".join(f"{lr:.6g}" for lr in lrs))
 
 
 def train_command(argv: list[str]) -> None:

@@ -107,7 +107,9 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = opt("cosine", "LR decay after warmup", choices=("cosine", "step"), fixed=True)
+    name: str = opt("cosine", "LR decay after warmup: cosine (to min_lr), step (times decay_rate every decay_epochs), "
+                              "multistep (times decay_rate at each of milestones), linear (to min_lr)",
+                    choices=tuple(registry.SCHEDULES), fixed=True)
     mode: str = opt("per_step", "per_step: the LR changes every optimizer step; authors_per_epoch: the PGT authors' "
                                 "code as it ran: one LR per epoch, epoch 1 at t=0 and epoch E>=2 at t=E (t=1 never "
                                 "used), warmup inside the decay's count", choices=("per_step", "authors_per_epoch"),
@@ -115,10 +117,14 @@ class ScheduleConfig:
     epochs: int = opt(100, "total epochs trained, warmup and cooldown included", ge=1, fixed=True)
     warmup_epochs: float = opt(5.0, "linear warmup from warmup_lr to optim.lr over this many epochs", ge=0.0, fixed=True)
     warmup_lr: float = opt(1e-4, "LR at the first step of warmup", ge=0.0, fixed=True)
-    min_lr: float = opt(0.0, "cosine: LR at the end of the decay; both: LR during cooldown", ge=0.0, fixed=True)
+    min_lr: float = opt(0.0, "cosine, linear: LR at the end of the decay; all: LR during cooldown", ge=0.0, fixed=True)
     cooldown_epochs: int = opt(10, "final epochs held at min_lr", ge=0, fixed=True)
     decay_epochs: float = opt(30.0, "step: multiply the LR by decay_rate every this many epochs (counted from epoch 0)", gt=0.0, fixed=True)
-    decay_rate: float = opt(0.1, "step: LR factor at each decay", gt=0.0, le=1.0, fixed=True)
+    decay_rate: float = opt(0.1, "step, multistep: LR factor at each decay", gt=0.0, le=1.0, fixed=True)
+    milestones: list[float] = opt([], "multistep (and only it): the epochs, increasing and counted from epoch 0, at "
+                                      "which the LR is multiplied by decay_rate (as timm's MultiStepLRScheduler, "
+                                      "a milestone applies from the step before it), e.g. [30, 60, 80]",
+                                  gt=0.0, fixed=True)
 
 
 @dataclass
@@ -143,15 +149,22 @@ class GradClipConfig:
 
 @dataclass
 class BatchTransformConfig:
-    name: str = opt("none", "applied to each training batch on the device before the forward: none, or mixup "
-                            "(timm's Mixup/CutMix: images are blended and targets become class probabilities)",
+    name: str = opt("none", "applied to each training batch on the device before the forward (timm's Mixup; "
+                            "targets become class probabilities): none; mixup (each image blended with another); "
+                            "cutmix (a box pasted from another); mixup_cutmix (per batch one or the other, "
+                            "CutMix with probability switch_prob)",
                     choices=tuple(registry.BATCH_TRANSFORMS), fixed=True)
-    mixup_alpha: float = opt(0.8, "mixup: the mixing weight is drawn from Beta(mixup_alpha, mixup_alpha); 0 = no mixup",
-                             ge=0.0, fixed=True)
-    cutmix_alpha: float = opt(1.0, "mixup: the same for CutMix's box area; 0 = no CutMix", ge=0.0, fixed=True)
-    prob: float = opt(1.0, "mixup: probability that a batch is mixed", ge=0.0, le=1.0, fixed=True)
-    switch_prob: float = opt(0.5, "mixup: probability of CutMix instead of mixup when both are on", ge=0.0, le=1.0,
+    mixup_alpha: float = opt(0.8, "mixup, mixup_cutmix: the mixing weight is drawn from Beta(mixup_alpha, mixup_alpha) "
+                                  "(cutmix: not used, stored as 0)", ge=0.0, fixed=True)
+    cutmix_alpha: float = opt(1.0, "cutmix, mixup_cutmix: the same for CutMix's box area (mixup: not used, stored as 0)",
+                              ge=0.0, fixed=True)
+    prob: float = opt(1.0, "mixup, cutmix, mixup_cutmix: probability that a batch is mixed", ge=0.0, le=1.0, fixed=True)
+    switch_prob: float = opt(0.5, "mixup_cutmix: probability of CutMix instead of mixup", ge=0.0, le=1.0,
                              fixed=True)
+
+
+# the batch transforms that pair each image with another of its process's batch
+PAIRING_TRANSFORMS = ("mixup", "cutmix", "mixup_cutmix")
 
 
 @dataclass
@@ -342,9 +355,24 @@ def _coerce(key: Key, value, where: str):
 
 
 def _coerce_list(key: Key, value, bad) -> list:
-    """A list of distinct elements of the key's element type, each one of its choices (if any)."""
-    if not isinstance(value, list) or not all(isinstance(v, key.element) and not isinstance(v, bool) for v in value):
-        raise bad(f"must be a list of {key.element.__name__}, e.g. [{', '.join(key.meta['choices'] or ('a', 'b'))}]")
+    """A list of distinct elements of the key's element type, each one of its choices (if any) and in
+    its range (if any); a list of float takes whole numbers too, and holds finite numbers only."""
+    kinds = (int, float) if key.element is float else key.element
+    if not isinstance(value, list) or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in value):
+        example = ", ".join(key.meta["choices"] or (("30", "60") if key.element is float else ("a", "b")))
+        raise bad(f"must be a list of {key.element.__name__}, e.g. [{example}]")
+    if key.element is float:
+        try:
+            value = [float(v) for v in value]
+        except OverflowError:  # a whole number beyond a float's range
+            raise bad("must hold finite numbers") from None
+        if not all(math.isfinite(v) for v in value):
+            raise bad("must hold finite numbers")
+    m = key.meta
+    out = [v for v in value if (m["ge"] is not None and v < m["ge"]) or (m["gt"] is not None and v <= m["gt"])
+           or (m["le"] is not None and v > m["le"]) or (m["lt"] is not None and v >= m["lt"])]
+    if out:
+        raise bad(f"holds {out[0]:g}, which is out of range: each must be {_allowed_text(m)}")
     unknown = [v for v in value if key.meta["choices"] and v not in key.meta["choices"]]
     if unknown:
         raise bad(f"holds {shown(unknown[0])}, which is not allowed: {_allowed_text(key.meta)}"
@@ -669,6 +697,21 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, read_value(KEYS[key], raw)
 
 
+def _read_old_mixup(flat: dict[str, Any], where: str) -> dict[str, Any]:
+    """A stored config from before `mixup` meant mixup only: its `mixup` was timm's Mixup with both
+    alphas as given, so it is read as the transform that makes exactly the same draws."""
+    if flat.get("batch_transform.name") != "mixup":
+        return flat
+    alpha = {k: _coerce(KEYS[f"batch_transform.{k}"], flat.get(f"batch_transform.{k}", KEYS[f"batch_transform.{k}"].default),
+                        where) for k in ("mixup_alpha", "cutmix_alpha")}
+    name = ("mixup_cutmix" if alpha["mixup_alpha"] > 0 else "cutmix") if alpha["cutmix_alpha"] > 0 else "mixup"
+    if name != "mixup":
+        print(f"notice: {where}: batch_transform.name = mixup with mixup_alpha {alpha['mixup_alpha']:g} and "
+              f"cutmix_alpha {alpha['cutmix_alpha']:g} is what this version calls {name}; read as {name}",
+              file=sys.stderr, flush=True)
+    return {**flat, "batch_transform.name": name}
+
+
 def build_config(recipe: Optional[str], overrides: list[str] = (), start: Optional[tuple[str, dict]] = None,
                  lenient: bool = False) -> Config:
     """Recipe (with its bases), then --set overrides, each value checked where it came from.
@@ -678,7 +721,8 @@ def build_config(recipe: Optional[str], overrides: list[str] = (), start: Option
     """
     layers = load_recipe(recipe) if recipe else []
     if start is not None:
-        layers.insert(0, (start[0], _flatten(start[1], start[0], lenient=lenient)))
+        flat = _flatten(start[1], start[0], lenient=lenient)
+        layers.insert(0, (start[0], _read_old_mixup(flat, start[0]) if lenient else flat))
     for text in overrides:
         key, value = parse_override(text)
         layers.append((_override_where(text), {key: value}))
@@ -706,6 +750,20 @@ def check(cfg: Config, sources: dict[str, str]) -> None:
     if cfg.grad_clip.mode != "none" and cfg.grad_clip.value is None:
         raise ConfigError(f"{where('grad_clip.mode', 'grad_clip.value')}: grad_clip.mode is '{cfg.grad_clip.mode}' "
                           "but grad_clip.value is not set (the threshold, or the clipping factor for agc, e.g. 0.01)")
+    schedule = registry.load(registry.SCHEDULES, s.name)
+    if s.mode == "authors_per_epoch" and schedule.like_authors is None:
+        raise ConfigError(f"{where('schedule.mode', 'schedule.name')}: schedule.mode = authors_per_epoch reproduces "
+                          f"the authors' cosine and step schedules only; schedule.name = {s.name} runs with "
+                          "schedule.mode = per_step")
+    if s.milestones and "schedule.milestones" not in schedule.keys:
+        raise ConfigError(f"{where('schedule.milestones', 'schedule.name')}: schedule.milestones is read by the "
+                          f"multistep schedule only; schedule.name = {s.name} would ignore it (set it to [])")
+    if not s.milestones and "schedule.milestones" in schedule.keys:
+        raise ConfigError(f"{where('schedule.milestones', 'schedule.name')}: schedule.name = {s.name} needs "
+                          "schedule.milestones, the epochs to decay at, e.g. [30, 60, 80]")
+    if any(a >= b for a, b in zip(s.milestones, s.milestones[1:])):
+        raise ConfigError(f"{where('schedule.milestones')}: schedule.milestones = {_yaml_scalar(s.milestones)} must "
+                          "be increasing")
     if s.mode == "authors_per_epoch" and not (float(s.warmup_epochs).is_integer() and float(s.decay_epochs).is_integer()):
         at = where("schedule.mode", "schedule.warmup_epochs", "schedule.decay_epochs")
         raise ConfigError(f"{at}: schedule.mode = authors_per_epoch steps the LR once per epoch: schedule.warmup_epochs "
@@ -717,9 +775,21 @@ def check(cfg: Config, sources: dict[str, str]) -> None:
         raise ConfigError(f"{where('batch_transform.name', 'loss.pgt_impl')}: loss.pgt_impl = authors_hook is the "
                           "authors' computation for class-index targets; it cannot take the probabilities "
                           f"batch_transform.name = {b.name} makes")
-    if b.name == "mixup" and b.mixup_alpha == 0 and b.cutmix_alpha == 0:
-        raise ConfigError(f"{where('batch_transform.name', 'batch_transform.mixup_alpha', 'batch_transform.cutmix_alpha')}: "
-                          "batch_transform.name = mixup needs batch_transform.mixup_alpha or cutmix_alpha > 0")
+    # the alpha a name draws from must be > 0; the other one, set > 0, asks for the switch
+    drawn = {"mixup": ("mixup_alpha",), "cutmix": ("cutmix_alpha",), "mixup_cutmix": ("mixup_alpha", "cutmix_alpha")}
+    for alpha in drawn.get(b.name, ()):
+        if getattr(b, alpha) == 0:
+            alone = {"mixup_alpha": "cutmix", "cutmix_alpha": "mixup"}[alpha] if b.name == "mixup_cutmix" else None
+            raise ConfigError(f"{where('batch_transform.name', 'batch_transform.' + alpha)}: batch_transform.name = "
+                              f"{b.name} needs batch_transform.{alpha} > 0"
+                              + (f" (with it 0 only {alone} is on: use batch_transform.name = {alone})" if alone else ""))
+    unused = {"mixup": "cutmix_alpha", "cutmix": "mixup_alpha"}.get(b.name)
+    if unused:
+        if getattr(b, unused) > 0 and f"batch_transform.{unused}" in sources:
+            raise ConfigError(f"{where('batch_transform.name', 'batch_transform.' + unused)}: batch_transform.name = "
+                              f"{b.name} does not use batch_transform.{unused} ({getattr(b, unused):g}); for timm's "
+                              "switch between mixup and CutMix use batch_transform.name = mixup_cutmix")
+        setattr(b, unused, 0.0)  # stored as what it trains, so the saved config reads back unambiguously
 
 
 def check_runtime(cfg: Config, world_size: int, cuda: bool, capability: Optional[tuple[int, int]] = None) -> None:
@@ -732,8 +802,8 @@ def check_runtime(cfg: Config, world_size: int, cuda: bool, capability: Optional
         raise ConfigError(f"data.batch_size {cfg.data.batch_size} does not split evenly over {world_size} "
                           f"process(es) x {acc} accumulation step(s); choose a multiple of {world_size * acc}")
     cfg.data.val_batch_per_process(world_size)
-    if cfg.batch_transform.name == "mixup" and (cfg.data.batch_size // world_size) % 2:
-        raise ConfigError(f"batch_transform.name = mixup pairs each image with another of its process's batch: "
+    if cfg.batch_transform.name in PAIRING_TRANSFORMS and (cfg.data.batch_size // world_size) % 2:
+        raise ConfigError(f"batch_transform.name = {cfg.batch_transform.name} pairs each image with another of its process's batch: "
                           f"data.batch_size {cfg.data.batch_size} over {world_size} process(es) gives "
                           f"{cfg.data.batch_size // world_size} per process; choose an even number per process")
     if cfg.model.sync_bn and world_size > 1 and not cuda:

@@ -1,9 +1,8 @@
-"""Optimizers (chosen by `optim.name`, registry.OPTIMIZERS), the LR as a pure function of the
-global step, and the gradient stage (GC / AGC)."""
+"""Optimizers (chosen by `optim.name`, registry.OPTIMIZERS), the LR of a step (from the schedules in
+schedules.py), and the gradient stage (GC / AGC)."""
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Protocol
 
 import torch
@@ -93,50 +92,14 @@ class ScalerState:
 
 
 def lr_at_step(cfg: ScheduleConfig, base_lr: float, step: int, steps_per_epoch: int) -> float:
-    """The LR of optimizer step `step` (0-based, counted over the whole run)."""
+    """The LR of optimizer step `step` (0-based, counted over the whole run): schedule.name's entry of
+    registry.SCHEDULES, updated every step or, under schedule.mode = authors_per_epoch, once per epoch."""
+    from powergrad_train import registry
+    schedule = registry.load(registry.SCHEDULES, cfg.name)
     if cfg.mode == "authors_per_epoch":
         epoch = step // steps_per_epoch + 1  # 1-based
-        return lr_at_epoch_like_authors(cfg, base_lr, 0 if epoch == 1 else epoch)
-    return _lr_per_step(cfg, base_lr, step, steps_per_epoch)
-
-
-def _lr_per_step(cfg: ScheduleConfig, base_lr: float, step: int, steps_per_epoch: int) -> float:
-    """warmup : steps [0, W)      linear from warmup_lr (at step 0) towards base_lr
-    decay  : steps [W, D)      cosine from base_lr to min_lr, or step decay
-                               base_lr * decay_rate ** (step // decay_steps)
-    cooldown: steps [D, end)   min_lr
-    with W = warmup_epochs * steps_per_epoch and D = (epochs - cooldown_epochs) * steps_per_epoch.
-    The cosine matches timm's CosineLRScheduler(warmup_prefix=True), the step decay its
-    StepLRScheduler (decays counted from step 0), both updated per step.
-    """
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    decay_end = (cfg.epochs - cfg.cooldown_epochs) * steps_per_epoch
-    if step < warmup:
-        return cfg.warmup_lr + (base_lr - cfg.warmup_lr) * step / warmup
-    if step >= decay_end:
-        return cfg.min_lr
-    if cfg.name == "cosine":
-        t, span = step - warmup, decay_end - warmup
-        return cfg.min_lr + 0.5 * (base_lr - cfg.min_lr) * (1 + math.cos(math.pi * t / span))
-    decay_steps = round(cfg.decay_epochs * steps_per_epoch)
-    return base_lr * cfg.decay_rate ** (step // decay_steps)
-
-
-def lr_at_epoch_like_authors(cfg: ScheduleConfig, base_lr: float, t: int) -> float:
-    """timm's per-epoch schedulers as the authors' fork configured them (t_in_epochs, no warmup
-    prefix, t_initial = epochs - cooldown_epochs), at scheduler time t.
-
-    Warmup replaces the first warmup_epochs values of the decay instead of coming before it, so
-    the cosine is already past its peak when warmup ends; from t_initial on the LR stays at min_lr.
-    """
-    warmup, t_initial = round(cfg.warmup_epochs), cfg.epochs - cfg.cooldown_epochs
-    if t < warmup:
-        return cfg.warmup_lr + t * (base_lr - cfg.warmup_lr) / warmup
-    if cfg.name == "cosine":
-        if t >= t_initial:
-            return cfg.min_lr
-        return cfg.min_lr + 0.5 * (base_lr - cfg.min_lr) * (1 + math.cos(math.pi * t / t_initial))
-    return base_lr * cfg.decay_rate ** (t // round(cfg.decay_epochs))
+        return schedule.at_epoch_like_authors(cfg, base_lr, 0 if epoch == 1 else epoch)
+    return schedule.per_step(cfg, base_lr, step, steps_per_epoch)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -17,6 +17,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from powergrad_train import registry
 from powergrad_train.config import KEYS, Config, build_config, get
 
 # Keys that never change what a run trains: where the data lives and how it is read (data.root,
@@ -34,10 +35,11 @@ BOOKKEEPING_KEYS = (
 # What an arm fixes: every key but the seed (its runs differ in it) and bookkeeping.
 SETTING_KEYS = tuple(k for k in KEYS if k != "seed" and k not in BOOKKEEPING_KEYS)
 # What a row fixes, of those: not model.sync_bn nor an EMA of the weights (it leaves the weights the
-# row reports as they train); the other optimizers' betas and eps, and mixup's settings, only matter
-# once optim.name or batch_transform.name differ, which is compared.
-ROW_FREE = ("model.sync_bn", "ema.decay", "optim.beta1", "optim.beta2", "optim.eps", "batch_transform.mixup_alpha",
-            "batch_transform.cutmix_alpha", "batch_transform.prob", "batch_transform.switch_prob")
+# row reports as they train); the other optimizers' betas and eps, the multistep milestones, and mixup's
+# settings, only matter once optim.name, schedule.name or batch_transform.name differ, which is compared.
+ROW_FREE = ("model.sync_bn", "ema.decay", "optim.beta1", "optim.beta2", "optim.eps", "schedule.milestones",
+            "batch_transform.mixup_alpha", "batch_transform.cutmix_alpha", "batch_transform.prob",
+            "batch_transform.switch_prob")
 ROW_KEYS = tuple(k for k in SETTING_KEYS if k not in ROW_FREE)
 STEP_ONLY = ("schedule.decay_epochs", "schedule.decay_rate")  # unused by the cosine schedule
 METHOD_KEYS = ("loss.pgt_alpha", "loss.pgt_impl")  # the loss method: what the report compares by default
@@ -145,9 +147,15 @@ def row_config(row: Row, reading: str = "global") -> Config:
     return build_config(row.recipe, batch_overrides(row, reading))
 
 
+def _unread_schedule_keys(name: str) -> set[str]:
+    """The schedule keys that only some schedules read (registry.SCHEDULES), less those `name` reads."""
+    own = {n: set(registry.load(registry.SCHEDULES, n).keys) for n in registry.SCHEDULES}
+    return set().union(*own.values()) - own[name]
+
+
 def unused(cfg: Config) -> set[str]:
     """The keys that do nothing under this config (a value there changes no run)."""
-    keys = set(STEP_ONLY) if cfg.schedule.name != "step" else set()
+    keys = _unread_schedule_keys(cfg.schedule.name)
     keys |= {"grad_clip.value"} if cfg.grad_clip.mode == "none" else set()
     keys |= {"loss.pgt_impl"} if cfg.loss.pgt_alpha is None else set()  # the plain gradient has one way
     keys |= {"optim.beta1", "optim.beta2", "optim.eps"} if cfg.optim.name == "sgd" else \

@@ -3,7 +3,7 @@
 Each table maps a config value to `module:attribute`, imported only when that name is picked
 (DALI, TensorBoard or timm's LAMB need not be installed or loaded for a run that does not use
 them). The config schema takes its choices from these tables, so adding a loss, an optimizer,
-a batch transform, an output or a data backend is one entry here plus its implementation; each
+an LR schedule, a batch transform, an output or a data backend is one entry here plus its implementation; each
 implementation satisfies the Protocol its table names.
 """
 
@@ -26,7 +26,9 @@ OBJECTIVES = {
 # batch_transform.name -> a batch_transforms.BatchTransform class
 BATCH_TRANSFORMS = {
     "none": "powergrad_train.batch_transforms:NoTransform",
-    "mixup": "powergrad_train.batch_transforms:MixupCutmix",
+    "mixup": "powergrad_train.batch_transforms:MixupOnly",
+    "cutmix": "powergrad_train.batch_transforms:CutmixOnly",
+    "mixup_cutmix": "powergrad_train.batch_transforms:MixupCutmix",
 }
 
 # optim.name -> an optim.OptimizerBuilder: the optimizer and how it skips a bad step
@@ -34,6 +36,14 @@ OPTIMIZERS = {
     "sgd": "powergrad_train.optim:sgd",
     "adamw": "powergrad_train.optim:adamw",
     "lamb": "powergrad_train.optim:lamb",
+}
+
+# schedule.name -> a schedules.Schedule: the LR decay between warmup and cooldown
+SCHEDULES = {
+    "cosine": "powergrad_train.schedules:cosine",
+    "step": "powergrad_train.schedules:step",
+    "multistep": "powergrad_train.schedules:multistep",
+    "linear": "powergrad_train.schedules:linear",
 }
 
 # log.outputs entries -> a metrics.Output class (rank 0 only)

@@ -21,8 +21,8 @@ import csv
 import io
 import math
 import os
+import re
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -38,10 +38,6 @@ from powergrad_train.errors import ConfigError, DataError, printable, shown
 TABLE_TITLES = {1: "Table 1: networks with batch norm", 2: "Table 2: ResNet-18 without batch norm, cosine",
                 3: "Table 3: ablation, ResNet-50"}
 AUTHORS_COLUMNS = {"train_acc": "train_top1"}  # their summary.csv's names for ours
-
-
-def warn(text: str) -> None:
-    print(f"warning: report: {text}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -599,6 +595,88 @@ def time_to_accuracy(target: list[Run], runs: list[Run], target_name: str = "bas
     return f"never ({target_name} final {goal:.2f})"
 
 
+# ----------------------------------------------------------------------------- what the figures draw
+
+@dataclass
+class FigurePair:
+    name: str  # for file names
+    title: str
+    arms: list[tuple[str, list[Run]]]  # (label, its seeds' runs): the base arm first
+    theirs: list[Run]  # the authors' runs of the two rows, when given
+    filters: bool = False  # a filter-norm figure too (every arm has runs)
+
+
+@dataclass
+class FigurePlan:
+    """What report_figures.figures draws: the pairs, every run's accuracy by arm, a filter-norm
+    figure for each arm drawn in no pair (file name, label, its seeds' runs), and the runs for alpha."""
+    pairs: list[FigurePair]
+    every_run: list[tuple[str, list[Run]]]
+    arms: list[tuple[str, str, list[Run]]]
+    runs: list[Run]
+
+
+def figure_pairs(placed: Placed, reference: Optional[Reference], runs: list[Run],
+                 keys: tuple[str, ...] = paper.METHOD_KEYS, reading: str = "global") -> list[FigurePair]:
+    """Each baseline/PGT pair of the paper's rows with runs (or the authors' logs), then each other
+    comparison of arms."""
+    found, drawn = [], set()
+    for table in (1, 2, 3):
+        for base_row, row in pairs(table):
+            base, pgt = per_seed(placed.exact[base_row]), per_seed(placed.exact[row])
+            theirs = [t for t in (reference.of(base_row), reference.of(row)) if t] if reference else []
+            if (base_row.recipe, row.recipe) in drawn or not (base or pgt or theirs):
+                continue  # Tables 1 and 3 share rows
+            drawn.add((base_row.recipe, row.recipe))
+            found.append(FigurePair(f"table{table}-{_slug(row.label)}", f"Table {table}: {base_row.label} vs {row.label}",
+                                    [(base_row.label, base), (row.label, pgt)], theirs))
+    names = {pair.name for pair in found}
+    for c in find_comparisons(group_arms(runs), keys, reading)[0]:
+        if c.paper_pair:
+            continue  # drawn above
+        name = _unique(_slug(f"{c.base.cfg.model.name} {c.label(c.base)} vs {c.label(c.other)}"), names)
+        found.append(FigurePair(name, c.title, [(c.label(c.base), c.base.used), (c.label(c.other), c.other.used)], []))
+    for pair in found:
+        pair.filters = all(seeds for _, seeds in pair.arms)
+    return found
+
+
+def figure_plan(runs: list[Run], reference: Optional[Reference] = None, reading: str = "global",
+                keys: tuple[str, ...] = paper.METHOD_KEYS) -> FigurePlan:
+    found = figure_pairs(place(runs, reading), reference, runs, keys, reading)
+    in_pairs = {id(r) for pair in found if pair.filters for _, seeds in pair.arms for r in seeds}
+    names = {pair.name for pair in found}
+    runs = [r for r in runs if r.epochs]
+    arms = group_arms(runs)
+    own = []
+    for (label, _), arm in zip(_labelled(arms), arms):
+        if not any(id(r) in in_pairs for r in arm.runs):  # an arm drawn in a pair gets no figure of its own
+            seeds = per_seed(arm.runs)
+            own.append((_unique(_slug(seeds[0].name if len(seeds) == 1 else label), names), label, seeds))
+    return FigurePlan(found, _labelled(arms) if runs else [], own, runs)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"-+", "-", "".join(c if c.isalnum() or c == "." else "-" for c in text)).strip("-")
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    """`name`, or `name-2`, `name-3`... when a figure of that name is already drawn; then taken."""
+    unique = name
+    for n in range(2, len(taken) + 2):
+        if unique not in taken:
+            break
+        unique = f"{name}-{n}"
+    taken.add(unique)
+    return unique
+
+
+def _labelled(arms) -> list[tuple[str, list[Run]]]:
+    """Each arm's runs with what it trains as its label; the folders only where two arms would read alike."""
+    labels = [a.runs[0].label(setting=True, seed=False) for a in arms]
+    return [(f"{label} ({a.names})" if labels.count(label) > 1 else label, a.runs) for label, a in zip(labels, arms)]
+
+
 # ----------------------------------------------------------------------------- the report
 
 def report_text(runs: list[Run], reference: Optional[Reference] = None, reading: str = "global",
@@ -653,4 +731,4 @@ def write_report(run_dirs: list[Path], out: Path, reference_dir: Optional[Path] 
     make_folder(out)
     write_text(out / "report.md", text)
     from powergrad_train.report_figures import figures
-    return text, figures(runs, out, reference, reading, keys)
+    return text, figures(figure_plan(runs, reference, reading, keys), out)

@@ -1,107 +1,55 @@
 """The report's figures (PNG, matplotlib): accuracy per epoch (Fig. 4), filter norms with the pooled
 features (Fig. 5-7), logit norm and loss against alpha (Fig. 8), drawn from the runs report.py read,
 placed and grouped into arms: one accuracy and one filter-norm figure per comparison (and per
-baseline/PGT pair of the paper's rows), the arms side by side and each seed drawn."""
+baseline/PGT pair of the paper's rows), the arms side by side and each seed drawn.
+
+What to draw comes in as arguments (report.figure_plan, report.Run): report.py imports this module,
+never the other way round.
+"""
 
 from __future__ import annotations
 
 import re
 import statistics
+import sys
 import zipfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from powergrad_train import paper
 from powergrad_train.atomic import write_file
-from powergrad_train.report import (Placed, Reference, Run, find_comparisons, group_arms, pairs, per_seed, place,
-                                    warn)
+
+if TYPE_CHECKING:  # names for the annotations only; at run time the dependency is report -> here
+    from powergrad_train.report import FigurePlan, Run
 
 SEED_STYLES = ("-", "--", ":", "-.")  # a seed's line style inside its arm
 
 
-@dataclass
-class FigurePair:
-    name: str  # for file names
-    title: str
-    arms: list[tuple[str, list[Run]]]  # (label, its seeds' runs): the base arm first
-    theirs: list[Run]  # the authors' runs of the two rows, when given
-
-
-def figure_pairs(placed: Placed, reference: Optional[Reference], runs: list[Run],
-                 keys: tuple[str, ...] = paper.METHOD_KEYS, reading: str = "global") -> list[FigurePair]:
-    """Each baseline/PGT pair of the paper's rows with runs (or the authors' logs), then each other
-    comparison of arms."""
-    found, drawn = [], set()
-    for table in (1, 2, 3):
-        for base_row, row in pairs(table):
-            base, pgt = per_seed(placed.exact[base_row]), per_seed(placed.exact[row])
-            theirs = [t for t in (reference.of(base_row), reference.of(row)) if t] if reference else []
-            if (base_row.recipe, row.recipe) in drawn or not (base or pgt or theirs):
-                continue  # Tables 1 and 3 share rows
-            drawn.add((base_row.recipe, row.recipe))
-            found.append(FigurePair(f"table{table}-{_slug(row.label)}", f"Table {table}: {base_row.label} vs {row.label}",
-                                    [(base_row.label, base), (row.label, pgt)], theirs))
-    names = {pair.name for pair in found}
-    for c in find_comparisons(group_arms(runs), keys, reading)[0]:
-        if c.paper_pair:
-            continue  # drawn above
-        name = _unique(_slug(f"{c.base.cfg.model.name} {c.label(c.base)} vs {c.label(c.other)}"), names)
-        found.append(FigurePair(name, c.title, [(c.label(c.base), c.base.used), (c.label(c.other), c.other.used)], []))
-    return found
-
-
-def figures(runs: list[Run], out: Path, reference: Optional[Reference] = None, reading: str = "global",
-            keys: tuple[str, ...] = paper.METHOD_KEYS) -> list[Path]:
+def figures(plan: FigurePlan, out: Path) -> list[Path]:
     """PNG files: per pair or comparison the accuracy (Fig. 4) and filter norms (Fig. 5-7), the same
     for each arm in none, every run's accuracy, and logit norm and loss vs alpha (Fig. 8)."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    placed = place(runs, reading)
-    written, in_pairs, names = [], set(), set()
-    for pair in figure_pairs(placed, reference, runs, keys, reading):
+    written = []
+    for pair in plan.pairs:
         written.append(accuracy_figure(pair.arms, pair.theirs, pair.title, out / f"pair-{pair.name}.png", plt))
-        if all(seeds for _, seeds in pair.arms):
+        if pair.filters:
             path = filter_norm_figure(pair.arms, pair.title, out / f"filters-{pair.name}.png", plt)
             written += [path] if path else []
-            in_pairs.update(id(r) for _, seeds in pair.arms for r in seeds)
-        names.add(pair.name)
-    runs = [r for r in runs if r.epochs]
-    arms = group_arms(runs)
-    if runs:
-        written.append(accuracy_figure(_labelled(arms), [], "every run", out / "accuracy.png", plt))
-    for (label, _), arm in zip(_labelled(arms), arms):
-        if not any(id(r) in in_pairs for r in arm.runs):  # an arm drawn in a pair gets no figure of its own
-            seeds = per_seed(arm.runs)
-            name = _unique(_slug(seeds[0].name if len(seeds) == 1 else label), names)
-            path = filter_norm_figure([(label, seeds)], label, out / f"filters-{name}.png", plt)
-            written += [path] if path else []
-    path = alpha_figure(runs, out / "alpha.png", plt)
+    if plan.every_run:
+        written.append(accuracy_figure(plan.every_run, [], "every run", out / "accuracy.png", plt))
+    for name, label, seeds in plan.arms:
+        path = filter_norm_figure([(label, seeds)], label, out / f"filters-{name}.png", plt)
+        written += [path] if path else []
+    path = alpha_figure(plan.runs, out / "alpha.png", plt)
     return written + ([path] if path else [])
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"-+", "-", "".join(c if c.isalnum() or c == "." else "-" for c in text)).strip("-")
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    """`name`, or `name-2`, `name-3`... when a figure of that name is already drawn; then taken."""
-    unique = name
-    for n in range(2, len(taken) + 2):
-        if unique not in taken:
-            break
-        unique = f"{name}-{n}"
-    taken.add(unique)
-    return unique
-
-
-def _labelled(arms) -> list[tuple[str, list[Run]]]:
-    """Each arm's runs with what it trains as its label; the folders only where two arms would read alike."""
-    labels = [a.runs[0].label(setting=True, seed=False) for a in arms]
-    return [(f"{label} ({a.names})" if labels.count(label) > 1 else label, a.runs) for label, a in zip(labels, arms)]
+def warn(text: str) -> None:
+    print(f"warning: report: {text}", file=sys.stderr, flush=True)
 
 
 def mean_curve(runs: list[Run], column: str) -> tuple[list[int], list[float]]:

@@ -13,7 +13,6 @@ command, global batch, steps, the LR of every epoch and the estimated GPU hours.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import math
 import os
@@ -272,7 +271,7 @@ def lr_table(runs: list[PlannedRun]) -> list[str]:
     from powergrad_train.optim import lr_at_step
     columns = {}
     for run in runs:
-        key = (dataclasses.astuple(run.cfg.schedule), run.cfg.optim.lr, run.steps_per_epoch)
+        key = (repr(run.cfg.schedule), run.cfg.optim.lr, run.steps_per_epoch)  # repr: milestones is a list
         columns.setdefault(key, (run, []))[1].append(Path(run.row.recipe).stem)
     heads = [f"({chr(97 + i)}) {run.cfg.schedule.name}, {run.cfg.schedule.mode}: {', '.join(dict.fromkeys(names))}"
              for i, (run, names) in enumerate(columns.values())]

@@ -9,7 +9,7 @@ import torch
 
 from powergrad_train import registry
 from powergrad_train.cli import main
-from powergrad_train.config import KEYS, build_config
+from powergrad_train.config import build_config
 from powergrad_train.dist import DistEnv
 from powergrad_train.errors import CheckpointError, ConfigError, TrainingError
 from powergrad_train.models import build_model, load_initial_weights
@@ -17,21 +17,90 @@ from powergrad_train.optim import build_optimizer, set_lr
 from powergrad_train.run import build_run
 from tests.conftest import assert_same_weights, load_weights, tiny_overrides
 
-TABLES = {"data.backend": registry.DATA_BACKENDS, "loss.name": registry.OBJECTIVES,
-          "batch_transform.name": registry.BATCH_TRANSFORMS, "optim.name": registry.OPTIMIZERS,
-          "log.outputs": registry.OUTPUTS}
-
-
 def tiny_trainer(root, run_dir, *extra, **values):
     overrides = [o.removeprefix("--set=") for o in tiny_overrides(root, **values)] + list(extra)
     return build_run(build_config("smoke.yaml", overrides), run_dir, DistEnv(), torch.device("cpu"))
 
 
-@pytest.mark.parametrize("key", TABLES)
-def test_each_config_choice_is_a_registry_entry_that_loads(key):
-    assert tuple(KEYS[key].meta["choices"]) == tuple(TABLES[key])
-    for name in TABLES[key]:
-        assert registry.load(TABLES[key], name) is not None, name
+# Optimizers and data backends are each run below and in test_data.py; these run the other tables.
+
+@pytest.mark.parametrize("name", registry.OBJECTIVES)
+def test_every_objective_computes_a_finite_loss_with_a_gradient(name):
+    """On class indices and on class probabilities; with alpha null the loss (and so its gradient)
+    is torch's cross-entropy."""
+    from powergrad_train.objectives import build_objective
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, requires_grad=True)
+    targets = torch.tensor([0, 3, 1, 4])
+    for alpha in (None, 0.5):
+        objective = build_objective(build_config(None, [f"loss.name={name}", f"loss.pgt_alpha={alpha or 'null'}"]).loss)
+        for t in (targets, torch.nn.functional.one_hot(targets, 5).float() * 0.7 + 0.06):
+            logits.grad = None
+            loss = objective(logits, t)
+            loss.backward()
+            assert loss.dim() == 0 and torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+            assert logits.grad.abs().sum() > 0
+            if name == "cross_entropy" and alpha is None:
+                torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, t))
+
+
+@pytest.mark.parametrize("name", registry.BATCH_TRANSFORMS)
+def test_every_batch_transform_transforms_a_batch(name):
+    """Shapes kept, the loader's batch left as it was; a mixing transform makes targets that are
+    class probabilities (summing to 1) and changes the images the way its name says."""
+    import numpy as np
+
+    from powergrad_train.batch_transforms import build_batch_transform
+    torch.manual_seed(0)
+    images, targets = torch.rand(8, 3, 16, 16), torch.arange(8) % 4
+    original = images.clone()
+    transform = build_batch_transform(build_config(None, [f"batch_transform.name={name}"]).batch_transform, 4)
+    saved = np.random.get_state()  # the mixing draws come from numpy's global generator
+    np.random.seed(0)
+    kinds = set()
+    for _ in range(8):
+        out, q = transform(images, targets)
+        assert torch.equal(images, original) and out.shape == images.shape
+        if name == "none":
+            assert out is images and q is targets
+            continue
+        assert q.shape == (8, 4) and torch.allclose(q.sum(1), torch.ones(8)) and (q >= 0).all()
+        flipped = images.flip(0)
+        # CutMix: every pixel is this image's or the partner's; mixup: blended pixels
+        kinds.add("cutmix" if torch.equal(out, torch.where(out == images, images, flipped)) else "mixup")
+    np.random.set_state(saved)
+    assert kinds == {"none": set(), "mixup": {"mixup"}, "cutmix": {"cutmix"}, "mixup_cutmix": {"mixup", "cutmix"}}[name]
+
+
+# how each output's epoch row is read back
+OUTPUT_READERS = {
+    "console": lambda run_dir, printed: printed,
+    "csv": lambda run_dir, printed: (run_dir / "summary.csv").read_text(),
+    "jsonl": lambda run_dir, printed: (run_dir / "log.jsonl").read_text(),
+    "tensorboard": lambda run_dir, printed: repr(_tensorboard_scalars(run_dir)),
+}
+
+
+def _tensorboard_scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir)).Reload()
+    return {tag: [(e.step, round(e.value, 4)) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("name", registry.OUTPUTS)
+def test_every_output_receives_the_epoch_row(name, tmp_path, capsys):
+    from powergrad_train.config import to_dict
+    from powergrad_train.metrics import SUMMARY_COLUMNS, RunInfo, build_outputs
+    (output,) = build_outputs([name])
+    row = {k: 0.0 for k in SUMMARY_COLUMNS} | {"epoch": 1, "step": 7, "eval_top1": 12.3456, "eval_ema_top1": None}
+    output.start(RunInfo(tmp_path, to_dict(build_config(None, [])), 0, 0, None))
+    output.epoch_start(1, 1, 7, 0)
+    output.epoch_stop()
+    output.epoch_end(row)
+    output.flush()
+    output.close()
+    text = OUTPUT_READERS[name](tmp_path, capsys.readouterr().out)
+    assert "12.3" in text, text
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -128,12 +197,54 @@ def test_mixup_targets_go_through_pgt_as_probabilities(tiny_root, tmp_path):
     t.close()
 
 
-def test_mixup_needs_an_even_batch_per_process():
+@pytest.mark.parametrize("name", ["mixup", "cutmix", "mixup_cutmix"])
+def test_mixup_needs_an_even_batch_per_process(name):
     from powergrad_train.config import check_runtime
-    cfg = build_config(None, ["batch_transform.name=mixup", "data.batch_size=6"])
+    cfg = build_config(None, [f"batch_transform.name={name}", "data.batch_size=6"])
     check_runtime(cfg, 3, cuda=False)  # 2 per process
     with pytest.raises(ConfigError, match="gives 3 per process; choose an even number per process"):
         check_runtime(cfg, 2, cuda=False)
+
+
+@pytest.mark.parametrize("sets, error", [
+    (["batch_transform.name=mixup", "batch_transform.cutmix_alpha=1"],
+     "cutmix_alpha=1: batch_transform.name = mixup does not use batch_transform.cutmix_alpha .*use batch_transform.name = mixup_cutmix"),
+    (["batch_transform.name=cutmix", "batch_transform.mixup_alpha=0.2"],
+     "mixup_alpha=0.2: batch_transform.name = cutmix does not use batch_transform.mixup_alpha .*mixup_cutmix"),
+    (["batch_transform.name=mixup", "batch_transform.mixup_alpha=0"], "mixup needs batch_transform.mixup_alpha > 0"),
+    (["batch_transform.name=cutmix", "batch_transform.cutmix_alpha=0"], "cutmix needs batch_transform.cutmix_alpha > 0"),
+    (["batch_transform.name=mixup_cutmix", "batch_transform.cutmix_alpha=0"],
+     "mixup_cutmix needs batch_transform.cutmix_alpha > 0 .*use batch_transform.name = mixup"),
+])
+def test_a_mixing_transform_refuses_the_alpha_it_does_not_draw_from(sets, error):
+    with pytest.raises(ConfigError, match=error):
+        build_config(None, sets)
+
+
+def test_mixup_is_mixup_only_and_its_stored_config_reads_back_as_it_trained():
+    from powergrad_train.config import to_dict
+    cfg = build_config(None, ["batch_transform.name=mixup"])
+    assert cfg.batch_transform.cutmix_alpha == 0  # stored as what it trains
+    stored = to_dict(cfg)
+    assert build_config(None, start=("config.yaml", stored), lenient=True).batch_transform == cfg.batch_transform
+
+
+@pytest.mark.parametrize("alphas, read_as", [((0.8, 1.0), "mixup_cutmix"), ((0.0, 1.0), "cutmix"), ((0.2, 0.0), "mixup")])
+def test_an_old_runs_mixup_is_read_as_the_transform_it_trained(alphas, read_as, capsys):
+    """Before, `mixup` was timm's Mixup with both alphas as given: the stored config is read as the
+    name that makes the same draws, with one notice when the name changes."""
+    from powergrad_train.config import to_dict
+    stored = to_dict(build_config(None, []))
+    stored["batch_transform"].update(name="mixup", mixup_alpha=alphas[0], cutmix_alpha=alphas[1])
+    cfg = build_config(None, start=("old/config.yaml", stored), lenient=True)
+    b = cfg.batch_transform
+    assert (b.name, b.mixup_alpha, b.cutmix_alpha) == (read_as, *alphas)
+    mixup = registry.load(registry.BATCH_TRANSFORMS, b.name)(b, 10).mixup
+    assert (mixup.mixup_alpha, mixup.cutmix_alpha) == alphas  # what timm's Mixup drew from before
+    notices = capsys.readouterr().err.splitlines()
+    assert notices == ([] if read_as == "mixup" else
+                       [f"notice: old/config.yaml: batch_transform.name = mixup with mixup_alpha {alphas[0]:g} and "
+                        f"cutmix_alpha {alphas[1]:g} is what this version calls {read_as}; read as {read_as}"])
 
 
 # ----------------------------------------------------------------------------- EMA
