@@ -191,7 +191,9 @@ class TrainConfig:
 class LogConfig:
     outputs: list[str] = opt(["console", "csv", "tensorboard"],
                              "where rank 0 sends the run's numbers: console (progress and epoch lines), csv "
-                             "(summary.csv), tensorboard (event files), jsonl (log.jsonl, one JSON record per line)",
+                             "(summary.csv), tensorboard (event files), jsonl (log.jsonl, one JSON record per line), wandb "
+                             "(Weights & Biases, offline unless WANDB_MODE or WANDB_API_KEY is set), mlflow (MLflow: "
+                             "MLFLOW_TRACKING_URI or a store in the run folder); wandb and mlflow are optional extras",
                              choices=tuple(registry.OUTPUTS))
 
 

@@ -1,5 +1,6 @@
 """Metrics: device-side accumulators, and the rank-0 outputs (console, summary.csv, TensorBoard,
-JSON lines) behind one small interface, `Output`, chosen by `log.outputs` (registry.OUTPUTS)."""
+JSON lines; W&B and MLflow in outputs_wandb.py and outputs_mlflow.py) behind one small interface,
+`Output`, chosen by `log.outputs` (registry.OUTPUTS)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 
 from powergrad_train import dist
 from powergrad_train.atomic import reason, write_file
-from powergrad_train.errors import RunFolderError, WriteError, printable
+from powergrad_train.errors import ConfigError, RunFolderError, WriteError, printable
 from powergrad_train.user_files import NotAFile, check_regular, open_regular, read_bytes, what_is
 
 SUMMARY_COLUMNS = ("epoch", "step", "train_loss", "train_top1", "eval_loss", "eval_top1", "eval_top5", "lr",
@@ -142,8 +143,19 @@ class Output:
     and progress(values) every train.log_every_steps, epoch_stop; then epoch_end(row) after
     evaluation, with the summary.csv columns. scalars() carries other series (zeroed filters per
     layer), message() start-up lines and warnings; flush() comes before every checkpoint, close()
-    at the end.
+    at the end (with the run's error in flight, if it ends by one).
+
+    An output that must remember something across a resume (an experiment tracker's run id)
+    returns it from state_dict(): the checkpoint's `outputs` part keeps it under the output's
+    name, and load_state_dict() hands it back before start().
     """
+
+    def state_dict(self) -> dict | None:
+        """What to keep in the checkpoint, or None (nothing)."""
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        """The state_dict() of the checkpoint this run resumes from."""
 
     def start(self, info: RunInfo) -> None:
         """The run begins (or resumes at info.start_step)."""
@@ -483,6 +495,34 @@ def build_outputs(names: Sequence[str]) -> list[Output]:
     """The outputs log.outputs names, in its order."""
     from powergrad_train import registry
     return [registry.load(registry.OUTPUTS, name)() for name in names]
+
+
+def need_package(package: str, extra: str, name: str) -> None:
+    """Refuse output `name` when its optional package is missing, when it is built (before the run
+    folder is touched); the import itself waits for start(), so a run without it never loads it."""
+    import importlib.util
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError(f'log.outputs: {name} needs the {package} package: pip install -e ".[{extra}]"',
+                          key="log.outputs")
+
+
+class OutputStates:
+    """The checkpoint part `outputs`: {log.outputs name: state} of the outputs that keep a state
+    (rank 0's; other ranks hold none). The state of an output this leg of the run leaves out is
+    kept for a later leg that names it again."""
+
+    def __init__(self, outputs: Sequence[tuple[str, Output]]):
+        self.outputs, self.saved = list(outputs), {}
+
+    def state_dict(self) -> dict:
+        states = {name: output.state_dict() for name, output in self.outputs}
+        return self.saved | {name: state for name, state in states.items() if state is not None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.saved = dict(state)
+        for name, output in self.outputs:
+            if name in self.saved:
+                output.load_state_dict(self.saved[name])
 
 
 class RunLog(Output):

@@ -52,6 +52,8 @@ OUTPUTS = {
     "csv": "powergrad_train.metrics:SummaryCsv",
     "tensorboard": "powergrad_train.metrics:TensorBoard",
     "jsonl": "powergrad_train.metrics:JsonLines",
+    "wandb": "powergrad_train.outputs_wandb:WandB",  # pip install -e ".[wandb]"
+    "mlflow": "powergrad_train.outputs_mlflow:MLflow",  # pip install -e ".[mlflow]"
 }
 
 

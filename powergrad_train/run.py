@@ -30,7 +30,7 @@ from powergrad_train.dist import DistEnv
 from powergrad_train.ema import WeightAverage
 from powergrad_train.hardware import MemoryOutsideTorch
 from powergrad_train.engine import Trainer, build_data, build_model_on
-from powergrad_train.metrics import Output, RunInfo, RunLog, TrainMeter
+from powergrad_train.metrics import Output, OutputStates, RunInfo, RunLog, TrainMeter
 from powergrad_train.models import load_initial_weights
 from powergrad_train.objectives import build_objective
 from powergrad_train.optim import OptimizerState, ScalerState, build_grad_clipper, build_optimizer
@@ -79,11 +79,13 @@ def build_run(cfg: Config, run_dir: Path, env: DistEnv, device: torch.device, re
         train_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None) if env.distributed else model
         state, meter = TrainState(), TrainMeter(device)
+        # Rank 0's outputs, built now (a missing optional package is refused here) and started in 4.
+        named_outputs = list(zip(cfg.log.outputs, metrics.build_outputs(cfg.log.outputs))) if env.is_main else []
 
         # 3. What a checkpoint holds: one entry per part (the optimizer's and the scaler's state only: their
         # settings stay the recipe's).
         parts = {"model": model, "optimizer": OptimizerState(optimizer), "scaler": ScalerState(scaler),
-                 "train_state": state}
+                 "train_state": state, "outputs": OutputStates(named_outputs)}
         if ema is not None:
             parts["ema"] = ema
         checkpointer = Checkpointer(
@@ -98,6 +100,7 @@ def build_run(cfg: Config, run_dir: Path, env: DistEnv, device: torch.device, re
                                         force=resume_force)
             # A data set that lost or gained a few files since keeps the run's steps per epoch (docs/data.md).
             data.train.batches_per_epoch = checkpointer.meta["steps_per_epoch"] = saved["steps_per_epoch"]
+            saved.setdefault("outputs", {})  # saved before outputs kept a state: none to continue
             checkpointer.restore(saved, resume_from, env.rank, env.world_size)
 
         # 4. Only now, with every check passed, is the run folder created, locked and changed (rank 0).
@@ -114,7 +117,7 @@ def build_run(cfg: Config, run_dir: Path, env: DistEnv, device: torch.device, re
             for note in filter(None, torn):
                 print(note, flush=True)
             metrics.prepare_tensorboard_folder(run_dir, state.step)
-            log = RunLog(metrics.build_outputs(cfg.log.outputs) + list(outputs))
+            log = RunLog([output for _, output in named_outputs] + list(outputs))
             if not log.outputs:
                 print("warning: log.outputs is empty: this run prints no progress and writes no summary.csv, log.jsonl "
                       "or TensorBoard events, only its checkpoints (log.outputs: [console, csv, tensorboard] is the "

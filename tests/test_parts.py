@@ -3,6 +3,7 @@ interface and does what it says; adding a checkpoint part or an output is one en
 
 import csv
 import json
+import sys
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from powergrad_train.models import build_model, load_initial_weights
 from powergrad_train.optim import build_optimizer, set_lr
 from powergrad_train.run import build_run
 from tests.conftest import assert_same_weights, load_weights, tiny_overrides
+from tests.test_trackers import mlflow_client, offline, wandb_runs
 
 def tiny_trainer(root, run_dir, *extra, **values):
     overrides = [o.removeprefix("--set=") for o in tiny_overrides(root, **values)] + list(extra)
@@ -78,7 +80,19 @@ OUTPUT_READERS = {
     "csv": lambda run_dir, printed: (run_dir / "summary.csv").read_text(),
     "jsonl": lambda run_dir, printed: (run_dir / "log.jsonl").read_text(),
     "tensorboard": lambda run_dir, printed: repr(_tensorboard_scalars(run_dir)),
+    "wandb": lambda run_dir, printed: repr(wandb_runs(run_dir)),
+    "mlflow": lambda run_dir, printed: repr([run.data.metrics for run in mlflow_client(run_dir).search_runs(
+        [e.experiment_id for e in mlflow_client(run_dir).search_experiments()])]),
 }
+
+
+@pytest.fixture(autouse=True)
+def _trackers_offline(monkeypatch, tmp_path_factory):
+    """The W&B and MLflow outputs offline, their files in temporary folders (tests/test_trackers.py)."""
+    offline(monkeypatch, tmp_path_factory.mktemp("tracker_home"))
+    yield
+    if sys.modules.get("wandb") is not None:
+        sys.modules["wandb"].teardown()  # W&B's service process, started with this environment
 
 
 def _tensorboard_scalars(run_dir):
