@@ -95,6 +95,23 @@ def tiny_overrides(root: Path, **extra) -> list[str]:
     return [f"--set={k}={v}" for k, v in values.items()]
 
 
+def _has_a_cpu_compiler() -> bool:
+    """What model.compile's start-up check finds: torch's own search for a C++ compiler."""
+    from powergrad_train.errors import ConfigError
+    from powergrad_train.models import check_compile
+    try:
+        check_compile(cuda=False)
+    except ConfigError:
+        return False
+    return True
+
+
+# torch.compile on the CPU builds its kernels with a C++ compiler: on a machine without one these tests
+# are skipped, saying so (tests/test_inputs.py checks that such a machine gets one line at start).
+needs_a_cpu_compiler = pytest.mark.skipif(not _has_a_cpu_compiler(),
+                                          reason="torch.compile on the CPU needs a C++ compiler; this machine has none")
+
+
 def in_a_forked_process(work) -> str:
     """What `work()` returns (a str), or the exception it raised as 'Name: message', run in a real other
     process forked from this one (no new interpreter): for what a process may not do to itself."""

@@ -13,7 +13,7 @@ from powergrad_train.dist import DistEnv
 from powergrad_train.run import build_run
 from powergrad_train.metrics import Output
 from powergrad_train.optim import lr_at_step
-from tests.conftest import tiny_overrides
+from tests.conftest import needs_a_cpu_compiler, tiny_overrides
 
 
 def trainer(root, tmp_path, *extra):
@@ -25,6 +25,7 @@ def snapshot(t):
     return {n: p.detach().clone() for n, p in t.model.named_parameters()}
 
 
+@needs_a_cpu_compiler
 def test_compiled_step_makes_the_same_update_as_eager(tiny_root, tmp_path):
     eager = trainer(tiny_root, tmp_path / "e")
     compiled = trainer(tiny_root, tmp_path / "c", "model.compile=true")

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from powergrad_train.pgt import power_grad_cross_entropy
+from tests.conftest import needs_a_cpu_compiler
 
 
 def reference_grad(logits, target, alpha, eps, upstream):
@@ -107,6 +108,7 @@ def test_rejects_bad_alpha_and_shapes():
         power_grad_cross_entropy(logits[0], target, 0.5)
 
 
+@needs_a_cpu_compiler
 def test_compiled_loss_gives_the_same_gradients():
     logits, target = make(64, 100)
     eager = logits.detach().clone().requires_grad_()

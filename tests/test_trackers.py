@@ -33,7 +33,11 @@ def offline(mp: pytest.MonkeyPatch, home: Path) -> None:
 
 def wandb_runs(run_dir: Path) -> dict[str, dict]:
     """Each offline W&B run folder under run_dir/wandb: its run id, config and history {step: values},
-    read from its .wandb file (a log of protobuf records in LevelDB's block format)."""
+    read from its .wandb file (a log of protobuf records in LevelDB's block format). W&B's service process
+    writes that file: it is stopped first, which waits until the file is complete (run.finish() can
+    return before the service has written the last records)."""
+    if sys.modules.get("wandb") is not None:
+        sys.modules["wandb"].teardown()
     found = {}
     for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
         run = {"id": None, "config": {}, "history": {}}
