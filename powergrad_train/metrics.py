@@ -431,7 +431,18 @@ def _record(line: Optional[bytes]) -> Optional[dict]:
     return record if isinstance(record, dict) else None
 
 
-class TensorBoard(Output):
+class SeriesOutput(Output):
+    """An output of named series: train/loss|top1|lr every log interval, epoch/<summary column> per
+    epoch and the other groups, each at its optimizer step; a subclass writes scalars()."""
+
+    def progress(self, values: dict) -> None:
+        self.scalars("train", values["step"], {k: values[k] for k in ("loss", "top1", "lr")})
+
+    def epoch_end(self, row: dict) -> None:
+        self.scalars("epoch", row["step"], {k: v for k, v in row.items() if k not in ("epoch", "step") and v is not None})
+
+
+class TensorBoard(SeriesOutput):
     """Event files in the run folder: train/* every log interval, epoch/* per epoch, other groups.
 
     An event file cannot be written atomically (it is a log, appended to); a failed write is a
@@ -452,11 +463,8 @@ class TensorBoard(Output):
         """A failed write, here or in the writer's thread (handed on at its next call), as one WriteError."""
         return writing(self.path)
 
-    def progress(self, values: dict) -> None:
-        self.scalars("train", values["step"], {k: values[k] for k in ("loss", "top1", "lr")})
-
     def epoch_end(self, row: dict) -> None:
-        self.scalars("epoch", row["step"], {k: v for k, v in row.items() if k not in ("epoch", "step") and v is not None})
+        super().epoch_end(row)
         self.flush()
 
     def scalars(self, group: str, step: int, values: dict) -> None:
@@ -497,13 +505,26 @@ def build_outputs(names: Sequence[str]) -> list[Output]:
     return [registry.load(registry.OUTPUTS, name)() for name in names]
 
 
-def need_package(package: str, extra: str, name: str) -> None:
-    """Refuse output `name` when its optional package is missing, when it is built (before the run
-    folder is touched); the import itself waits for start(), so a run without it never loads it."""
-    import importlib.util
-    if importlib.util.find_spec(package) is None:
-        raise ConfigError(f'log.outputs: {name} needs the {package} package: pip install -e ".[{extra}]"',
-                          key="log.outputs")
+class Tracker(SeriesOutput):
+    """An experiment tracker (log.outputs name = its package = its extra): the package is checked when
+    the output is built (before the run folder is touched) and imported only in start(), so a run
+    without it never loads it; the tracker's run id is kept in the checkpoint, so a resumed run
+    continues the same tracker run."""
+
+    package = ""
+
+    def __init__(self):
+        import importlib.util
+        if importlib.util.find_spec(self.package) is None:
+            raise ConfigError(f'log.outputs: {self.package} needs the {self.package} package: '
+                              f'pip install -e ".[{self.package}]"', key="log.outputs")
+        self.run_id = None
+
+    def state_dict(self) -> dict | None:
+        return {"run_id": self.run_id} if self.run_id else None
+
+    def load_state_dict(self, state: dict) -> None:
+        self.run_id = state["run_id"]
 
 
 class OutputStates:

@@ -16,7 +16,7 @@ import sys
 import time
 
 from powergrad_train.errors import UserError, printable
-from powergrad_train.metrics import Output, RunInfo, need_package
+from powergrad_train.metrics import RunInfo, Tracker
 
 
 def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
@@ -30,16 +30,9 @@ def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-class MLflow(Output):
-    def __init__(self):
-        need_package("mlflow", "mlflow", "mlflow")
-        self.run_id, self.client = None, None
-
-    def state_dict(self) -> dict | None:
-        return {"run_id": self.run_id} if self.run_id else None
-
-    def load_state_dict(self, state: dict) -> None:
-        self.run_id = state["run_id"]
+class MLflow(Tracker):
+    package = "mlflow"
+    client = None
 
     def start(self, info: RunInfo) -> None:
         from mlflow.entities import Param
@@ -63,19 +56,11 @@ class MLflow(Output):
             raise UserError(f"log.outputs: mlflow could not start its run ({printable(str(e).splitlines()[0])})") \
                 from None
 
-    def _log(self, step: int, values: dict) -> None:
+    def scalars(self, group: str, step: int, values: dict) -> None:
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
-
-    def progress(self, values: dict) -> None:
-        self._log(values["step"], {f"train/{k}": values[k] for k in ("loss", "top1", "lr")})
-
-    def epoch_end(self, row: dict) -> None:
-        self._log(row["step"], {f"epoch/{k}": v for k, v in row.items() if k not in ("epoch", "step") and v is not None})
-
-    def scalars(self, group: str, step: int, values: dict) -> None:
-        self._log(step, {f"{group}/{k}": v for k, v in values.items()})
+        self.client.log_batch(self.run_id, metrics=[Metric(f"{group}/{k}", float(v), now, step)
+                                                    for k, v in values.items()])
 
     def close(self) -> None:
         if self.client is None:

@@ -12,21 +12,14 @@ import os
 import sys
 
 from powergrad_train.errors import UserError, printable
-from powergrad_train.metrics import Output, RunInfo, need_package
+from powergrad_train.metrics import RunInfo, Tracker
 
 PROJECT = "powergrad-train"
 
 
-class WandB(Output):
-    def __init__(self):
-        need_package("wandb", "wandb", "wandb")
-        self.run_id, self.run = None, None
-
-    def state_dict(self) -> dict | None:
-        return {"run_id": self.run_id} if self.run_id else None
-
-    def load_state_dict(self, state: dict) -> None:
-        self.run_id = state["run_id"]
+class WandB(Tracker):
+    package = "wandb"
+    run = None
 
     def start(self, info: RunInfo) -> None:
         import wandb
@@ -40,13 +33,6 @@ class WandB(Output):
             raise UserError(f"log.outputs: wandb could not start its run ({printable(str(e).splitlines()[0])}); "
                               "WANDB_MODE=offline writes it to the run folder") from None
         self.run_id = self.run.id
-
-    def progress(self, values: dict) -> None:
-        self.run.log({f"train/{k}": values[k] for k in ("loss", "top1", "lr")}, step=values["step"])
-
-    def epoch_end(self, row: dict) -> None:
-        self.run.log({f"epoch/{k}": v for k, v in row.items() if k not in ("epoch", "step") and v is not None},
-                     step=row["step"])
 
     def scalars(self, group: str, step: int, values: dict) -> None:
         self.run.log({f"{group}/{k}": v for k, v in values.items()}, step=step)
