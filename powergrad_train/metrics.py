@@ -307,9 +307,15 @@ def read_summary(run_dir: Path) -> tuple[Optional[list[str]], list[list[str]], b
         raise RunFolderError(f"{printable(path)}: not a CSV file ({e}); move it away") from None
     torn = False
     if header is not None and rows and not text.endswith(("\n", "\r")) and "epoch" in header:
-        epoch = rows[-1][header.index("epoch")] if len(rows[-1]) > header.index("epoch") else ""
-        torn = len(rows[-1]) < len(header) and epoch.isascii() and epoch.isdigit()
+        torn = len(rows[-1]) < len(header) and epoch_of(rows[-1], header.index("epoch")) is not None
     return header, rows[:-1] if torn else rows, torn
+
+
+def epoch_of(row: list[str], column: int) -> Optional[int]:
+    """The epoch of a summary.csv row, or None for a row whose epoch cell is not a whole number (a
+    note added by hand)."""
+    cell = row[column] if len(row) > column else ""
+    return int(cell) if cell.isascii() and cell.isdigit() else None
 
 
 def summary_columns(run_dir: Path) -> list[str]:
@@ -334,8 +340,7 @@ def trim_summary_csv(run_dir: Path, start_epoch: int) -> Optional[str]:
     columns = summary_columns(run_dir)
     where = {c: i for i, c in enumerate(header)}
     epoch = where["epoch"]
-    kept = [row for row in rows if row and not (len(row) > epoch and row[epoch].isascii()
-                                                and row[epoch].isdigit() and int(row[epoch]) > start_epoch)]
+    kept = [row for row in rows if row and not (epoch_of(row, epoch) or 0) > start_epoch]
     text = io.StringIO(newline="")
     w = csv.writer(text)
     w.writerow(columns)

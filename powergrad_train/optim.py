@@ -3,6 +3,7 @@ schedules.py), and the gradient stage (GC / AGC)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Protocol
 
 import torch
@@ -91,11 +92,17 @@ class ScalerState:
             self.scaler.load_state_dict({**state, **settings})
 
 
+@functools.cache
+def _schedule(name: str):
+    """schedule.name's entry of registry.SCHEDULES, looked up once (lr_at_step runs every step)."""
+    from powergrad_train import registry
+    return registry.load(registry.SCHEDULES, name)
+
+
 def lr_at_step(cfg: ScheduleConfig, base_lr: float, step: int, steps_per_epoch: int) -> float:
     """The LR of optimizer step `step` (0-based, counted over the whole run): schedule.name's entry of
     registry.SCHEDULES, updated every step or, under schedule.mode = authors_per_epoch, once per epoch."""
-    from powergrad_train import registry
-    schedule = registry.load(registry.SCHEDULES, cfg.name)
+    schedule = _schedule(cfg.name)
     if cfg.mode == "authors_per_epoch":
         epoch = step // steps_per_epoch + 1  # 1-based
         return schedule.at_epoch_like_authors(cfg, base_lr, 0 if epoch == 1 else epoch)

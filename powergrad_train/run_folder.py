@@ -17,7 +17,7 @@ from typing import Optional
 from powergrad_train import checkpoint
 from powergrad_train.atomic import reason, remove_leftovers
 from powergrad_train.errors import CheckpointError, RunFolderError, WriteError, printable
-from powergrad_train.metrics import read_summary
+from powergrad_train.metrics import epoch_of, read_summary
 from powergrad_train.user_files import what_is
 
 MARKER = ".powergrad-train-run"
@@ -145,9 +145,10 @@ def _summary_epochs(run_dir: Path) -> list[int]:
         header, rows, _ = read_summary(run_dir)
     except RunFolderError:
         return []
-    column = header.index("epoch") if header and "epoch" in header else None
-    return sorted(int(r[column]) for r in rows if column is not None and len(r) > column
-                  and r[column].isascii() and r[column].isdigit())
+    if not header or "epoch" not in header:
+        return []
+    column = header.index("epoch")
+    return sorted(e for r in rows if (e := epoch_of(r, column)) is not None)
 
 
 # (device, inode) of each lock file this process holds -> its pid, so that a forked child (another
