@@ -587,10 +587,10 @@ def gains_table(table: int, placed: Placed) -> list[str]:
 def time_to_accuracy(target: list[Run], runs: list[Run], target_name: str = "baseline") -> str:
     """The first epoch at which the test top-1 of `runs` (mean over their seeds) reaches the final one
     of `target` (mean over its seeds)."""
+    from powergrad_train.report_figures import mean_curve  # (no plotting library: that loads to draw)
     goal = statistics.fmean(_values(target, "final").values())
-    curves = [dict(zip(*r.curve("eval_top1"))) for r in runs]
-    for epoch in sorted(set.intersection(*(set(c) for c in curves))):
-        if statistics.fmean(c[epoch] for c in curves) >= goal:
+    for epoch, mean in zip(*mean_curve(runs, "eval_top1")):
+        if mean >= goal:
             return f"epoch {epoch} of {runs[0].cfg.schedule.epochs} ({target_name} final {goal:.2f})"
     return f"never ({target_name} final {goal:.2f})"
 
