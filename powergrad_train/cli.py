@@ -17,9 +17,9 @@ from typing import Optional
 
 # Only light imports here: `--help` and config errors answer without loading torch.
 from powergrad_train import __version__
-from powergrad_train.config import (Config, absolute_path, build_config, check_path, check_runtime, describe_keys,
+from powergrad_train.config.schema import (Config, absolute_path, build_config, check_path, check_runtime, describe_keys,
                                     dump, suggestion)
-from powergrad_train.errors import (CheckpointError, ConfigError, InstallError, RunFolderError, UserError, printable,
+from powergrad_train.system.errors import (CheckpointError, ConfigError, InstallError, RunFolderError, UserError, printable,
                                     shown)
 
 COMMANDS = ("train", "validate", "bench", "env", "report", "reproduce")
@@ -120,7 +120,7 @@ def _check_machine(cfg: Config, world_size: int, measuring: str = "", announce: 
 
     measuring: what a subcommand that trains nothing lasting does ("evaluating", "timing"): fp16 needs a
     GPU only for its loss scaling, so on the CPU it runs in float32 instead, said in one line."""
-    from powergrad_train import hardware
+    from powergrad_train.system import hardware
     gpus = hardware.check_gpus(dali_on_gpu=cfg.data.backend == "dali" and cfg.data.dali_device != "cpu")
     if measuring and cfg.amp == "fp16" and not gpus:
         cfg.amp = "off"
@@ -134,7 +134,7 @@ def _check_model(cfg: Config, world_size: int, train: bool = True) -> None:
     tools: checked in seconds before any data is listed."""
     import torch
 
-    from powergrad_train.models import check_compile, check_model_runs
+    from powergrad_train.training.models import check_compile, check_model_runs
     if not train:
         check_model_runs(cfg.model, cfg.data.image_size, cfg.data.val_batch_per_process(world_size), train=False)
         return
@@ -160,7 +160,7 @@ def _check_output(run_dir: Path) -> None:
 def _start_checks(cfg: Config, args, env) -> tuple[Path, Optional[Path], Optional[str]]:
     """Every check a training start makes before it touches a GPU or writes anything: a real start
     and --dry-run both run this. Returns (run folder, checkpoint to resume from or None, a note)."""
-    from powergrad_train import run_folder
+    from powergrad_train.training import run_folder
     from powergrad_train.data import check_data
 
     _check_machine(cfg, env.world_size)
@@ -177,10 +177,12 @@ def _dry_run(cfg: Config, env, resume_from: Optional[Path], resume_force: bool) 
     """What a start would do, down to the checkpoint's compatibility, without writing anything."""
     import torch
 
-    from powergrad_train import checkpoint, registry
-    from powergrad_train.engine import build_data, build_model_on
-    from powergrad_train.models import load_initial_weights
-    from powergrad_train.optim import lr_at_step
+    from powergrad_train.training import checkpoint
+
+    from powergrad_train.config import registry
+    from powergrad_train.training.engine import build_data, build_model_on
+    from powergrad_train.training.models import load_initial_weights
+    from powergrad_train.training.optim import lr_at_step
 
     print(dump(cfg), end="")
     model = build_model_on(cfg, env, torch.device("cpu"))
@@ -213,7 +215,7 @@ def train_command(argv: list[str]) -> None:
         raise ConfigError(f"unknown command {shown(word)}{hint}; the commands are {', '.join(COMMANDS)}")
     args = _train_parser().parse_args(argv)
     cfg = build_config(args.config, args.set)
-    from powergrad_train import dist
+    from powergrad_train.system import dist
     env = dist.env_from_torchrun()
     with _stop_signals_end_the_start():
         run_dir, resume_from, note = _start_checks(cfg, args, env)
@@ -254,14 +256,14 @@ def _stop_signals_end_the_start():
 
 
 def _train(cfg: Config, args, env, run_dir: Path, resume_from: Optional[Path], note: Optional[str]) -> None:
-    from powergrad_train import dist
+    from powergrad_train.system import dist
     if note and env.is_main:
         print(note, flush=True)
     if args.dry_run:
         _dry_run(cfg, env, resume_from, args.resume_force)
         return
-    from powergrad_train.preemption import Preempted
-    from powergrad_train.run import build_run
+    from powergrad_train.system.preemption import Preempted
+    from powergrad_train.training.run import build_run
 
     device = dist.device_for(env)
     dist.init(env, device)
@@ -270,7 +272,7 @@ def _train(cfg: Config, args, env, run_dir: Path, resume_from: Optional[Path], n
         # is created or locked, and before anything in it is written.
         trainer = build_run(cfg, run_dir, env, device, resume_from, resume_force=args.resume_force)
         if env.is_main:
-            from powergrad_train.atomic import write_text
+            from powergrad_train.system.atomic import write_text
             write_text(run_dir / "config.yaml", dump(cfg))
         trainer.announce(resume_from)
         try:
@@ -287,8 +289,10 @@ def _train(cfg: Config, args, env, run_dir: Path, resume_from: Optional[Path], n
 
 def validate_command(argv: list[str]) -> None:
     args = _validate_parser().parse_args(argv)
-    from powergrad_train import authors, checkpoint, dist
-    from powergrad_train.run_folder import checkpoints_in
+    from powergrad_train.reproduction import authors
+    from powergrad_train.training import checkpoint
+    from powergrad_train.system import dist
+    from powergrad_train.training.run_folder import checkpoints_in
 
     path = _user_path("--checkpoint", args.checkpoint)
     if path.is_dir():
@@ -302,8 +306,8 @@ def validate_command(argv: list[str]) -> None:
     else:
         state = checkpoint.load(path)
         cfg = build_config(None, args.set, start=(f"{path} (its config)", state["config"]), lenient=True)
-    from powergrad_train.engine import autocast_for, build_data, build_model_on, evaluate_model  # timm: seconds
-    from powergrad_train.metrics import format_eval
+    from powergrad_train.training.engine import autocast_for, build_data, build_model_on, evaluate_model  # timm: seconds
+    from powergrad_train.training.metrics import format_eval
 
     env = dist.env_from_torchrun()
     _check_machine(cfg, env.world_size, measuring="evaluating", announce=env.is_main)
@@ -330,10 +334,10 @@ def bench_command(argv: list[str]) -> None:
     args = _bench_parser().parse_args(argv)  # a mistake here is told before torch loads
     import tempfile
 
-    from powergrad_train import dist
-    from powergrad_train.bench import describe_setup, measure
+    from powergrad_train.system import dist
+    from powergrad_train.training.bench import describe_setup, measure
     from powergrad_train.data import check_data
-    from powergrad_train.run import build_run
+    from powergrad_train.training.run import build_run
 
     overrides = args.set + (["data.backend=synthetic"] if args.data == "synthetic" else [])
     cfg = build_config(args.config, overrides)
@@ -367,7 +371,7 @@ def _env_parser() -> argparse.ArgumentParser:
 
 def env_command(argv: list[str]) -> None:
     _env_parser().parse_args(argv)
-    from powergrad_train import hardware
+    from powergrad_train.system import hardware
     lines, problems = hardware.report()
     print("\n".join(lines + [f"problem: {p}" for p in problems]))
     if problems:
@@ -399,7 +403,7 @@ def report_command(argv: list[str]) -> None:
     args = p.parse_args(argv)
     if not args.runs and not args.reference:
         raise ConfigError("report: give run folders, or --reference AUTHORS_DIR, or both")
-    from powergrad_train.report import write_report
+    from powergrad_train.reproduction.report import write_report
     out = _user_path("report --out", args.out)
     text, figures = write_report([_user_path("report", r) for r in args.runs], out,
                                  _user_path("report --reference", args.reference) if args.reference else None,
@@ -409,7 +413,7 @@ def report_command(argv: list[str]) -> None:
 
 
 def paper_readings() -> tuple[str, ...]:
-    from powergrad_train.paper import BATCH_READINGS
+    from powergrad_train.reproduction.paper import BATCH_READINGS
     return BATCH_READINGS
 
 
@@ -456,8 +460,8 @@ def reproduce_command(argv: list[str]) -> None:
     p.add_argument("--setup", metavar="SHELL", help="a line each job runs first, e.g. "
                                                     "'module load cuda && source ~/venv/bin/activate'")
     args = p.parse_args(argv)
-    from powergrad_train import reproduce, slurm
-    from powergrad_train.report import write_report
+    from powergrad_train.reproduction import reproduce, slurm
+    from powergrad_train.reproduction.report import write_report
     rows = reproduce.parse_rows(args.rows, args.table)
     seeds = reproduce.parse_seeds(args.seeds, args.set)
     throughput = reproduce.parse_throughput(args.images_per_sec)
@@ -517,7 +521,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except Exception as e:
         # Under torchrun the process that fails first says why (a bug: its traceback); an error that
         # follows another process's failure (a collective whose peer left) ends this one quietly.
-        dist = sys.modules.get("powergrad_train.dist")  # loaded once a command got as far as torch
+        dist = sys.modules.get("powergrad_train.system.dist")  # loaded once a command got as far as torch
         if dist is None or not dist.env_from_torchrun().distributed:
             raise
         if dist.lost_a_peer(e):
@@ -540,7 +544,7 @@ def _what_stopped(signum: int) -> str:
 def _interrupted_line(signum: int, run_dir: Optional[Path]) -> str:
     what = _what_stopped(signum)
     if run_dir is not None:
-        from powergrad_train.run_folder import checkpoints_in
+        from powergrad_train.training.run_folder import checkpoints_in
         if not [p for p in checkpoints_in(run_dir) if p.name != "nonfinite.pt"]:  # what --resume auto would skip
             return (f"error: {what}: stopped at once, before this run wrote any checkpoint (nothing to continue: "
                     "run the same command again to start it)")
@@ -552,7 +556,7 @@ def _say_once(line: str) -> None:
     """One line however many processes hit the error: under torchrun, the first process to report
     it prints it, whichever rank found it (many find the same one)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from powergrad_train import dist
+        from powergrad_train.system import dist
         if not dist.report_once(line):
             return
     print(line, file=sys.stderr, flush=True)

@@ -14,10 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from powergrad_train import paper
+from powergrad_train.reproduction import paper
 from powergrad_train.cli import main as cli
-from powergrad_train.errors import UserError
-from powergrad_train.report import comparisons_section, group_arms, read_run, write_report
+from powergrad_train.system.errors import UserError
+from powergrad_train.reproduction.report import comparisons_section, group_arms, read_run, write_report
 
 ALPHAS = ("null", "0.5", "0.25")
 

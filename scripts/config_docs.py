@@ -8,7 +8,7 @@ tests/test_docs.py checks that docs/config.md holds exactly this table.
 import sys
 from pathlib import Path
 
-from powergrad_train.config import describe_keys_markdown
+from powergrad_train.config.schema import describe_keys_markdown
 
 START, END = "<!-- config-keys:start -->\n", "<!-- config-keys:end -->"
 

@@ -97,8 +97,8 @@ def tiny_overrides(root: Path, **extra) -> list[str]:
 
 def _has_a_cpu_compiler() -> bool:
     """What model.compile's start-up check finds: torch's own search for a C++ compiler."""
-    from powergrad_train.errors import ConfigError
-    from powergrad_train.models import check_compile
+    from powergrad_train.system.errors import ConfigError
+    from powergrad_train.training.models import check_compile
     try:
         check_compile(cuda=False)
     except ConfigError:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from powergrad_train import dist
-from powergrad_train.config import build_config, check_runtime
-from powergrad_train.run import build_run
+from powergrad_train.system import dist
+from powergrad_train.config.schema import build_config, check_runtime
+from powergrad_train.training.run import build_run
 
 
 def train_and_save(run_dir: Path, overrides: list[str]) -> None:

@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from powergrad_train.config import (BUNDLED_RECIPES, KEYS, Key, build_config, check_runtime, describe_keys,
+from powergrad_train.config.schema import (BUNDLED_RECIPES, KEYS, Key, build_config, check_runtime, describe_keys,
                                     parse_override, read_value, read_yaml_text)
-from powergrad_train.run import seed_everything
-from powergrad_train.errors import ConfigError
+from powergrad_train.training.run import seed_everything
+from powergrad_train.system.errors import ConfigError
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

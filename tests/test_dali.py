@@ -12,14 +12,14 @@ import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from powergrad_train import checkpoint
+from powergrad_train.training import checkpoint
 from powergrad_train.cli import main
-from powergrad_train.config import build_config
+from powergrad_train.config.schema import build_config
 from powergrad_train.data import build_train_loader, build_val_loader
 from powergrad_train.data import dali as dali_backend
 from powergrad_train.data.dali import Placement, choose_placement
 from powergrad_train.data.demo import write_demo_dataset
-from powergrad_train.errors import ConfigError
+from powergrad_train.system.errors import ConfigError
 from powergrad_train.data.files import list_split
 from tests.conftest import REPO, assert_same_weights, load_weights, tiny_overrides
 from tests.test_data import IMAGE_FORMATS, jpeg_without_tables, write_image_formats
@@ -286,9 +286,9 @@ def test_a_cpu_process_gets_a_cpu_only_pipeline(tiny_root):
 
 
 def test_the_gpu_checks_install_unpacks_wheels_into_site_packages_and_keeps_what_is_there(tmp_path, monkeypatch):
-    """scripts/gpu_check_install.py, for a GPU machine without network: a wheel that brings its own
+    """gpu_check/gpu_check_install.py, for a GPU machine without network: a wheel that brings its own
     nvidia/__init__.py (as nvimgcodec's does) must not replace the one the machine's packages use."""
-    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    monkeypatch.syspath_prepend(str(REPO / "gpu_check"))
     from gpu_check_install import extract_wheel
     wheel = tmp_path / "fake_codec_cu13-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from powergrad_train.config import build_config
+from powergrad_train.config.schema import build_config
 from powergrad_train.data import build_train_loader, build_val_loader, check_data
 from powergrad_train.data import files
 from powergrad_train.data.demo import write_demo_dataset
 from powergrad_train.data.sampling import TrainSampler, ValSampler
-from powergrad_train.errors import DataError, ImageError
+from powergrad_train.system.errors import DataError, ImageError
 from tests import warm
 
 
@@ -342,7 +342,7 @@ def test_every_backend_is_registered_once_and_builds_the_declared_loaders(tiny_r
     """Each backend's loaders implement the interface themselves (not the Protocol's stubs) and keep
     what it promises: batches_per_epoch batches of this process's share, num_samples val images."""
     from powergrad_train.data import TrainLoader, ValLoader
-    from powergrad_train.registry import DATA_BACKENDS
+    from powergrad_train.config.registry import DATA_BACKENDS
 
     def implemented(obj, protocol, *names):
         for name in names:

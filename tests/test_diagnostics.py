@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from powergrad_train.config import build_config
-from powergrad_train.diagnostics import ZEROED_NORM, PooledFeatureWatch, conv_filter_norms, load_filter_norms
-from powergrad_train.models import build_model
+from powergrad_train.config.schema import build_config
+from powergrad_train.training.diagnostics import ZEROED_NORM, PooledFeatureWatch, conv_filter_norms, load_filter_norms
+from powergrad_train.training.models import build_model
 from tests.conftest import load_weights, tiny_overrides
 
 
@@ -30,7 +30,7 @@ def test_filter_norms_are_saved_every_epoch_from_the_epoch_s_weights(two_epoch_r
 def test_summary_has_the_val_logit_norm_and_dead_features(two_epoch_run):
     """Both counted again from the saved weights over the val images, computed another way."""
     from powergrad_train.data import build_val_loader
-    from powergrad_train.report import read_run
+    from powergrad_train.reproduction.report import read_run
     cfg = read_run(two_epoch_run).cfg
     model = build_model(cfg.model).eval()
     model.load_state_dict(load_weights(two_epoch_run / "last.pt"))

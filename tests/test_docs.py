@@ -10,8 +10,8 @@ import yaml
 
 from powergrad_train import cli
 from powergrad_train.cli import COMMANDS, main
-from powergrad_train.config import BUNDLED_RECIPES, KEYS, build_config, describe_keys_markdown
-from powergrad_train.errors import ConfigError
+from powergrad_train.config.schema import BUNDLED_RECIPES, KEYS, build_config, describe_keys_markdown
+from powergrad_train.system.errors import ConfigError
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text()

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from powergrad_train.cli import main
-from powergrad_train.config import build_config
-from powergrad_train.dist import DistEnv
-from powergrad_train.run import build_run
-from powergrad_train.metrics import Output
-from powergrad_train.optim import lr_at_step
+from powergrad_train.config.schema import build_config
+from powergrad_train.system.dist import DistEnv
+from powergrad_train.training.run import build_run
+from powergrad_train.training.metrics import Output
+from powergrad_train.training.optim import lr_at_step
 from tests.conftest import needs_a_cpu_compiler, tiny_overrides
 
 

@@ -4,11 +4,11 @@
 import pytest
 import torch
 
-from powergrad_train import hardware
+from powergrad_train.system import hardware
 from powergrad_train.cli import main
-from powergrad_train.config import build_config, check_runtime
-from powergrad_train.errors import ConfigError
-from powergrad_train.hardware import Gpu, build_runs_on, precision_in_use, problems
+from powergrad_train.config.schema import build_config, check_runtime
+from powergrad_train.system.errors import ConfigError
+from powergrad_train.system.hardware import Gpu, build_runs_on, precision_in_use, problems
 from tests.conftest import tiny_overrides
 
 V100 = Gpu(0, "Tesla V100-SXM2-32GB", (7, 0))

@@ -20,14 +20,14 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from powergrad_train import metrics
+from powergrad_train.training import metrics
 from powergrad_train.cli import main
-from powergrad_train.config import build_config
+from powergrad_train.config.schema import build_config
 from powergrad_train.data import build_val_loader, files
 from powergrad_train.data.demo import write_demo_dataset
 from powergrad_train.data.imagefolder import Unreadable, load_rgb
-from powergrad_train.errors import CheckpointError
-from powergrad_train.models import build_model, load_initial_weights
+from powergrad_train.system.errors import CheckpointError
+from powergrad_train.training.models import build_model, load_initial_weights
 from tests import warm
 from tests.conftest import in_a_forked_process, tiny_overrides
 
@@ -273,8 +273,8 @@ def test_torn_last_lines_of_the_logs_are_dropped_at_resume_and_said_once(two_epo
 
 
 def test_a_run_with_no_outputs_says_so_at_start(tiny_root, tmp_path, capsys):
-    from powergrad_train.dist import DistEnv
-    from powergrad_train.run import build_run
+    from powergrad_train.system.dist import DistEnv
+    from powergrad_train.training.run import build_run
     overrides = [o.removeprefix("--set=") for o in tiny_overrides(tiny_root, **{"log.outputs": "[]"})]
     trainer = build_run(build_config("smoke.yaml", overrides), tmp_path / "run", DistEnv(), torch.device("cpu"))
     trainer.close()
@@ -291,7 +291,7 @@ def tiny_model() -> torch.nn.Module:
 def test_init_from_takes_timm_s_and_the_authors_checkpoints_as_validate_does(tmp_path):
     """timm's train.py and the PGT authors' fork save their argparse Namespace beside the weights;
     validate's allow-list takes it, and so does model.init_from; anything else both refuse alike."""
-    from powergrad_train import authors
+    from powergrad_train.reproduction import authors
     from tests.test_authors import save_like_timm_0412, their_args
     trained = tiny_model()
     theirs = save_like_timm_0412(tmp_path / "model_best.pth.tar", trained, their_args(model="resnet10t"))

@@ -12,10 +12,10 @@ import torch
 from timm.models import register_model
 
 from powergrad_train.cli import _bench_parser, _train_parser, _validate_parser, main
-from powergrad_train.config import BUNDLED_RECIPES, ModelConfig, build_config
+from powergrad_train.config.schema import BUNDLED_RECIPES, ModelConfig, build_config
 from powergrad_train.data.demo import write_demo_dataset
-from powergrad_train.errors import ConfigError
-from powergrad_train.models import build_model, check_model_runs
+from powergrad_train.system.errors import ConfigError
+from powergrad_train.training.models import build_model, check_model_runs
 from tests import warm
 from tests.conftest import tiny_overrides
 

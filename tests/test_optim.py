@@ -5,10 +5,10 @@ import torch
 from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from timm.utils import adaptive_clip_grad
 
-from powergrad_train.config import build_config
-from powergrad_train.errors import ConfigError
-from powergrad_train.models import build_model
-from powergrad_train.optim import build_grad_clipper, build_optimizer, lr_at_step
+from powergrad_train.config.schema import build_config
+from powergrad_train.system.errors import ConfigError
+from powergrad_train.training.models import build_model
+from powergrad_train.training.optim import build_grad_clipper, build_optimizer, lr_at_step
 
 SPE = 7  # steps per epoch
 

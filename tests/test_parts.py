@@ -8,14 +8,14 @@ import sys
 import pytest
 import torch
 
-from powergrad_train import registry
+from powergrad_train.config import registry
 from powergrad_train.cli import main
-from powergrad_train.config import build_config
-from powergrad_train.dist import DistEnv
-from powergrad_train.errors import CheckpointError, ConfigError, TrainingError
-from powergrad_train.models import build_model, load_initial_weights
-from powergrad_train.optim import build_optimizer, set_lr
-from powergrad_train.run import build_run
+from powergrad_train.config.schema import build_config
+from powergrad_train.system.dist import DistEnv
+from powergrad_train.system.errors import CheckpointError, ConfigError, TrainingError
+from powergrad_train.training.models import build_model, load_initial_weights
+from powergrad_train.training.optim import build_optimizer, set_lr
+from powergrad_train.training.run import build_run
 from tests.conftest import assert_same_weights, load_weights, tiny_overrides
 from tests.test_trackers import mlflow_client, offline, wandb_runs
 
@@ -30,7 +30,7 @@ def tiny_trainer(root, run_dir, *extra, **values):
 def test_every_objective_computes_a_finite_loss_with_a_gradient(name):
     """On class indices and on class probabilities; with alpha null the loss (and so its gradient)
     is torch's cross-entropy."""
-    from powergrad_train.objectives import build_objective
+    from powergrad_train.training.objectives import build_objective
     torch.manual_seed(0)
     logits = torch.randn(4, 5, requires_grad=True)
     targets = torch.tensor([0, 3, 1, 4])
@@ -52,7 +52,7 @@ def test_every_batch_transform_transforms_a_batch(name):
     class probabilities (summing to 1) and changes the images the way its name says."""
     import numpy as np
 
-    from powergrad_train.batch_transforms import build_batch_transform
+    from powergrad_train.training.batch_transforms import build_batch_transform
     torch.manual_seed(0)
     images, targets = torch.rand(8, 3, 16, 16), torch.arange(8) % 4
     original = images.clone()
@@ -103,8 +103,8 @@ def _tensorboard_scalars(run_dir):
 
 @pytest.mark.parametrize("name", registry.OUTPUTS)
 def test_every_output_receives_the_epoch_row(name, tmp_path, capsys):
-    from powergrad_train.config import to_dict
-    from powergrad_train.metrics import SUMMARY_COLUMNS, RunInfo, build_outputs
+    from powergrad_train.config.schema import to_dict
+    from powergrad_train.training.metrics import SUMMARY_COLUMNS, RunInfo, build_outputs
     (output,) = build_outputs([name])
     row = {k: 0.0 for k in SUMMARY_COLUMNS} | {"epoch": 1, "step": 7, "eval_top1": 12.3456, "eval_ema_top1": None}
     output.start(RunInfo(tmp_path, to_dict(build_config(None, [])), 0, 0, None))
@@ -213,7 +213,7 @@ def test_mixup_targets_go_through_pgt_as_probabilities(tiny_root, tmp_path):
 
 @pytest.mark.parametrize("name", ["mixup", "cutmix", "mixup_cutmix"])
 def test_mixup_needs_an_even_batch_per_process(name):
-    from powergrad_train.config import check_runtime
+    from powergrad_train.config.schema import check_runtime
     cfg = build_config(None, [f"batch_transform.name={name}", "data.batch_size=6"])
     check_runtime(cfg, 3, cuda=False)  # 2 per process
     with pytest.raises(ConfigError, match="gives 3 per process; choose an even number per process"):
@@ -236,7 +236,7 @@ def test_a_mixing_transform_refuses_the_alpha_it_does_not_draw_from(sets, error)
 
 
 def test_mixup_is_mixup_only_and_its_stored_config_reads_back_as_it_trained():
-    from powergrad_train.config import to_dict
+    from powergrad_train.config.schema import to_dict
     cfg = build_config(None, ["batch_transform.name=mixup"])
     assert cfg.batch_transform.cutmix_alpha == 0  # stored as what it trains
     stored = to_dict(cfg)
@@ -247,7 +247,7 @@ def test_mixup_is_mixup_only_and_its_stored_config_reads_back_as_it_trained():
 def test_an_old_runs_mixup_is_read_as_the_transform_it_trained(alphas, read_as, capsys):
     """Before, `mixup` was timm's Mixup with both alphas as given: the stored config is read as the
     name that makes the same draws, with one notice when the name changes."""
-    from powergrad_train.config import to_dict
+    from powergrad_train.config.schema import to_dict
     stored = to_dict(build_config(None, []))
     stored["batch_transform"].update(name="mixup", mixup_alpha=alphas[0], cutmix_alpha=alphas[1])
     cfg = build_config(None, start=("old/config.yaml", stored), lenient=True)
@@ -274,7 +274,7 @@ def test_the_ema_moves_only_on_applied_steps_and_is_a_checked_part(tiny_root, tm
     key = "fc.weight"
     torch.testing.assert_close(t.ema.state_dict()[key], 0.5 * average[key] + 0.5 * t.model.state_dict()[key])
     path = t.save_checkpoint()
-    from powergrad_train import checkpoint
+    from powergrad_train.training import checkpoint
     assert_same_weights(checkpoint.load(path)["ema"], t.ema.state_dict())
     t.ema.module.fc.weight.data[0, 0] = float("nan")  # an EMA is checked before a save like every part
     with pytest.raises(TrainingError, match=r"^ema\.fc\.weight is not finite"):
@@ -292,7 +292,7 @@ def test_an_ema_run_logs_eval_ema_top1_and_resumes_exactly(two_epoch_run, tiny_r
     assert_same_weights(load_weights(two_epoch_run / "last.pt"), load_weights(run / "last.pt"))
     resumed = tmp_path / "resumed"
     main(["--config", "smoke.yaml", "--output", str(resumed), "--resume", str(run / "epoch-0001.pt"), *overrides])
-    from powergrad_train import checkpoint
+    from powergrad_train.training import checkpoint
     assert_same_weights(checkpoint.load(run / "last.pt")["ema"], checkpoint.load(resumed / "last.pt")["ema"])
     assert [r["eval_ema_top1"] for r in csv.DictReader(open(resumed / "summary.csv"))] == \
         [rows[1]["eval_ema_top1"]]  # a new folder: epoch 2 only

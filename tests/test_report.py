@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from powergrad_train import paper, report, seed_stats
+from powergrad_train.reproduction import paper, report, seed_stats
 from powergrad_train.cli import main
-from powergrad_train.config import KEYS, build_config, dump, get
-from powergrad_train.diagnostics import save_filter_norms
-from powergrad_train.metrics import SUMMARY_COLUMNS, RunInfo, SummaryCsv, trim_summary_csv
-from powergrad_train.report import read_run, tables
-from powergrad_train.report_figures import alpha_groups, main_path_convs
+from powergrad_train.config.schema import KEYS, build_config, dump, get
+from powergrad_train.training.diagnostics import save_filter_norms
+from powergrad_train.training.metrics import SUMMARY_COLUMNS, RunInfo, SummaryCsv, trim_summary_csv
+from powergrad_train.reproduction.report import read_run, tables
+from powergrad_train.reproduction.report_figures import alpha_groups, main_path_convs
 from tests.conftest import tiny_overrides
 
 ROW = {r.label: r for r in paper.table_rows(1)}

@@ -14,11 +14,11 @@ import statistics
 import pytest
 from scipy import stats
 
-from powergrad_train import paper, report, seed_stats
+from powergrad_train.reproduction import paper, report, seed_stats
 from powergrad_train.cli import main
-from powergrad_train.config import KEYS, build_config
+from powergrad_train.config.schema import KEYS, build_config
 from powergrad_train.data.demo import write_demo_dataset
-from powergrad_train.report import read_run
+from powergrad_train.reproduction.report import read_run
 from tests.conftest import tiny_overrides
 from tests.test_report import R18_BASE, R18_PGT, row_line, row_run, write_run
 

@@ -4,10 +4,10 @@ import sys
 
 import pytest
 
-from powergrad_train import paper, reproduce
+from powergrad_train.reproduction import paper, reproduce
 from powergrad_train.cli import main
-from powergrad_train.config import build_config, dump
-from powergrad_train.report import read_run_config
+from powergrad_train.config.schema import build_config, dump
+from powergrad_train.reproduction.report import read_run_config
 from tests import warm
 
 # The recipes' ImageNet settings shrunk to the tiny demo set, for every row alike.

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from powergrad_train import checkpoint
+from powergrad_train.training import checkpoint
 from powergrad_train.cli import main
-from powergrad_train.run_folder import MARKER
+from powergrad_train.training.run_folder import MARKER
 from tests import warm
 from tests.conftest import assert_same_weights, in_a_forked_process, load_weights, tiny_overrides
 from tests.test_fault_tolerance import SMALL_BATCH, start, wait_for
@@ -194,8 +194,8 @@ def test_a_start_on_a_full_disk_is_one_line_and_leaves_no_partial_file(tiny_root
 def test_the_lock_refuses_a_second_claim_from_its_own_process_and_keeps_holding(tmp_path):
     """A POSIX lock would be granted again to its own process, and dropped when that process closes
     any descriptor of the file: the second claim must be refused without opening it."""
-    from powergrad_train.errors import RunFolderError
-    from powergrad_train.run_folder import RunFolderLock
+    from powergrad_train.system.errors import RunFolderError
+    from powergrad_train.training.run_folder import RunFolderLock
     run_dir = tmp_path / "run"
     lock = RunFolderLock(run_dir)
     with pytest.raises(RunFolderError, match=f"is in use by another training \\(pid {os.getpid()}\\)"):

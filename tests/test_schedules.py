@@ -7,11 +7,13 @@ import pytest
 import torch
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler, StepLRScheduler
 
-from powergrad_train import paper, registry
+from powergrad_train.reproduction import paper
+
+from powergrad_train.config import registry
 from powergrad_train.cli import main
-from powergrad_train.config import KEYS, build_config
-from powergrad_train.errors import ConfigError
-from powergrad_train.optim import lr_at_step
+from powergrad_train.config.schema import KEYS, build_config
+from powergrad_train.system.errors import ConfigError
+from powergrad_train.training.optim import lr_at_step
 from tests.conftest import tiny_overrides
 
 SPE = 7  # steps per epoch

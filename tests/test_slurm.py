@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from powergrad_train import reproduce, slurm
+from powergrad_train.reproduction import reproduce, slurm
 from powergrad_train.cli import main
 from tests import warm
 from tests.conftest import assert_same_weights, load_weights, tiny_overrides

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from powergrad_train import checkpoint
+from powergrad_train.training import checkpoint
 from powergrad_train.cli import main
 from tests.conftest import tiny_overrides
 
@@ -77,7 +77,7 @@ def _wandb_records(path: Path):
 
 
 def mlflow_client(run_dir: Path):
-    from powergrad_train.outputs_mlflow import _client
+    from powergrad_train.training.outputs_mlflow import _client
     return _client(f"file:{run_dir.resolve()}/mlruns")
 
 

@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 
-from powergrad_train import checkpoint
+from powergrad_train.training import checkpoint
 from powergrad_train.cli import main
-from powergrad_train.config import build_config
-from powergrad_train.dist import DistEnv
-from powergrad_train.run import build_run
-from powergrad_train.errors import CheckpointError, ConfigError, TrainingError
+from powergrad_train.config.schema import build_config
+from powergrad_train.system.dist import DistEnv
+from powergrad_train.training.run import build_run
+from powergrad_train.system.errors import CheckpointError, ConfigError, TrainingError
 from tests import warm
 from tests.conftest import REPO, assert_same_weights, load_weights, tiny_overrides
 
@@ -283,7 +283,7 @@ def test_a_fresh_restart_drops_stale_tensorboard_events(tiny_root, tmp_path):
 def test_images_per_sec_counts_training_time_only(tiny_root, tmp_path, monkeypatch):
     """A checkpoint after every step, each taking 1000 s of the trainer's clock: the epoch's training
     time must not include them. The clock is the test's, so the machine's speed does not matter."""
-    from powergrad_train import engine
+    from powergrad_train.training import engine
 
     class Clock:  # every reading advances a millisecond; a checkpoint write advances 1000 s
         now = 0.0
@@ -339,7 +339,7 @@ def test_step_decay_shorter_than_a_step_is_a_config_error(tiny_root, capsys):
 
 
 def test_bf16_with_channels_last_is_refused_on_the_cpu():
-    from powergrad_train.config import check_runtime
+    from powergrad_train.config.schema import check_runtime
     cfg = build_config("smoke.yaml", ["amp=bf16", "channels_last=true"])
     with pytest.raises(ConfigError, match="oneDNN's bf16 channels_last convolution backward"):
         check_runtime(cfg, 1, cuda=False)

@@ -14,10 +14,12 @@ from typing import Any, Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 
-from powergrad_train import dist, registry
-from powergrad_train.config import DEMO_ROOT, DataConfig, check_path
-from powergrad_train.dist import DistEnv
-from powergrad_train.errors import DataError, printable
+from powergrad_train.system import dist
+
+from powergrad_train.config import registry
+from powergrad_train.config.schema import DEMO_ROOT, DataConfig, check_path
+from powergrad_train.system.dist import DistEnv
+from powergrad_train.system.errors import DataError, printable
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (images, targets)
 Samples = list[tuple[str, int]]  # (path, label), as listed by files.list_split

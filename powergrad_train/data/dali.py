@@ -23,11 +23,11 @@ from typing import Optional
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from powergrad_train.config import DataConfig
+from powergrad_train.config.schema import DataConfig
 from powergrad_train.data import Backend, TrainLoader, ValLoader, resolve_root, val_backend_name
 from powergrad_train.data.files import SkippedFiles
 from powergrad_train.data.sampling import SampledEpochs, TrainSampler, sample_seed
-from powergrad_train.errors import ConfigError, DataError, ImageError, printable
+from powergrad_train.system.errors import ConfigError, DataError, ImageError, printable
 
 MEAN = [255 * m for m in IMAGENET_DEFAULT_MEAN]
 STD = [255 * s for s in IMAGENET_DEFAULT_STD]
@@ -78,7 +78,7 @@ def choose_placement(dali_device: str, gpu: Optional[int], dali_runs_on: bool) -
 
 
 def _dali_runs_on(index: int) -> bool:
-    from powergrad_train.hardware import dali_runs_on
+    from powergrad_train.system.hardware import dali_runs_on
     return dali_runs_on(tuple(torch.cuda.get_device_capability(index)))
 
 
@@ -359,7 +359,7 @@ def measure_gpu_memory(cfg: DataConfig, train_samples, val_samples, device: torc
     nvidia.dali.backend.ReleaseUnusedMemory()), so pipelines built next reuse it rather than add to it."""
     if device.type != "cuda":
         return None
-    from powergrad_train.hardware import MemoryOutsideTorch
+    from powergrad_train.system.hardware import MemoryOutsideTorch
     meter = MemoryOutsideTorch(device)
     loaders = [build_train(cfg, train_samples, 0, 0, world_size, device)]
     if val_backend_name(cfg) == "dali":

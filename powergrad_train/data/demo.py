@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from powergrad_train.atomic import fsync_folder, reason
-from powergrad_train.cache import cache_dir
-from powergrad_train.config import DEMO_ROOT
-from powergrad_train.errors import DataError
+from powergrad_train.system.atomic import fsync_folder, reason
+from powergrad_train.system.cache import cache_dir
+from powergrad_train.config.schema import DEMO_ROOT
+from powergrad_train.system.errors import DataError
 
 CLASSES = ("checker", "circle", "cross", "diagonal", "dots", "hstripes", "ring", "square", "triangle", "vstripes")
 IMAGE_SIZE = 64

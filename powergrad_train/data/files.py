@@ -32,10 +32,10 @@ from typing import Optional
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from powergrad_train.atomic import make_folder, write_file
-from powergrad_train.cache import cache_dir
-from powergrad_train.errors import DataError, WriteError, printable
-from powergrad_train.user_files import NotAFile, open_regular, read_bytes
+from powergrad_train.system.atomic import make_folder, write_file
+from powergrad_train.system.cache import cache_dir
+from powergrad_train.system.errors import DataError, WriteError, printable
+from powergrad_train.system.user_files import NotAFile, open_regular, read_bytes
 
 CACHE_VERSION = 5  # 5: one gzip JSON per split, folders with their fingerprints, files and problems
 CACHE_NAME = f"listing-v{CACHE_VERSION}.json.gz"

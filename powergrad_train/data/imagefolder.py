@@ -18,13 +18,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms
 
-from powergrad_train.config import DataConfig
+from powergrad_train.config.schema import DataConfig
 from powergrad_train.data import Backend, TrainLoader, ValLoader, resolve_root
 from powergrad_train.data.files import SkippedFiles
 from powergrad_train.data.sampling import SampledEpochs, TrainSampler, ValSampler
-from powergrad_train.errors import ImageError
-from powergrad_train.preemption import STOP_SIGNALS
-from powergrad_train.user_files import NotAFile, open_regular
+from powergrad_train.system.errors import ImageError
+from powergrad_train.system.preemption import STOP_SIGNALS
+from powergrad_train.system.user_files import NotAFile, open_regular
 
 
 MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN, dtype=torch.float32).view(3, 1, 1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from powergrad_train.config import DataConfig
+from powergrad_train.config.schema import DataConfig
 from powergrad_train.data import Backend, TrainLoader
 
 CLASSES = ("synthetic",)  # one class: labels do not change the cost, and any model.num_classes fits

@@ -1,0 +1,1 @@
+"""The paper's tables: reproduce, report, figures, statistics and the authors' artefacts."""

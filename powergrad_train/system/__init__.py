@@ -1,0 +1,1 @@
+"""The system layer: processes, devices, files and errors, below everything else."""
