@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from powergrad_train.config.schema import build_config
+from powergrad_train.config.build import build_config
 from powergrad_train.data import build_train_loader
 
 

@@ -24,9 +24,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from powergrad_train.training.bench import batches_forever, synchronize, thread_count
-from powergrad_train.config.schema import build_config
+from powergrad_train.config.build import build_config
 from powergrad_train.system.dist import DistEnv
+from powergrad_train.training.bench import batches_forever, synchronize, thread_count
 from powergrad_train.training.engine import AMP_DTYPES
 from powergrad_train.training.run import build_run
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from powergrad_train.system.cache import cache_dir
 from powergrad_train.data.demo import CLASSES, draw
+from powergrad_train.system.cache import cache_dir
 
 
 def write_images(root: Path) -> Path:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from powergrad_train.training import checkpoint
 from powergrad_train.cli import main as cli
-from powergrad_train.config.schema import build_config
+from powergrad_train.config.build import build_config
 from powergrad_train.data import build_val_loader
+from powergrad_train.training import checkpoint
 from powergrad_train.training.engine import autocast_for, evaluate_model
 from powergrad_train.training.models import build_model
 

@@ -86,7 +86,7 @@ def estimate(models, batch: int, image_size: int) -> None:
 
 def torch_peak(name: str, batch: int, image_size: int, device: torch.device) -> tuple[int, int]:
     """(peak allocated, peak reserved) bytes over three steps of the real trainer on synthetic data."""
-    from powergrad_train.config.schema import build_config
+    from powergrad_train.config.build import build_config
     from powergrad_train.system.dist import DistEnv
     from powergrad_train.training.run import build_run
 
@@ -113,7 +113,7 @@ def torch_peak(name: str, batch: int, image_size: int, device: torch.device) -> 
 
 def dali_bytes(batch: int, image_size: int, data: Path, device: torch.device) -> int:
     """The paper recipe's DALI pipelines (train on the GPU; val with torchvision) at this batch."""
-    from powergrad_train.config.schema import build_config
+    from powergrad_train.config.build import build_config
     from powergrad_train.data import read_split
     from powergrad_train.data.dali import measure_gpu_memory
 

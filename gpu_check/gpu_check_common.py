@@ -65,6 +65,7 @@ def device() -> torch.device:
 def machine() -> str:
     try:
         import importlib.metadata
+
         from powergrad_train.system.hardware import dali_flavour
         flavour = dali_flavour()
         dali = f"DALI {importlib.metadata.version(flavour)} ({flavour})" if flavour else "DALI not installed"

@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 
 from gpu_check_common import ON_GPU, Results, device, is_small, max_relative_difference, parser, work_dir
-from powergrad_train.config.schema import build_config
+
+from powergrad_train.config.build import build_config
 from powergrad_train.system.dist import DistEnv
 from powergrad_train.training.run import build_run
 

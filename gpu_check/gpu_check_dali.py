@@ -26,13 +26,13 @@ import time
 from pathlib import Path
 
 import torch
-
 from gpu_check_common import ON_GPU, SCRIPTS, Results, device, is_small, jpeg_folder, parser, work_dir
-from powergrad_train.training.bench import synchronize
-from powergrad_train.config.schema import build_config
+
+from powergrad_train.config.build import build_config
 from powergrad_train.data import build_train_loader, build_val_loader, read_split
 from powergrad_train.data.sampling import TrainSampler
 from powergrad_train.system.dist import DistEnv
+from powergrad_train.training.bench import synchronize
 from powergrad_train.training.run import build_run
 
 # Val images of the two placements: mean absolute difference after normalisation (one 8-bit level

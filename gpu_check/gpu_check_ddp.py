@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from gpu_check_common import ON_GPU, SCRIPTS, Results, data_backend, is_small, jpeg_folder, parser, work_dir
 
 REPO = SCRIPTS.parent
@@ -30,8 +29,8 @@ def worker(run_dir: Path, overrides: list[str]) -> None:
     """One rank of the run (under torchrun): the real Trainer, on GPU 0 whatever the rank."""
     import torch.distributed as torch_dist
 
+    from powergrad_train.config.build import build_config, check_runtime
     from powergrad_train.system import dist
-    from powergrad_train.config.schema import build_config, check_runtime
     from powergrad_train.training.run import build_run
 
     env = dist.env_from_torchrun()

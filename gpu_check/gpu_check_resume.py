@@ -22,9 +22,18 @@ import time
 from pathlib import Path
 
 import torch
+from gpu_check_common import (
+    ON_GPU,
+    SCRIPTS,
+    Results,
+    data_backend,
+    is_small,
+    jpeg_folder,
+    max_relative_difference,
+    parser,
+    work_dir,
+)
 
-from gpu_check_common import ON_GPU, SCRIPTS, Results, data_backend, is_small, jpeg_folder, \
-    max_relative_difference, parser, work_dir
 from powergrad_train.training import checkpoint
 
 

@@ -17,10 +17,10 @@ from typing import Optional
 
 # Only light imports here: `--help` and config errors answer without loading torch.
 from powergrad_train import __version__
-from powergrad_train.config.schema import (Config, absolute_path, build_config, check_path, check_runtime, describe_keys,
-                                    dump, suggestion)
-from powergrad_train.system.errors import (CheckpointError, ConfigError, InstallError, RunFolderError, UserError, printable,
-                                    shown)
+from powergrad_train.config.build import build_config, dump
+from powergrad_train.config.schema import absolute_path, check_path, describe_keys, suggestion
+from powergrad_train.config.sections import Config
+from powergrad_train.system.errors import CheckpointError, ConfigError, InstallError, UserError, printable, shown
 
 COMMANDS = ("train", "validate", "bench", "env", "report", "reproduce")
 
@@ -115,90 +115,20 @@ def _bench_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_machine(cfg: Config, world_size: int, measuring: str = "", announce: bool = True) -> None:
-    """Before any CUDA work: can the installed builds drive these GPUs, and does the recipe suit them?
-
-    measuring: what a subcommand that trains nothing lasting does ("evaluating", "timing"): fp16 needs a
-    GPU only for its loss scaling, so on the CPU it runs in float32 instead, said in one line."""
-    from powergrad_train.system import hardware
-    gpus = hardware.check_gpus(dali_on_gpu=cfg.data.backend == "dali" and cfg.data.dali_device != "cpu")
-    if measuring and cfg.amp == "fp16" and not gpus:
-        cfg.amp = "off"
-        if announce:
-            print(f"amp: fp16 needs a CUDA GPU; {measuring} in float32 on the CPU", flush=True)
-    check_runtime(cfg, world_size, cuda=bool(gpus), capability=min((g.capability for g in gpus), default=None))
-
-
-def _check_model(cfg: Config, world_size: int, train: bool = True) -> None:
-    """The model runs at the recipe's image size and per-process micro-batch, and model.compile has its
-    tools: checked in seconds before any data is listed."""
-    import torch
-
-    from powergrad_train.training.models import check_compile, check_model_runs
-    if not train:
-        check_model_runs(cfg.model, cfg.data.image_size, cfg.data.val_batch_per_process(world_size), train=False)
-        return
-    acc = cfg.train.accumulate_steps
-    batch = cfg.data.batch_size // (world_size * acc)
-    note = f" (data.batch_size {cfg.data.batch_size} over {world_size} process(es) and {acc} accumulation step(s))"
-    if cfg.model.sync_bn and world_size > 1:  # batch norm statistics then span every process's micro-batch
-        batch, note = batch * world_size, note + " with model.sync_bn over all processes"
-    check_model_runs(cfg.model, cfg.data.image_size, batch, train=True, batch_note=note)
-    if cfg.model.compile:
-        check_compile(cuda=torch.cuda.is_available())
-
-
-def _check_output(run_dir: Path) -> None:
-    """The run folder can be created where it is asked for (what a start finds only when it makes it)."""
-    existing = next(p for p in (run_dir, *run_dir.parents) if os.path.lexists(p))
-    why = f"{printable(existing)} is a file" if existing != run_dir and not existing.is_dir() else \
-        f"{printable(existing)} is not writable" if not os.access(existing, os.W_OK | os.X_OK) else None
-    if why:
-        raise RunFolderError(f"--output: cannot create or write the run folder {printable(run_dir)} ({why})")
-
-
-def _start_checks(cfg: Config, args, env) -> tuple[Path, Optional[Path], Optional[str]]:
-    """Every check a training start makes before it touches a GPU or writes anything: a real start
-    and --dry-run both run this. Returns (run folder, checkpoint to resume from or None, a note)."""
-    from powergrad_train.training import run_folder
-    from powergrad_train.data import check_data
-
-    _check_machine(cfg, env.world_size)
-    run_dir = _user_path("--output", args.output or Path("runs") / Path(args.config).stem)
-    resume = args.resume if args.resume in (None, "auto") else str(_user_path("--resume", args.resume))
-    resume_from, note = run_folder.resume_point(run_dir, resume)
-    _check_output(run_dir)
-    check_data(cfg.data)
-    _check_model(cfg, env.world_size)
-    return run_dir, resume_from, note
-
-
-def _dry_run(cfg: Config, env, resume_from: Optional[Path], resume_force: bool) -> None:
-    """What a start would do, down to the checkpoint's compatibility, without writing anything."""
-    import torch
-
-    from powergrad_train.training import checkpoint
-
+def _dry_run(cfg: Config, trainer) -> None:
+    """What a start would do, down to the checkpoint's compatibility, without writing anything: the parts
+    are built (and restored) as a start builds them."""
     from powergrad_train.config import registry
-    from powergrad_train.training.engine import build_data, build_model_on
-    from powergrad_train.training.models import load_initial_weights
     from powergrad_train.training.optim import lr_at_step
 
-    print(dump(cfg), end="")
-    model = build_model_on(cfg, env, torch.device("cpu"))
-    if cfg.model.init_from and resume_from is None:
-        print(load_initial_weights(model, Path(cfg.model.init_from)))
-    data = build_data(cfg, env, torch.device("cpu"))
-    data.close()
-    steps = data.train.batches_per_epoch
-    if resume_from is not None:
-        checkpoint.check_compatible(checkpoint.load(resume_from), resume_from, cfg, classes=data.classes,
-                                    steps_per_epoch=steps, world_size=env.world_size, force=resume_force)
-    print(f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters")
-    print(f"data: {len(data.classes)} classes, {data.train.num_samples} train / {data.val.num_samples} val images, "
-          f"{steps} steps per epoch at global batch {cfg.data.batch_size}")
+    steps = trainer.steps_per_epoch
+    if trainer.init_note:
+        print(trainer.init_note)
+    print(f"model {cfg.model.name}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters")
+    print(f"data: {len(trainer.data.classes)} classes, {trainer.data.train.num_samples} train / "
+          f"{trainer.data.val.num_samples} val images, {steps} steps per epoch at global batch {cfg.data.batch_size}")
     # the other mode for comparison, where the schedule has both (authors_per_epoch: cosine and step only)
-    both = registry.load(registry.SCHEDULES, cfg.schedule.name).like_authors is not None
+    both = registry.load("schedule", cfg.schedule.name).build.like_authors is not None
     modes = [cfg.schedule.mode] + [m for m in ("per_step", "authors_per_epoch") if m != cfg.schedule.mode and both]
     schedules = [dataclasses.replace(cfg.schedule, mode=m) for m in modes]
     print(f"LR at the first step of each epoch: schedule.mode {modes[0]} (in use)" +
@@ -216,9 +146,14 @@ def train_command(argv: list[str]) -> None:
     args = _train_parser().parse_args(argv)
     cfg = build_config(args.config, args.set)
     from powergrad_train.system import dist
+    from powergrad_train.training import run
     env = dist.env_from_torchrun()
     with _stop_signals_end_the_start():
-        run_dir, resume_from, note = _start_checks(cfg, args, env)
+        # Every check a start makes before it touches a GPU or writes anything (a dry run makes them too).
+        run_dir = _user_path("--output", args.output or Path("runs") / Path(args.config).stem)
+        resume = args.resume if args.resume in (None, "auto") else str(_user_path("--resume", args.resume))
+        resume_from, note = run.check_run_folder(run_dir, resume)
+        run.check_start(cfg, env.world_size)
         try:
             _train(cfg, args, env, run_dir, resume_from, note)
         except KeyboardInterrupt as e:
@@ -256,42 +191,41 @@ def _stop_signals_end_the_start():
 
 
 def _train(cfg: Config, args, env, run_dir: Path, resume_from: Optional[Path], note: Optional[str]) -> None:
-    from powergrad_train.system import dist
+    from powergrad_train.system.preemption import Preempted
+    from powergrad_train.training.run import build_run, process_group
+
     if note and env.is_main:
         print(note, flush=True)
     if args.dry_run:
-        _dry_run(cfg, env, resume_from, args.resume_force)
-        return
-    from powergrad_train.system.preemption import Preempted
-    from powergrad_train.training.run import build_run
-
-    device = dist.device_for(env)
-    dist.init(env, device)
-    try:
+        print(dump(cfg), end="")
+    with process_group(env, dry_run=args.dry_run) as device:
         # Every check (data, classes, checkpoint compatibility) runs in here before the run folder
-        # is created or locked, and before anything in it is written.
-        trainer = build_run(cfg, run_dir, env, device, resume_from, resume_force=args.resume_force)
-        if env.is_main:
-            from powergrad_train.system.atomic import write_text
-            write_text(run_dir / "config.yaml", dump(cfg))
-        trainer.announce(resume_from)
+        # is created or locked, and before anything in it is written; a dry run writes nothing.
+        trainer = build_run(cfg, run_dir, env, device, resume_from, resume_force=args.resume_force,
+                            open_folder=not args.dry_run)
         try:
-            trainer.fit()
-        except Preempted as stop:
+            if args.dry_run:
+                _dry_run(cfg, trainer)
+                return
             if env.is_main:
-                print(str(stop), file=sys.stderr, flush=True)
-            sys.exit(stop.exit_code)
+                from powergrad_train.system.atomic import write_text
+                write_text(run_dir / "config.yaml", dump(cfg))
+            trainer.announce(resume_from)
+            try:
+                trainer.fit()
+            except Preempted as stop:
+                if env.is_main:
+                    print(str(stop), file=sys.stderr, flush=True)
+                sys.exit(stop.exit_code)
         finally:
             trainer.close()
-    finally:
-        dist.close()
 
 
 def validate_command(argv: list[str]) -> None:
     args = _validate_parser().parse_args(argv)
     from powergrad_train.reproduction import authors
-    from powergrad_train.training import checkpoint
     from powergrad_train.system import dist
+    from powergrad_train.training import checkpoint
     from powergrad_train.training.run_folder import checkpoints_in
 
     path = _user_path("--checkpoint", args.checkpoint)
@@ -306,28 +240,16 @@ def validate_command(argv: list[str]) -> None:
     else:
         state = checkpoint.load(path)
         cfg = build_config(None, args.set, start=(f"{path} (its config)", state["config"]), lenient=True)
-    from powergrad_train.training.engine import autocast_for, build_data, build_model_on, evaluate_model  # timm: seconds
-    from powergrad_train.training.metrics import format_eval
+    from powergrad_train.training import run  # timm: seconds
+    from powergrad_train.training.outputs import format_eval
 
     env = dist.env_from_torchrun()
-    _check_machine(cfg, env.world_size, measuring="evaluating", announce=env.is_main)
-    _check_model(cfg, env.world_size, train=False)
-    device = dist.device_for(env)
-    dist.init(env, device)
-    try:
-        model = build_model_on(cfg, env, device, train=False)
-        checkpoint.load_model_weights(model, state, path, cfg.model.name)
-        data = build_data(cfg, env, device, train=False)
-        try:
-            checkpoint.check_classes(state, path, data.classes, where=f"{printable(cfg.data.root)}/val")
-            values = evaluate_model(model, data.val, device, autocast_for(cfg.amp, device))
-        finally:
-            data.close()
-        if env.is_main:
-            print(f"{about}\n" if about else "", end="")
-            print(f"{path}: {format_eval(values)}")
-    finally:
-        dist.close()
+    run.check_start(cfg, env.world_size, train=False, measuring="evaluating", announce=env.is_main)
+    with run.process_group(env) as device:
+        values = run.evaluate_checkpoint(cfg, state, path, env, device)
+    if env.is_main:
+        print(f"{about}\n" if about else "", end="")
+        print(f"{path}: {format_eval(values)}")
 
 
 def bench_command(argv: list[str]) -> None:
@@ -335,31 +257,24 @@ def bench_command(argv: list[str]) -> None:
     import tempfile
 
     from powergrad_train.system import dist
+    from powergrad_train.training import run
     from powergrad_train.training.bench import describe_setup, measure
-    from powergrad_train.data import check_data
-    from powergrad_train.training.run import build_run
 
     overrides = args.set + (["data.backend=synthetic"] if args.data == "synthetic" else [])
     cfg = build_config(args.config, overrides)
     env = dist.env_from_torchrun()
-    _check_machine(cfg, env.world_size, measuring="timing", announce=env.is_main)
-    _check_model(cfg, env.world_size)
-    check_data(cfg.data)
-    device = dist.device_for(env)
-    dist.init(env, device)
-    try:
-        with tempfile.TemporaryDirectory(prefix="powergrad-bench-") as run_dir:
-            trainer = build_run(cfg, Path(run_dir), env, device)
-            try:
-                lines = measure(trainer, args.steps, args.warmup)
-                setup = describe_setup(trainer, env.world_size, device)
-            finally:
-                trainer.close()
-        if env.is_main:
-            print(setup + f"; {args.warmup} warm-up + {args.steps} timed steps")
-            print("\n".join(lines))
-    finally:
-        dist.close()
+    run.check_start(cfg, env.world_size, measuring="timing", announce=env.is_main)
+    with run.process_group(env) as device, tempfile.TemporaryDirectory(prefix="powergrad-bench-") as run_dir:
+        # The parts a start builds, with its checks; no output is started (a tracker would record a run).
+        trainer = run.build_run(cfg, Path(run_dir), env, device, open_folder=False)
+        try:
+            lines = measure(trainer, args.steps, args.warmup)
+            setup = describe_setup(cfg, trainer, env.world_size, device)
+        finally:
+            trainer.close()
+    if env.is_main:
+        print(setup + f"; {args.warmup} warm-up + {args.steps} timed steps")
+        print("\n".join(lines))
 
 
 def _env_parser() -> argparse.ArgumentParser:

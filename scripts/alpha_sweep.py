@@ -14,10 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from powergrad_train.reproduction import paper
 from powergrad_train.cli import main as cli
+from powergrad_train.reproduction.report import build_report, save
 from powergrad_train.system.errors import UserError
-from powergrad_train.reproduction.report import comparisons_section, group_arms, read_run, write_report
 
 ALPHAS = ("null", "0.5", "0.25")
 
@@ -39,12 +38,12 @@ def main():
                  f"loss.pgt_alpha={alpha}", "--set", f"schedule.epochs={args.epochs}", "--set", f"seed={seed}"])
             folders.append(folder)
     try:
-        _, figures = write_report(folders, out / "report")
-        arms = group_arms([read_run(f) for f in folders])
+        report = build_report(folders, out / "report")
+        figures = save(report, out / "report")
     except UserError as e:  # a report that cannot be written: one line, as the CLI says it
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print("\n".join(comparisons_section(arms, paper.METHOD_KEYS, None, "global", always=True)))
+    print("\n".join(report.compared))  # the comparisons report.md holds
     print(f"written: {out / 'report' / 'report.md'}" + "".join(f", {f}" for f in figures))
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
+from powergrad_train.config.build import build_config, check_runtime
 from powergrad_train.system import dist
-from powergrad_train.config.schema import build_config, check_runtime
 from powergrad_train.training.run import build_run
 
 
@@ -24,8 +24,8 @@ def train_and_save(run_dir: Path, overrides: list[str]) -> None:
     trainer.fit()
     trainer.close()
     torch.save(trainer.model.state_dict(), run_dir / f"weights-rank{env.rank}.pt")
-    if trainer.ema is not None:
-        torch.save(trainer.ema.state_dict(), run_dir / f"ema-rank{env.rank}.pt")
+    if trainer.weight_average is not None:
+        torch.save(trainer.weight_average.state_dict(), run_dir / f"ema-rank{env.rank}.pt")
     dist.close()
 
 

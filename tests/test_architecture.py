@@ -102,3 +102,27 @@ def test_the_package_has_no_import_cycle():
     assert "powergrad_train.reproduction.report" in graph and "powergrad_train.config.schema" in graph  # the package was read
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(m.removeprefix("powergrad_train.") for m in cycle)
+
+
+# The layers, lowest first: a module imports its own layer and the ones below, never one above.
+LAYERS = ("pgt", "system", "config", "data", "training", "reproduction", "cli")
+
+
+def layer_of(module: str) -> int:
+    name = module.removeprefix("powergrad_train").lstrip(".").split(".")[0]
+    return LAYERS.index(name) if name in LAYERS else -1  # the package itself and __main__: outside the layers
+
+
+def test_no_layer_imports_one_above_it():
+    """The folders are the architecture: system < config < data < training < reproduction < cli (the PGT
+    library below them all); an import upwards would tie a lower layer to a higher one's changes."""
+    graph = import_graph()
+    upward = sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets
+                    if layer_of(a) >= 0 and layer_of(b) > layer_of(a))
+    assert upward == []
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert layer_of("powergrad_train.system.dist") < layer_of("powergrad_train.training.engine")
+    assert layer_of("powergrad_train.pgt") < layer_of("powergrad_train.system.errors")
+    assert layer_of("powergrad_train.__main__") == -1

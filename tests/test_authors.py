@@ -8,11 +8,11 @@ import pytest
 import timm
 import torch
 
-from powergrad_train.reproduction import authors
 from powergrad_train.cli import main
-from powergrad_train.config.schema import ModelConfig
-from powergrad_train.training.models import build_model
+from powergrad_train.config.sections import ModelConfig
+from powergrad_train.reproduction import authors
 from powergrad_train.reproduction.report import read_summary
+from powergrad_train.training.models import build_model
 from tests.conftest import load_weights
 
 

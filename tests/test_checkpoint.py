@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from powergrad_train.system.errors import CheckpointError
 from powergrad_train.training import checkpoint
 from powergrad_train.training.checkpoint import Checkpointer, RngState, load, save_atomic
-from powergrad_train.system.errors import CheckpointError
 
 
 def state(value: float) -> dict:

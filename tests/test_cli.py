@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from powergrad_train.training import checkpoint
 from powergrad_train.cli import main
-from powergrad_train.config.schema import build_config
-from powergrad_train.training.models import build_model
+from powergrad_train.config.build import build_config
 from powergrad_train.data.demo import write_demo_dataset
+from powergrad_train.training import checkpoint
+from powergrad_train.training.models import build_model
 from tests import warm
 from tests.conftest import REPO, assert_same_weights, load_weights, tiny_overrides
 from tests.test_data import jpeg_without_tables

@@ -1,15 +1,15 @@
 """The schema: recipes, overrides, validation and the errors a user sees."""
 
-from pathlib import Path
-
 import re
+from pathlib import Path
 
 import pytest
 
-from powergrad_train.config.schema import (BUNDLED_RECIPES, KEYS, Key, build_config, check_runtime, describe_keys,
-                                    parse_override, read_value, read_yaml_text)
-from powergrad_train.training.run import seed_everything
+from powergrad_train.config.build import build_config, check_runtime, parse_override, read_value
+from powergrad_train.config.recipes import BUNDLED_RECIPES, read_yaml_text
+from powergrad_train.config.schema import KEYS, Key, describe_keys, to_dict
 from powergrad_train.system.errors import ConfigError
+from powergrad_train.training.run import seed_everything
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -352,7 +352,7 @@ def test_data_root_that_is_no_path(tmp_path, text, message):
 @pytest.mark.parametrize("wrong,right", [
     ("model.nmae", "model.name"), ("lr", "optim.lr"), ("optimizer.lr", "optim.lr"), ("Optim.LR", "optim.lr"),
     ("epochs", "schedule.epochs"), ("optim.epochs", "schedule.epochs"), ("label_smooting", "loss.label_smoothing"),
-    ("name", "model.name or optim.name or schedule.name or loss.name or batch_transform.name"), ("data.batchsize", "data.batch_size"),
+    ("name", "model.name or optim.name or schedule.name or loss.name or batch_transform.name or weight_average.name"), ("data.batchsize", "data.batch_size"),
 ])
 def test_a_wrong_key_gets_the_closest_real_one(wrong, right, tmp_path):
     with pytest.raises(ConfigError, match=rf"unknown config key '{wrong}' \(did you mean {right}\?\)"):
@@ -385,3 +385,23 @@ def test_a_config_error_carries_its_key_and_source(tmp_path):
     import pickle
     again = pickle.loads(pickle.dumps(raised.value))
     assert (str(again), again.key, again.source) == (str(raised.value), "optim.lrr", str(path))
+
+
+def test_a_renamed_key_is_read_as_its_new_keys_with_one_notice(tmp_path, capsys):
+    """ema.decay (before weight averages were parts) in a recipe, a --set or a stored config."""
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("base: smoke.yaml\nema:\n  decay: 0.99\n")
+    for build, where in ((lambda: build_config(str(recipe)), f"{recipe}"),
+                         (lambda: build_config(None, ["ema.decay=0.99"]), "--set ema.decay=0.99")):
+        cfg = build()
+        assert (cfg.weight_average.name, cfg.weight_average.decay) == ("ema", 0.99)
+        assert capsys.readouterr().err.splitlines() == [
+            f"notice: {where}: ema.decay is now weight_average.name: ema with weight_average.decay; read as "
+            "weight_average.name = ema, weight_average.decay = 0.99"]
+    stored = to_dict(build_config(None, []))
+    del stored["weight_average"]
+    stored["ema"] = {"decay": None}  # what every earlier checkpoint holds: no average, as now
+    assert build_config(None, start=("old/config.yaml", stored), lenient=True).weight_average.name == "none"
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ConfigError, match=r"--set ema.decay=2: weight_average.decay = 2.0 is out of range"):
+        build_config(None, ["ema.decay=2"])

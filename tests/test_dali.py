@@ -12,15 +12,15 @@ import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from powergrad_train.training import checkpoint
 from powergrad_train.cli import main
-from powergrad_train.config.schema import build_config
+from powergrad_train.config.build import build_config
 from powergrad_train.data import build_train_loader, build_val_loader
 from powergrad_train.data import dali as dali_backend
 from powergrad_train.data.dali import Placement, choose_placement
 from powergrad_train.data.demo import write_demo_dataset
-from powergrad_train.system.errors import ConfigError
 from powergrad_train.data.files import list_split
+from powergrad_train.system.errors import ConfigError
+from powergrad_train.training import checkpoint
 from tests.conftest import REPO, assert_same_weights, load_weights, tiny_overrides
 from tests.test_data import IMAGE_FORMATS, jpeg_without_tables, write_image_formats
 from tests.test_fault_tolerance import start, wait_for

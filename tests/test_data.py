@@ -11,9 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from powergrad_train.config.schema import build_config
-from powergrad_train.data import build_train_loader, build_val_loader, check_data
-from powergrad_train.data import files
+from powergrad_train.config.build import build_config
+from powergrad_train.data import build_train_loader, build_val_loader, check_data, files
 from powergrad_train.data.demo import write_demo_dataset
 from powergrad_train.data.sampling import TrainSampler, ValSampler
 from powergrad_train.system.errors import DataError, ImageError
@@ -341,15 +340,15 @@ def test_the_listing_cache_is_compact(tmp_path, monkeypatch):
 def test_every_backend_is_registered_once_and_builds_the_declared_loaders(tiny_root):
     """Each backend's loaders implement the interface themselves (not the Protocol's stubs) and keep
     what it promises: batches_per_epoch batches of this process's share, num_samples val images."""
+    from powergrad_train.config.registry import KINDS
     from powergrad_train.data import TrainLoader, ValLoader
-    from powergrad_train.config.registry import DATA_BACKENDS
 
     def implemented(obj, protocol, *names):
         for name in names:
             defined_in = next(c for c in type(obj).__mro__ if name in vars(c))
             assert defined_in is not protocol and defined_in is not ValLoader, f"{type(obj).__name__}.{name}"
 
-    for name in DATA_BACKENDS:
+    for name in KINDS["data_backend"].builtin:
         cfg = build_config(None, [f"data.root={tiny_root}", f"data.backend={name}", "data.image_size=16",
                                   "data.batch_size=8", "data.workers=1"]).data
         train, _ = build_train_loader(cfg, seed=0, rank=0, world_size=1)

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from powergrad_train.config.build import build_config
 from powergrad_train.training import checkpoint
 from powergrad_train.training.checkpoint import Checkpointer
 from powergrad_train.training.diagnostics import conv_filter_norms
 from powergrad_train.training.metrics import EvalMeter, TrainMeter
 from powergrad_train.training.models import build_model
-from powergrad_train.config.schema import build_config
 
 
 class DeviceTensor(torch.Tensor):

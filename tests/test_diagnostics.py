@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from powergrad_train.config.schema import build_config
+from powergrad_train.config.build import build_config
 from powergrad_train.training.diagnostics import ZEROED_NORM, PooledFeatureWatch, conv_filter_norms, load_filter_norms
 from powergrad_train.training.models import build_model
 from tests.conftest import load_weights, tiny_overrides

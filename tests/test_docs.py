@@ -10,7 +10,9 @@ import yaml
 
 from powergrad_train import cli
 from powergrad_train.cli import COMMANDS, main
-from powergrad_train.config.schema import BUNDLED_RECIPES, KEYS, build_config, describe_keys_markdown
+from powergrad_train.config.build import build_config
+from powergrad_train.config.recipes import BUNDLED_RECIPES
+from powergrad_train.config.schema import KEYS, describe_keys_markdown
 from powergrad_train.system.errors import ConfigError
 from tests.conftest import REPO
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from powergrad_train.cli import main
-from powergrad_train.config.schema import build_config
+from powergrad_train.config.build import build_config
 from powergrad_train.system.dist import DistEnv
-from powergrad_train.training.run import build_run
-from powergrad_train.training.metrics import Output
 from powergrad_train.training.optim import lr_at_step
+from powergrad_train.training.outputs import Output
+from powergrad_train.training.run import build_run
 from tests.conftest import needs_a_cpu_compiler, tiny_overrides
 
 
@@ -65,7 +65,7 @@ def test_loss_variants_reach_the_gradient(tiny_root, tmp_path, variant, expected
     t = trainer(tiny_root, tmp_path, "loss.pgt_alpha=null", *variant)
     images, targets = next(iter(t.data.train))
     grad, logits = head_bias_gradient(t, images, targets)
-    eps = t.cfg.loss.label_smoothing
+    eps = t.objective.label_smoothing
     one_hot = torch.nn.functional.one_hot(targets, logits.shape[1]).float() * (1 - eps)
     expected = (expected_probabilities(logits) - one_hot).mean(0)
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
@@ -142,8 +142,8 @@ class JsonLines(Output):
 def test_an_added_output_receives_what_summary_csv_gets(tiny_root, tmp_path):
     overrides = [o.removeprefix("--set=") for o in tiny_overrides(tiny_root)]
     log = tmp_path / "log.jsonl"
-    t = build_run(build_config("smoke.yaml", overrides), tmp_path / "run", DistEnv(), torch.device("cpu"),
-                outputs=[JsonLines(log)])
+    cfg = build_config("smoke.yaml", overrides)
+    t = build_run(cfg, tmp_path / "run", DistEnv(), torch.device("cpu"), outputs=[JsonLines(log)])
     t.fit()
     t.close()
     records = [json.loads(line) for line in log.read_text().splitlines()]
@@ -154,7 +154,7 @@ def test_an_added_output_receives_what_summary_csv_gets(tiny_root, tmp_path):
     for e, r in zip(epochs, rows):
         assert float(r["eval_top1"]) == pytest.approx(e["eval_top1"], rel=1e-5)
         # summary.csv's lr is the LR of the epoch's last optimizer step
-        assert float(r["lr"]) == pytest.approx(lr_at_step(t.cfg.schedule, t.cfg.optim.lr, e["step"] - 1,
+        assert float(r["lr"]) == pytest.approx(lr_at_step(cfg.schedule, cfg.optim.lr, e["step"] - 1,
                                                           t.steps_per_epoch), rel=1e-5)
     steps = [r["step"] for r in records if r["kind"] == "progress"]
     assert steps == list(range(4, 21, 4))  # every train.log_every_steps (4) of the 20 steps

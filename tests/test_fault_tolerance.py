@@ -12,12 +12,12 @@ import time
 import pytest
 import torch
 
-from powergrad_train.training import checkpoint
 from powergrad_train.cli import main
-from powergrad_train.config.schema import build_config
+from powergrad_train.config.build import build_config
 from powergrad_train.system.dist import DistEnv
-from powergrad_train.training.run import build_run
 from powergrad_train.system.preemption import Preempted, StopRequest
+from powergrad_train.training import checkpoint
+from powergrad_train.training.run import build_run
 from tests import warm
 from tests.conftest import assert_same_weights, load_weights, tiny_overrides
 

@@ -4,9 +4,9 @@
 import pytest
 import torch
 
-from powergrad_train.system import hardware
 from powergrad_train.cli import main
-from powergrad_train.config.schema import build_config, check_runtime
+from powergrad_train.config.build import build_config, check_runtime
+from powergrad_train.system import hardware
 from powergrad_train.system.errors import ConfigError
 from powergrad_train.system.hardware import Gpu, build_runs_on, precision_in_use, problems
 from tests.conftest import tiny_overrides

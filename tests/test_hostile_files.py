@@ -20,13 +20,13 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from powergrad_train.training import metrics
 from powergrad_train.cli import main
-from powergrad_train.config.schema import build_config
+from powergrad_train.config.build import build_config
 from powergrad_train.data import build_val_loader, files
 from powergrad_train.data.demo import write_demo_dataset
 from powergrad_train.data.imagefolder import Unreadable, load_rgb
 from powergrad_train.system.errors import CheckpointError
+from powergrad_train.training import outputs
 from powergrad_train.training.models import build_model, load_initial_weights
 from tests import warm
 from tests.conftest import in_a_forked_process, tiny_overrides
@@ -211,11 +211,11 @@ def test_a_stop_signal_while_validate_or_bench_starts_is_one_line(two_epoch_run,
 
 # ----------------------------------------------------------------------------- logs: a full disk, a torn tail
 
-def run_output_on_a_full_disk(output: metrics.Output, run_dir: Path) -> str:
+def run_output_on_a_full_disk(output: outputs.Output, run_dir: Path) -> str:
     """`output` started in `run_dir` and given one epoch's row, then another in a forked process that
     may not make a file much larger than it is now (as on a full disk: EFBIG). What the second raised."""
-    output.start(metrics.RunInfo(run_dir, {}, start_epoch=0, start_step=0, resumed_from=None))
-    row = {c: 1 for c in metrics.SUMMARY_COLUMNS}
+    output.start(outputs.RunInfo(run_dir, {}, start_epoch=0, start_step=0, resumed_from=None))
+    row = {c: 1 for c in outputs.SUMMARY_COLUMNS}
     output.epoch_end(row)
 
     def on_a_full_disk() -> str:
@@ -228,7 +228,7 @@ def run_output_on_a_full_disk(output: metrics.Output, run_dir: Path) -> str:
     return in_a_forked_process(on_a_full_disk)
 
 
-@pytest.mark.parametrize("output,name", [(metrics.SummaryCsv, metrics.SUMMARY_CSV), (metrics.JsonLines, metrics.JSONL)])
+@pytest.mark.parametrize("output,name", [(outputs.SummaryCsv, outputs.SUMMARY_CSV), (outputs.JsonLines, outputs.JSONL)])
 def test_a_log_write_that_fails_is_one_error_naming_the_file_and_leaves_whole_lines(tmp_path, output, name):
     raised = run_output_on_a_full_disk(output(), tmp_path)
     assert raised == f"WriteError: {tmp_path / name}: cannot write (File too large)"
@@ -256,7 +256,7 @@ def test_torn_last_lines_of_the_logs_are_dropped_at_resume_and_said_once(two_epo
     (run_dir / "summary.csv").write_text(summary + "2,2")  # a row cut short after a few bytes
     records = [{"kind": "start", "step": 0, "epoch": 0, "resumed_from": None},
                {"kind": "epoch", "step": 20, "epoch": 2, "eval_top1": float("nan")}]
-    whole = "".join(f"{metrics.json.dumps(r)}\n" for r in records)
+    whole = "".join(f"{outputs.json.dumps(r)}\n" for r in records)
     (run_dir / "log.jsonl").write_text(whole + '{"kind": "progress", "st')
     resume = ["--config", "smoke.yaml", "--output", str(run_dir), "--resume", "auto",
               *tiny_overrides(tiny_root, **{"log.outputs": "[console,csv,jsonl]"})]
@@ -267,7 +267,7 @@ def test_torn_last_lines_of_the_logs_are_dropped_at_resume_and_said_once(two_epo
                                                               f"{run_dir / 'log.jsonl'}: {torn}"]
     assert (run_dir / "summary.csv").read_text().replace("\r\n", "\n") == summary.replace("\r\n", "\n")
     lines = (run_dir / "log.jsonl").read_text().splitlines(keepends=True)
-    assert "".join(lines[:2]) == whole and all(metrics.json.loads(line) for line in lines)
+    assert "".join(lines[:2]) == whole and all(outputs.json.loads(line) for line in lines)
     main(resume)
     assert "cut short" not in capsys.readouterr().out
 

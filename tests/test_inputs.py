@@ -12,7 +12,9 @@ import torch
 from timm.models import register_model
 
 from powergrad_train.cli import _bench_parser, _train_parser, _validate_parser, main
-from powergrad_train.config.schema import BUNDLED_RECIPES, ModelConfig, build_config
+from powergrad_train.config.build import build_config
+from powergrad_train.config.recipes import BUNDLED_RECIPES
+from powergrad_train.config.sections import ModelConfig
 from powergrad_train.data.demo import write_demo_dataset
 from powergrad_train.system.errors import ConfigError
 from powergrad_train.training.models import build_model, check_model_runs

@@ -5,7 +5,7 @@ import torch
 from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from timm.utils import adaptive_clip_grad
 
-from powergrad_train.config.schema import build_config
+from powergrad_train.config.build import build_config
 from powergrad_train.system.errors import ConfigError
 from powergrad_train.training.models import build_model
 from powergrad_train.training.optim import build_grad_clipper, build_optimizer, lr_at_step

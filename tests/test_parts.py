@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from powergrad_train.config import registry
 from powergrad_train.cli import main
-from powergrad_train.config.schema import build_config
+from powergrad_train.config import registry
+from powergrad_train.config.build import build_config
 from powergrad_train.system.dist import DistEnv
 from powergrad_train.system.errors import CheckpointError, ConfigError, TrainingError
 from powergrad_train.training.models import build_model, load_initial_weights
@@ -19,6 +19,7 @@ from powergrad_train.training.run import build_run
 from tests.conftest import assert_same_weights, load_weights, tiny_overrides
 from tests.test_trackers import mlflow_client, offline, wandb_runs
 
+
 def tiny_trainer(root, run_dir, *extra, **values):
     overrides = [o.removeprefix("--set=") for o in tiny_overrides(root, **values)] + list(extra)
     return build_run(build_config("smoke.yaml", overrides), run_dir, DistEnv(), torch.device("cpu"))
@@ -26,7 +27,7 @@ def tiny_trainer(root, run_dir, *extra, **values):
 
 # Optimizers and data backends are each run below and in test_data.py; these run the other tables.
 
-@pytest.mark.parametrize("name", registry.OBJECTIVES)
+@pytest.mark.parametrize("name", registry.KINDS["objective"].builtin)
 def test_every_objective_computes_a_finite_loss_with_a_gradient(name):
     """On class indices and on class probabilities; with alpha null the loss (and so its gradient)
     is torch's cross-entropy."""
@@ -46,7 +47,7 @@ def test_every_objective_computes_a_finite_loss_with_a_gradient(name):
                 torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, t))
 
 
-@pytest.mark.parametrize("name", registry.BATCH_TRANSFORMS)
+@pytest.mark.parametrize("name", registry.KINDS["batch_transform"].builtin)
 def test_every_batch_transform_transforms_a_batch(name):
     """Shapes kept, the loader's batch left as it was; a mixing transform makes targets that are
     class probabilities (summing to 1) and changes the images the way its name says."""
@@ -101,10 +102,10 @@ def _tensorboard_scalars(run_dir):
     return {tag: [(e.step, round(e.value, 4)) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-@pytest.mark.parametrize("name", registry.OUTPUTS)
+@pytest.mark.parametrize("name", registry.KINDS["output"].builtin)
 def test_every_output_receives_the_epoch_row(name, tmp_path, capsys):
     from powergrad_train.config.schema import to_dict
-    from powergrad_train.training.metrics import SUMMARY_COLUMNS, RunInfo, build_outputs
+    from powergrad_train.training.outputs import SUMMARY_COLUMNS, RunInfo, build_outputs
     (output,) = build_outputs([name])
     row = {k: 0.0 for k in SUMMARY_COLUMNS} | {"epoch": 1, "step": 7, "eval_top1": 12.3456, "eval_ema_top1": None}
     output.start(RunInfo(tmp_path, to_dict(build_config(None, [])), 0, 0, None))
@@ -134,7 +135,7 @@ def state_tensors(optimizer, model):
     return copied
 
 
-@pytest.mark.parametrize("name", registry.OPTIMIZERS)
+@pytest.mark.parametrize("name", registry.KINDS["optimizer"].builtin)
 def test_every_optimizer_skips_a_flagged_step_completely_and_applies_the_next(name):
     """The skip strategy each entry declares really skips: for torch's fused optimizers this is the
     `found_inf` attribute the GradScaler sets, a private protocol this test pins down."""
@@ -168,7 +169,9 @@ def test_other_optimizers_train_and_resume_through_the_trainer(name, tiny_root, 
     a.train_step(images, targets)
     path = a.save_checkpoint()
     a.train_step(images, targets)
-    resumed = build_run(a.cfg, tmp_path / "c", DistEnv(), torch.device("cpu"), resume_from=path)
+    cfg = build_config("smoke.yaml", [o.removeprefix("--set=") for o in tiny_overrides(tiny_root)]
+                       + [f"optim.name={name}", "optim.lr=0.001"])
+    resumed = build_run(cfg, tmp_path / "c", DistEnv(), torch.device("cpu"), resume_from=path)
     resumed.train_step(images, targets)
     assert_same_weights(a.model.state_dict(), resumed.model.state_dict())
     for t in (*runs, resumed):
@@ -213,7 +216,7 @@ def test_mixup_targets_go_through_pgt_as_probabilities(tiny_root, tmp_path):
 
 @pytest.mark.parametrize("name", ["mixup", "cutmix", "mixup_cutmix"])
 def test_mixup_needs_an_even_batch_per_process(name):
-    from powergrad_train.config.schema import check_runtime
+    from powergrad_train.config.build import check_runtime
     cfg = build_config(None, [f"batch_transform.name={name}", "data.batch_size=6"])
     check_runtime(cfg, 3, cuda=False)  # 2 per process
     with pytest.raises(ConfigError, match="gives 3 per process; choose an even number per process"):
@@ -253,7 +256,7 @@ def test_an_old_runs_mixup_is_read_as_the_transform_it_trained(alphas, read_as, 
     cfg = build_config(None, start=("old/config.yaml", stored), lenient=True)
     b = cfg.batch_transform
     assert (b.name, b.mixup_alpha, b.cutmix_alpha) == (read_as, *alphas)
-    mixup = registry.load(registry.BATCH_TRANSFORMS, b.name)(b, 10).mixup
+    mixup = registry.load("batch_transform", b.name).build(b, 10).mixup
     assert (mixup.mixup_alpha, mixup.cutmix_alpha) == alphas  # what timm's Mixup drew from before
     notices = capsys.readouterr().err.splitlines()
     assert notices == ([] if read_as == "mixup" else
@@ -267,16 +270,16 @@ def test_the_ema_moves_only_on_applied_steps_and_is_a_checked_part(tiny_root, tm
     t = tiny_trainer(tiny_root, tmp_path, "ema.decay=0.5")
     images, targets = next(iter(t.data.train))
     t.train_step(images, targets)
-    average = {k: v.clone() for k, v in t.ema.state_dict().items()}
+    average = {k: v.clone() for k, v in t.weight_average.state_dict().items()}
     t.train_step(torch.full_like(images, float("nan")), targets)  # skipped
-    assert_same_weights(average, t.ema.state_dict())
+    assert_same_weights(average, t.weight_average.state_dict())
     t.train_step(images, targets)
     key = "fc.weight"
-    torch.testing.assert_close(t.ema.state_dict()[key], 0.5 * average[key] + 0.5 * t.model.state_dict()[key])
+    torch.testing.assert_close(t.weight_average.state_dict()[key], 0.5 * average[key] + 0.5 * t.model.state_dict()[key])
     path = t.save_checkpoint()
     from powergrad_train.training import checkpoint
-    assert_same_weights(checkpoint.load(path)["ema"], t.ema.state_dict())
-    t.ema.module.fc.weight.data[0, 0] = float("nan")  # an EMA is checked before a save like every part
+    assert_same_weights(checkpoint.load(path)["ema"], t.weight_average.state_dict())
+    t.weight_average.module.fc.weight.data[0, 0] = float("nan")  # an EMA is checked before a save like every part
     with pytest.raises(TrainingError, match=r"^ema\.fc\.weight is not finite"):
         t.save_checkpoint()
     t.close()

@@ -242,7 +242,7 @@ def test_authors_hook_in_training_under_fp16_loss_scaling(tiny_root, tmp_path):
     """Through the engine, as their runs trained (fp16 autocast and a GradScaler; CPU autocast here):
     a loss scale above N^2 makes the gradient NaN, so the GradScaler skips the step and halves the
     scale until it reaches N^2, where the step applies the same update as exact PGT."""
-    from powergrad_train.config.schema import build_config
+    from powergrad_train.config.build import build_config
     from powergrad_train.system.dist import DistEnv
     from powergrad_train.training.run import build_run
     from tests.conftest import tiny_overrides

@@ -2,7 +2,7 @@
 
 import shutil
 
-from powergrad_train.config.schema import build_config
+from powergrad_train.config.build import build_config
 from powergrad_train.data.files import list_split
 from powergrad_train.data.sampling import TrainSampler
 from tests.conftest import tiny_overrides

@@ -13,17 +13,19 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from powergrad_train.reproduction import paper, report, seed_stats
 from powergrad_train.cli import main
-from powergrad_train.config.schema import KEYS, build_config, dump, get
-from powergrad_train.training.diagnostics import save_filter_norms
-from powergrad_train.training.metrics import SUMMARY_COLUMNS, RunInfo, SummaryCsv, trim_summary_csv
+from powergrad_train.config.build import build_config, dump
+from powergrad_train.config.schema import KEYS, get
+from powergrad_train.reproduction import paper, report, seed_stats
 from powergrad_train.reproduction.report import read_run, tables
 from powergrad_train.reproduction.report_figures import alpha_groups, main_path_convs
+from powergrad_train.training.diagnostics import save_filter_norms
+from powergrad_train.training.outputs import SUMMARY_COLUMNS, RunInfo, SummaryCsv, trim_summary_csv
 from tests.conftest import tiny_overrides
 
 ROW = {r.label: r for r in paper.table_rows(1)}
 R18_BASE, R18_PGT = ROW["resnet18 cosine baseline"], ROW["resnet18 cosine PGT 0.25"]
+GC_PGT = next(r for r in paper.ROWS if r.recipe == "nobn_b256_gc_pgt.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,7 @@ def report_text(capsys, *args):
 
 def tables_of(*folders, reading="global"):
     """The report's text without its figures (the statistics tests need no PNGs)."""
-    return tables([read_run(f) for f in folders], reading=reading)
+    return tables(report.Report([read_run(f) for f in folders], reading=reading))
 
 
 def row_line(text, label):
@@ -101,8 +103,8 @@ def with_other_value(row, key):
 @pytest.mark.parametrize("key", [k for k in paper.ROW_KEYS if len(KEYS[k].meta["choices"] or "ab") > 1])
 def test_a_run_that_differs_in_any_key_a_row_fixes_is_related_never_the_row(key):
     # A cosine row ignores the step decay, and a row without clipping its threshold: those on rows that use them.
-    row = ROW["resnet18 step PGT 0.25"] if key in paper.STEP_ONLY else \
-        next(r for r in paper.ROWS if r.recipe == "nobn_b256_gc_pgt.yaml") if key.startswith("grad_clip.") else R18_PGT
+    row = GC_PGT if key.startswith("grad_clip.") else \
+        next(r for r in (R18_PGT, ROW["resnet18 step PGT 0.25"]) if key not in paper.unused(paper.row_config(r)))
     cfg = with_other_value(row, key)
     assert paper.matches(row, build_config(row.recipe))
     assert not paper.matches(row, cfg)
@@ -223,8 +225,8 @@ def test_a_try_out_of_a_recipe_is_related_and_says_what_differs(tmp_path):
     differs = ("- tryout: related to Table 1 resnet18 cosine PGT 0.25: differs in data.batch_size (run 64, row 1024), "
                "schedule.mode (run per_step, row authors_per_epoch), schedule.epochs (run 3, row 100), "
                "schedule.warmup_epochs (run 1, row 5), schedule.cooldown_epochs (run 0, row 10)")
-    assert differs in report.report_text([tryout])  # alone: no row is run, no table shown
-    text = report.report_text([tryout, read_run(row_run(tmp_path, R18_BASE, "b", 70.0))])  # beside a row's run
+    assert differs in report.Report([tryout]).text  # alone: no row is run, no table shown
+    text = report.Report([tryout, read_run(row_run(tmp_path, R18_BASE, "b", 70.0))]).text  # beside a row's run
     assert "| not run; related: tryout (see other runs) |" in row_line(text, R18_PGT.label)
     assert differs in text.split("## Other runs")[1]
 
@@ -331,6 +333,7 @@ def test_reference_puts_the_authors_final_and_best_beside_each_row(tmp_path, cap
 def test_filter_figures_pick_main_path_convolutions():
     import timm
     import torch
+
     # The middle one is the last convolution of the middle block (of 8 in resnet18, 16 in resnet50).
     for name, expected in (("resnet18", ["conv1", "layer3.0.conv2", "layer4.1.conv2"]),
                            ("resnet10t", ["conv1.0", "layer3.0.conv2", "layer4.0.conv2"]),  # a deep stem; 4 blocks

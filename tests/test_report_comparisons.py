@@ -14,10 +14,11 @@ import statistics
 import pytest
 from scipy import stats
 
-from powergrad_train.reproduction import paper, report, seed_stats
 from powergrad_train.cli import main
-from powergrad_train.config.schema import KEYS, build_config
+from powergrad_train.config.build import build_config
+from powergrad_train.config.schema import KEYS
 from powergrad_train.data.demo import write_demo_dataset
+from powergrad_train.reproduction import paper, report, seed_stats
 from powergrad_train.reproduction.report import read_run
 from tests.conftest import tiny_overrides
 from tests.test_report import R18_BASE, R18_PGT, row_line, row_run, write_run
@@ -61,7 +62,7 @@ def spread(values):
 
 def test_three_seeds_per_arm_are_paired_by_seed_against_scipy_and_by_hand(tmp_path):
     runs = arm_runs(tmp_path, "plain", BASE_FINAL) + arm_runs(tmp_path, "pgt", PGT_FINAL, PGT, best=PGT_BEST)
-    text = report.report_text(runs)
+    text = report.Report(runs).text
     assert "### resnet18 cosine, 4 epochs: baseline vs PGT 0.25" in text
     best = {s: v + PGT_BEST[s] for s, v in PGT_FINAL.items()}
     trained = [v + 2 for v in PGT_FINAL.values()]
@@ -81,14 +82,14 @@ def test_three_seeds_per_arm_are_paired_by_seed_against_scipy_and_by_hand(tmp_pa
                                           f"{ref.pvalue:.2g} | paired | {verdict} | "
                                           f"{needed_by_hand(sd, gain, paired=True)} |")
     # --effect: the seeds needed for a gain of that size instead of the observed one
-    text = report.report_text(runs, effect=0.1)
+    text = report.Report(runs, effect=0.1).text
     assert "| seeds per arm to resolve a gain of 0.1 |" in text
     assert gain_line(text, "final").endswith(f"| {needed_by_hand(0.05, 0.1, paired=True)} |")
 
 
 def test_arms_without_the_same_seeds_get_welchs_interval(tmp_path):
     base, pgt = {0: 70.0, 1: 70.2, 2: 70.4}, {3: 70.5, 4: 70.6, 5: 70.7}
-    text = report.report_text(arm_runs(tmp_path, "plain", base) + arm_runs(tmp_path, "pgt", pgt, PGT))
+    text = report.Report(arm_runs(tmp_path, "plain", base) + arm_runs(tmp_path, "pgt", pgt, PGT)).text
     ref = stats.ttest_ind(list(pgt.values()), list(base.values()), equal_var=False)
     low, high = ref.confidence_interval()
     # By hand: variances 0.04 and 0.01 over 3 seeds: se^2 = 0.05 / 3, Welch-Satterthwaite df = 50 / 17.
@@ -99,7 +100,7 @@ def test_arms_without_the_same_seeds_get_welchs_interval(tmp_path):
                                         f"Welch | within noise | {needed} |")
     # Seeds 0, 1, 2 against 0, 4, 5: not the same seeds, so not paired.
     shared = arm_runs(tmp_path / "b", "plain", base) + arm_runs(tmp_path / "b", "pgt", {0: 70.5, 4: 70.6, 5: 70.7}, PGT)
-    assert "| Welch |" in gain_line(report.report_text(shared), "final")
+    assert "| Welch |" in gain_line(report.Report(shared).text, "final")
 
 
 # ----------------------------------------------------------------------------- which arms are compared
@@ -107,13 +108,13 @@ def test_arms_without_the_same_seeds_get_welchs_interval(tmp_path):
 def test_a_third_arm_that_differs_in_two_keys_is_not_compared_and_the_keys_are_named(tmp_path):
     runs = (arm_runs(tmp_path, "plain", BASE_FINAL) + arm_runs(tmp_path, "pgt", PGT_FINAL, PGT)
             + arm_runs(tmp_path, "lr", {0: 69.0, 1: 69.5, 2: 69.2}, PGT, "optim.lr=0.2"))
-    text = report.report_text(runs)
+    text = report.Report(runs).text
     assert [line for line in text.splitlines() if line.startswith("### ")] == [
         "### resnet18 cosine, 4 epochs: baseline vs PGT 0.25"]
     assert ("- lr-s0, lr-s1, lr-s2 and plain-s0, plain-s1, plain-s2: they differ in loss.pgt_alpha (0.25 vs null), "
             "and also in optim.lr (0.2 vs 0.1)") in text
     # Compared by optim.lr instead, the third arm and the PGT one are a comparison, the baseline apart.
-    text = report.report_text(runs, keys=report.compare_keys("optim.lr"))
+    text = report.Report(runs, keys=report.compare_keys("optim.lr")).text
     assert [line for line in text.splitlines() if line.startswith("### ")] == [
         "### resnet18 cosine, 4 epochs, PGT 0.25: optim.lr 0.1 vs optim.lr 0.2"]
 
@@ -122,7 +123,7 @@ def test_compare_optim_name_answers_whether_adamw_beats_sgd(tmp_path):
     adamw = {0: 71.0, 1: 71.4, 2: 70.9}
     runs = (arm_runs(tmp_path, "adamw", adamw, "optim.name=adamw") + arm_runs(tmp_path, "sgd", BASE_FINAL)
             + arm_runs(tmp_path, "pgt", PGT_FINAL, PGT))
-    text = report.report_text(runs, keys=report.compare_keys("optim.name"))
+    text = report.Report(runs, keys=report.compare_keys("optim.name")).text
     # SGD (the default) is the base though AdamW was given first; momentum and betas, each used by one
     # optimizer alone, keep no two arms apart.
     assert [line for line in text.splitlines() if line.startswith("### ")] == [
@@ -137,7 +138,7 @@ def test_compare_optim_name_answers_whether_adamw_beats_sgd(tmp_path):
             "and also in loss.pgt_alpha (0.25 vs null)") in text
     assert "| 0.1 | baseline | off | optim.name adamw | 0, 1, 2 | finished |" in text  # the arms table names it
     # The same runs by the loss method (the default): SGD against PGT alone.
-    assert [line for line in report.report_text(runs).splitlines() if line.startswith("### ")] == [
+    assert [line for line in report.Report(runs).text.splitlines() if line.startswith("### ")] == [
         "### resnet18 cosine, 4 epochs: baseline vs PGT 0.25"]
 
 
@@ -169,7 +170,7 @@ def test_bookkeeping_keys_are_defined_once_for_arms_and_for_rows(tmp_path):
 
 def test_the_report_leads_with_the_paper_only_when_a_run_is_a_paper_row(tmp_path):
     mine = arm_runs(tmp_path, "plain", BASE_FINAL) + arm_runs(tmp_path, "pgt", PGT_FINAL, PGT)
-    text = report.report_text(mine)
+    text = report.Report(mine).text
     assert text.startswith("# Runs compared over seeds\n\n## Comparisons\n") and "## Table" not in text
     assert text.index("### resnet18 cosine") < text.index("## Arms") < text.index("None of the runs is a row")
     # The closest row, once per arm (not once per seed).
@@ -177,12 +178,12 @@ def test_the_report_leads_with_the_paper_only_when_a_run_is_a_paper_row(tmp_path
         ["- plain-s0, plain-s1, plain-s2", "related to Table 1 resnet18 cosine baseline"],
         ["- pgt-s0, pgt-s1, pgt-s2", "related to Table 1 resnet18 cosine PGT 0.25"]]
     # The authors' logs given: their tables follow the comparisons.
-    assert text.index("## Arms") < report.report_text(mine, reference=report.Reference({}, {})).index("## Table 1")
+    assert text.index("## Arms") < report.Report(mine, reference=report.Reference({}, {})).text.index("## Table 1")
     # Runs of a paper row given too: the tables first, then the comparison of the other arms (not
     # the rows' pair again: Table 1's gains hold it), then the runs that are no row.
     rows = [read_run(row_run(tmp_path, row, f"{name}{s}", 70.0 + s / 10 + gain, seed=s))
             for row, name, gain in ((R18_BASE, "b", 0.0), (R18_PGT, "p", 0.2)) for s in (0, 1)]
-    text = report.report_text(mine + rows)
+    text = report.Report(mine + rows).text
     assert text.startswith("# Runs beside the paper\n")
     assert text.index("## Table 1") < text.index("## Comparisons") < text.index("## Other runs")
     assert [line for line in text.splitlines() if line.startswith("### ")] == [

@@ -4,9 +4,9 @@ import sys
 
 import pytest
 
-from powergrad_train.reproduction import paper, reproduce
 from powergrad_train.cli import main
-from powergrad_train.config.schema import build_config, dump
+from powergrad_train.config.build import build_config, dump
+from powergrad_train.reproduction import paper, reproduce
 from powergrad_train.reproduction.report import read_run_config
 from tests import warm
 

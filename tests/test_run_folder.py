@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from powergrad_train.training import checkpoint
 from powergrad_train.cli import main
+from powergrad_train.training import checkpoint
 from powergrad_train.training.run_folder import MARKER
 from tests import warm
 from tests.conftest import assert_same_weights, in_a_forked_process, load_weights, tiny_overrides

@@ -7,11 +7,11 @@ import pytest
 import torch
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler, StepLRScheduler
 
-from powergrad_train.reproduction import paper
-
-from powergrad_train.config import registry
 from powergrad_train.cli import main
-from powergrad_train.config.schema import KEYS, build_config
+from powergrad_train.config import registry
+from powergrad_train.config.build import build_config
+from powergrad_train.config.schema import KEYS
+from powergrad_train.reproduction import paper
 from powergrad_train.system.errors import ConfigError
 from powergrad_train.training.optim import lr_at_step
 from tests.conftest import tiny_overrides
@@ -82,7 +82,7 @@ def test_every_schedule_name_runs_from_warmup_lr_to_min_lr():
         assert lrs[0] == 0.001 and lrs[WARMUP * SPE] == pytest.approx(0.1) and lrs[-1] == 1e-4, name
         decay = lrs[WARMUP * SPE:]
         assert all(b <= a for a, b in zip(decay, decay[1:])), name  # never rises after warmup
-        assert registry.load(registry.SCHEDULES, name).per_step  # each entry is a Schedule
+        assert registry.load("schedule", name).build.per_step  # each entry is a Schedule
         sequences[name] = tuple(lrs)
     assert len(set(sequences.values())) == len(names)  # four schedules, none an alias of another
 

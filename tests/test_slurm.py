@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from powergrad_train.reproduction import reproduce, slurm
 from powergrad_train.cli import main
+from powergrad_train.reproduction import reproduce, slurm
 from tests import warm
 from tests.conftest import assert_same_weights, load_weights, tiny_overrides
 from tests.slurm_cluster import slurm_cluster  # noqa: F401 (a fixture)
@@ -136,7 +136,7 @@ def uninterrupted(run, run_dir):
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(run_dir.parent / f"{run_dir.name}.err", "w") as err:
         return warm.popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
-                           "powergrad_train", "--output", str(run_dir), *slurm._train_args(run.command)],
+                           "powergrad_train", "--output", str(run_dir), *run.train_args],
                           stdout=subprocess.DEVNULL, stderr=err)
 
 

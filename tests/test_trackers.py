@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from powergrad_train.training import checkpoint
 from powergrad_train.cli import main
+from powergrad_train.training import checkpoint
 from tests.conftest import tiny_overrides
 
 

@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 
-from powergrad_train.training import checkpoint
 from powergrad_train.cli import main
-from powergrad_train.config.schema import build_config
+from powergrad_train.config.build import build_config
 from powergrad_train.system.dist import DistEnv
-from powergrad_train.training.run import build_run
 from powergrad_train.system.errors import CheckpointError, ConfigError, TrainingError
+from powergrad_train.training import checkpoint
+from powergrad_train.training.run import build_run
 from tests import warm
 from tests.conftest import REPO, assert_same_weights, load_weights, tiny_overrides
 
@@ -229,7 +229,9 @@ def test_mismatched_checkpoint_parts_are_one_kind_of_error(tiny_root, tmp_path):
     trainer = make_trainer(tiny_root, run_dir, **{"model.name": "test_efficientnet"})
     with pytest.raises(CheckpointError, match="saved with 10 steps per epoch, this run has 20"):
         checkpoint.check_compatible(checkpoint.load(DATA / "format1-test_efficientnet-epoch1.pt"), "x.pt",
-                                    trainer.cfg, classes=trainer.data.classes, steps_per_epoch=20, world_size=1,
+                                    build_config("smoke.yaml", [o.removeprefix("--set=") for o in tiny_overrides(
+                                        tiny_root, **{"model.name": "test_efficientnet"})]),
+                                    classes=trainer.data.classes, steps_per_epoch=20, world_size=1,
                                     force=True)
     with pytest.raises(CheckpointError, match=r"optim\.lr: 0\.05 -> 0\.2"):
         checkpoint.check_compatible(checkpoint.load(DATA / "format1-test_efficientnet-epoch1.pt"), "x.pt",
@@ -339,7 +341,7 @@ def test_step_decay_shorter_than_a_step_is_a_config_error(tiny_root, capsys):
 
 
 def test_bf16_with_channels_last_is_refused_on_the_cpu():
-    from powergrad_train.config.schema import check_runtime
+    from powergrad_train.config.build import check_runtime
     cfg = build_config("smoke.yaml", ["amp=bf16", "channels_last=true"])
     with pytest.raises(ConfigError, match="oneDNN's bf16 channels_last convolution backward"):
         check_runtime(cfg, 1, cuda=False)

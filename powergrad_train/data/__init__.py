@@ -1,7 +1,10 @@
-"""Data pipelines. Each backend is one module registered in registry.DATA_BACKENDS; `backend()` picks it.
+"""Data pipelines. Each backend is one module registered as a data_backend (config/registry.py);
+`backend()` picks it.
 
-A backend module declares `BACKEND = Backend(...)`: two builders with the signatures of
+A backend module declares `PART = Part(Backend(...), ...)`: two builders with the signatures of
 `TrainBuilder` and `ValBuilder`, returning objects that satisfy `TrainLoader` and `ValLoader`.
+Its module imports torch, torchvision or DALI inside the builders: the config schema imports every
+backend's declaration.
 File backends read the same file lists (files.py) in the same order (sampling.py), so they see
 the same images in the same order; the trainer never branches on the backend.
 """
@@ -10,18 +13,20 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol, runtime_checkable
-
-import torch
-
-from powergrad_train.system import dist
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Protocol, runtime_checkable
 
 from powergrad_train.config import registry
-from powergrad_train.config.schema import DEMO_ROOT, DataConfig, check_path
-from powergrad_train.system.dist import DistEnv
+from powergrad_train.config.schema import check_path
+from powergrad_train.config.sections import DEMO_ROOT
 from powergrad_train.system.errors import DataError, printable
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # (images, targets)
+if TYPE_CHECKING:
+    import torch
+
+    from powergrad_train.config.sections import DataConfig
+    from powergrad_train.system.dist import DistEnv
+
+Batch = tuple["torch.Tensor", "torch.Tensor"]  # (images, targets)
 Samples = list[tuple[str, int]]  # (path, label), as listed by files.list_split
 
 
@@ -78,8 +83,8 @@ class Backend:
 
 
 def backend(name: str) -> Backend:
-    """The backend registered as `name` (its module is imported now: DALI may not be installed)."""
-    return registry.load(registry.DATA_BACKENDS, name)
+    """The backend registered as `name`."""
+    return registry.load("data_backend", name).build
 
 
 def val_backend_name(cfg: DataConfig) -> str:
@@ -100,13 +105,13 @@ def resolve_root(cfg: DataConfig) -> Path:
     return root
 
 
-def check_data(cfg: DataConfig) -> None:
+def check_data(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val")) -> None:
     """Fail early, before any process group exists, on a missing folder or split (cheap checks only)."""
     if not backend(cfg.backend).reads_files or cfg.root == DEMO_ROOT:  # the demo set is made when first read
         return
     from powergrad_train.data.files import check_split
     root = resolve_root(cfg)
-    for split in ("train", "val"):
+    for split in splits:
         check_split(root, split)
 
 
@@ -120,8 +125,10 @@ def read_split(cfg: DataConfig, split: str, verbose: bool = True):
 
 
 def build_train_loader(cfg: DataConfig, seed: int, rank: int, world_size: int,
-                       device: torch.device = torch.device("cpu"), split=None) -> tuple[TrainLoader, list[str]]:
-    """(loader, class names): this process's share of every global batch, reshuffled each epoch."""
+                       device: Optional[torch.device] = None, split=None) -> tuple[TrainLoader, list[str]]:
+    """(loader, class names): this process's share of every global batch, reshuffled each epoch (on the
+    CPU unless `device` says otherwise)."""
+    device = device or _cpu()
     split = split or read_split(cfg, "train", verbose=rank == 0)
     if backend(cfg.backend).reads_files and len(split.samples) < cfg.batch_size:
         raise DataError(f"data.root: {printable(cfg.root)}/train has {len(split.samples)} images, fewer than one batch "
@@ -129,11 +136,17 @@ def build_train_loader(cfg: DataConfig, seed: int, rank: int, world_size: int,
     return backend(cfg.backend).build_train(cfg, split.samples, seed, rank, world_size, device), split.classes
 
 
-def build_val_loader(cfg: DataConfig, rank: int, world_size: int, device: torch.device = torch.device("cpu"),
+def build_val_loader(cfg: DataConfig, rank: int, world_size: int, device: Optional[torch.device] = None,
                      split=None) -> tuple[ValLoader, list[str]]:
     """(loader, class names): this process's share of the val split, each image once over all ranks."""
+    device = device or _cpu()
     split = split or read_split(cfg, "val", verbose=rank == 0)
     return backend(val_backend_name(cfg)).build_val(cfg, split.samples, rank, world_size, device), split.classes
+
+
+def _cpu() -> torch.device:
+    import torch
+    return torch.device("cpu")
 
 
 def _class_difference(root: str, train: list[str], val: list[str]) -> str:
@@ -162,6 +175,7 @@ def build_loaders(cfg: DataConfig, num_classes: int, seed: int, env: DistEnv, de
                   train: bool = True) -> Loaders:
     """This process's loaders. Rank 0 lists (and checks) the files once; the other ranks receive
     the lists, so a start costs one listing however many processes there are."""
+    from powergrad_train.system import dist
     names = ("train", "val") if train else ("val",)
     splits = dist.on_main(lambda: [read_split(cfg, name) for name in names])
     if train and splits[0].classes != splits[1].classes:

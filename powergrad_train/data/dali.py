@@ -18,19 +18,18 @@ is the loader's state, so a run resumed inside an epoch sees the same batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-from powergrad_train.config.schema import DataConfig
+from powergrad_train.config.declare import Part, opt
 from powergrad_train.data import Backend, TrainLoader, ValLoader, resolve_root, val_backend_name
 from powergrad_train.data.files import SkippedFiles
 from powergrad_train.data.sampling import SampledEpochs, TrainSampler, sample_seed
 from powergrad_train.system.errors import ConfigError, DataError, ImageError, printable
 
-MEAN = [255 * m for m in IMAGENET_DEFAULT_MEAN]
-STD = [255 * s for s in IMAGENET_DEFAULT_STD]
+if TYPE_CHECKING:  # torch and DALI load when a pipeline is built (the schema imports this file)
+    import torch
+
+    from powergrad_train.config.sections import DataConfig
 
 
 def _dali():
@@ -38,6 +37,8 @@ def _dali():
         import nvidia.dali as dali
         import nvidia.dali.plugin.pytorch as dali_torch
     except ImportError:
+        import torch
+
         # DALI wheels are built per CUDA major version; name the one that matches this torch.
         extra = "dali-cuda12" if (torch.version.cuda or "").startswith("12.") else "dali"
         raise ConfigError(f"data.backend = dali needs NVIDIA DALI: pip install -e '.[{extra}]' "
@@ -54,6 +55,7 @@ class Placement:
 
 def placement(cfg: DataConfig, device: torch.device) -> Placement:
     """Where the pipelines of a process on `device` run (data.dali_device; auto = gpu in a run on a GPU)."""
+    import torch
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return choose_placement(cfg.dali_device, index, dali_runs_on=_dali_runs_on(index))
@@ -78,6 +80,8 @@ def choose_placement(dali_device: str, gpu: Optional[int], dali_runs_on: bool) -
 
 
 def _dali_runs_on(index: int) -> bool:
+    import torch
+
     from powergrad_train.system.hardware import dali_runs_on
     return dali_runs_on(tuple(torch.cuda.get_device_capability(index)))
 
@@ -98,6 +102,7 @@ def define_pipeline(cfg: DataConfig, files: list[str], labels: list[int], batch_
                     where: Placement, checkpoint=None):
     """Decode, crop/resize, flip and normalise, on the GPU ('mixed' decoder) or the CPU; defined, not
     built (`serialize()` describes it without a GPU)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     dali, _ = _dali()
     fn, types = dali.fn, dali.types
     pipe = dali.Pipeline(batch_size=batch_size, num_threads=max(1, cfg.workers), device_id=where.device_id,
@@ -119,7 +124,8 @@ def define_pipeline(cfg: DataConfig, files: list[str], labels: list[int], batch_
             mirror = 0
         images = fn.crop_mirror_normalize(
             images, crop=(cfg.image_size, cfg.image_size), crop_pos_x=0.5, crop_pos_y=0.5, mirror=mirror,
-            mean=MEAN, std=STD, dtype=types.FLOAT, output_layout="CHW")
+            mean=[255 * m for m in IMAGENET_DEFAULT_MEAN], std=[255 * s for s in IMAGENET_DEFAULT_STD],
+            dtype=types.FLOAT, output_layout="CHW")
         pipe.set_outputs(*((images.gpu(), targets.gpu()) if where.gpu_outputs else (images, targets)))
     return pipe
 
@@ -375,4 +381,10 @@ def measure_gpu_memory(cfg: DataConfig, train_samples, val_samples, device: torc
             loader.close()
 
 
-BACKEND = Backend(build_train, build_val)
+@dataclass
+class DaliKeys:
+    dali_device: str = opt("auto", "where to decode and augment; auto = gpu when CUDA is available",
+                           choices=("auto", "gpu", "cpu"))
+
+
+PART = Part(Backend(build_train, build_val), "NVIDIA DALI, pip install -e '.[dali]'", keys=DaliKeys)

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from powergrad_train.config.sections import DEMO_ROOT
 from powergrad_train.system.atomic import fsync_folder, reason
 from powergrad_train.system.cache import cache_dir
-from powergrad_train.config.schema import DEMO_ROOT
 from powergrad_train.system.errors import DataError
 
 CLASSES = ("checker", "circle", "cross", "diagonal", "dots", "hstripes", "ring", "square", "triangle", "vstripes")

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Optional
 
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from powergrad_train.system.atomic import make_folder, write_file
 from powergrad_train.system.cache import cache_dir
@@ -221,6 +220,7 @@ def _walk_class(task: tuple[Path, int, str, int, dict]):
     """(folders, loops) of one class folder; per folder (label, path below the split, image names,
     fingerprint), the names None when the fingerprint is the one `known` for that path (the
     caller has them already)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS  # (loaded already in the forked worker)
     top, label, name, trusted_before, known = task
     found, loops = [], []
     for folder, names in sorted(_walk(top / name, loops)):

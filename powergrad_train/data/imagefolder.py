@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import signal
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader, Dataset, default_collate
-from torchvision import transforms
 
-from powergrad_train.config.schema import DataConfig
+from powergrad_train.config.declare import Part
 from powergrad_train.data import Backend, TrainLoader, ValLoader, resolve_root
 from powergrad_train.data.files import SkippedFiles
 from powergrad_train.data.sampling import SampledEpochs, TrainSampler, ValSampler
@@ -26,19 +24,32 @@ from powergrad_train.system.errors import ImageError
 from powergrad_train.system.preemption import STOP_SIGNALS
 from powergrad_train.system.user_files import NotAFile, open_regular
 
+if TYPE_CHECKING:  # torch, torchvision and timm load when a loader is built (the schema imports this file)
+    import torch
+    from torch.utils.data import DataLoader
 
-MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN, dtype=torch.float32).view(3, 1, 1)
-STD = torch.tensor(IMAGENET_DEFAULT_STD, dtype=torch.float32).view(3, 1, 1)
+    from powergrad_train.config.sections import DataConfig
+
+
+@functools.cache
+def _mean_std() -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    return (torch.tensor(IMAGENET_DEFAULT_MEAN, dtype=torch.float32).view(3, 1, 1),
+            torch.tensor(IMAGENET_DEFAULT_STD, dtype=torch.float32).view(3, 1, 1))
 
 
 def normalized_tensor(image: Image.Image) -> torch.Tensor:
     """ToTensor then Normalize with the same float32 operations in the same order (so bit-identical),
     without their per-call overhead: 28 instead of 76 us for a 32 px image, 234 instead of 324 at 224."""
+    import torch
+    mean, std = _mean_std()
     x = torch.from_numpy(np.array(image, np.uint8)).permute(2, 0, 1).contiguous().float()
-    return x.div_(255).sub_(MEAN).div_(STD)
+    return x.div_(255).sub_(mean).div_(std)
 
 
 def train_transform(cfg: DataConfig):
+    from torchvision import transforms
     return transforms.Compose([
         transforms.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale_min, 1.0), ratio=(3 / 4, 4 / 3),
                                      interpolation=transforms.InterpolationMode.BILINEAR),
@@ -48,6 +59,7 @@ def train_transform(cfg: DataConfig):
 
 
 def val_transform(cfg: DataConfig):
+    from torchvision import transforms
     return transforms.Compose([
         transforms.Resize(int(cfg.image_size / cfg.crop_pct),
                           interpolation=transforms.InterpolationMode(cfg.val_interpolation)),
@@ -95,8 +107,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-class SeededImages(Dataset):
-    """(path, label) samples indexed by (index, seed): the seed fixes that sample's augmentation."""
+class SeededImages:
+    """(path, label) samples indexed by (index, seed): the seed fixes that sample's augmentation (a
+    map-style data set of a DataLoader: __len__ and __getitem__)."""
 
     def __init__(self, samples: list[tuple[str, int]], transform):
         self.samples, self.transform = samples, transform
@@ -119,6 +132,7 @@ def seeded_cpu_rng(seed: int):
     """The CPU generator (which torchvision's random transforms draw from) seeded for one sample,
     its state put back afterwards. torch.manual_seed and fork_rng would also visit every
     accelerator backend: about 0.15 ms a call, as much as decoding a small image."""
+    import torch
     generator = torch.default_generator
     state = generator.get_state()
     generator.manual_seed(seed)
@@ -131,6 +145,7 @@ def seeded_cpu_rng(seed: int):
 def collate(samples: list):
     """(images, targets, the Unreadable samples left out); images and targets are None when every
     sample of the batch was unreadable."""
+    from torch.utils.data import default_collate
     good = [s for s in samples if not isinstance(s, Unreadable)]
     bad = [s for s in samples if isinstance(s, Unreadable)]
     return (*default_collate(good), bad) if good else (None, None, bad)
@@ -155,6 +170,7 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
 
 
 def _loader(dataset, batch_size, sampler, cfg: DataConfig, pin_memory: bool) -> DataLoader:
+    from torch.utils.data import DataLoader
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.workers,
                       pin_memory=pin_memory, persistent_workers=cfg.workers > 0, collate_fn=collate,
                       worker_init_fn=_leave_stop_signals_to_the_trainer)
@@ -214,4 +230,4 @@ def stop_workers(loader: DataLoader) -> None:
         iterator._shutdown_workers()
 
 
-BACKEND = Backend(build_train, build_val)
+PART = Part(Backend(build_train, build_val), "portable: PIL transforms in a torch DataLoader")

@@ -1,19 +1,17 @@
 """Which samples each process reads, in which order, with which augmentation seed.
 
-Shared by both backends, so they read the same images in the same order.
+Shared by both backends, so they read the same images in the same order. The samplers are plain
+iterables (what a DataLoader's `sampler` takes), so the backends' declarations import no torch.
 """
 
 from __future__ import annotations
-
-import torch
-from torch.utils.data import Sampler
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
     return ((seed * 1_000_003 + epoch) * 2_147_483_659 + position) % (1 << 63)
 
 
-class TrainSampler(Sampler):
+class TrainSampler:
     """One global shuffle per epoch (seeded by run seed and epoch); this rank takes its slice of
     every global batch. The ragged tail is dropped so every rank has the same number of steps.
     Yields (index, augmentation seed).
@@ -35,6 +33,7 @@ class TrainSampler(Sampler):
         return (self.batches_per_epoch - self.start_batch) * self.local_batch
 
     def epoch_order(self) -> list[int]:
+        import torch
         generator = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
         return torch.randperm(self.size, generator=generator).tolist()
 
@@ -46,7 +45,7 @@ class TrainSampler(Sampler):
                 yield order[position % self.size], sample_seed(self.seed, self.epoch, position)
 
 
-class ValSampler(Sampler):
+class ValSampler:
     """Every image exactly once across ranks, no padding. Yields (index, 0)."""
 
     def __init__(self, size: int, rank: int, world_size: int):

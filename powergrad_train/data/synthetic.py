@@ -6,10 +6,15 @@ or `data.backend: synthetic`); nothing is read from disk and nothing can be lear
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from powergrad_train.config.schema import DataConfig
+from powergrad_train.config.declare import Part
 from powergrad_train.data import Backend, TrainLoader
+
+if TYPE_CHECKING:
+    import torch
+
+    from powergrad_train.config.sections import DataConfig
 
 CLASSES = ("synthetic",)  # one class: labels do not change the cost, and any model.num_classes fits
 BATCHES_PER_EPOCH = 100
@@ -17,6 +22,7 @@ BATCHES_PER_EPOCH = 100
 
 class SyntheticLoader(TrainLoader):
     def __init__(self, cfg: DataConfig, batch: int, batches: int, rank: int, device: torch.device):
+        import torch
         g = torch.Generator().manual_seed(rank)
         self.images = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g).to(device)
         self.targets = torch.randint(0, len(CLASSES), (batch,), generator=g).to(device)
@@ -42,4 +48,4 @@ def build_val(cfg: DataConfig, samples, rank: int, world_size: int, device: torc
     return SyntheticLoader(cfg, cfg.val_batch_per_process(world_size), 1, rank, device)
 
 
-BACKEND = Backend(build_train, build_val, classes=CLASSES)
+PART = Part(Backend(build_train, build_val, classes=CLASSES), "one random batch on the device, for benchmarks")

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from powergrad_train.config.build import build_config
+from powergrad_train.config.schema import Config
 from powergrad_train.reproduction import paper
-from powergrad_train.config.schema import Config, build_config
 from powergrad_train.system.errors import CheckpointError
 
 MODEL_NAMES = {"resnet18_wobn": "resnet18_nobn", "resnet_non_bn": "resnet18_nobn"}

@@ -17,8 +17,8 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from powergrad_train.config import registry
-from powergrad_train.config.schema import KEYS, Config, build_config, get
+from powergrad_train.config.build import build_config, unread_keys
+from powergrad_train.config.schema import KEYS, Config, get
 
 # Keys that never change what a run trains: where the data lives and how it is read (data.root,
 # backend, dali_device, val_backend, workers, val_batch_size), speed settings that keep the numbers
@@ -37,11 +37,10 @@ SETTING_KEYS = tuple(k for k in KEYS if k != "seed" and k not in BOOKKEEPING_KEY
 # What a row fixes, of those: not model.sync_bn nor an EMA of the weights (it leaves the weights the
 # row reports as they train); the other optimizers' betas and eps, the multistep milestones, and mixup's
 # settings, only matter once optim.name, schedule.name or batch_transform.name differ, which is compared.
-ROW_FREE = ("model.sync_bn", "ema.decay", "optim.beta1", "optim.beta2", "optim.eps", "schedule.milestones",
+ROW_FREE = ("model.sync_bn", "weight_average.name", "weight_average.decay", "optim.beta1", "optim.beta2", "optim.eps", "schedule.milestones",
             "batch_transform.mixup_alpha", "batch_transform.cutmix_alpha", "batch_transform.prob",
             "batch_transform.switch_prob")
 ROW_KEYS = tuple(k for k in SETTING_KEYS if k not in ROW_FREE)
-STEP_ONLY = ("schedule.decay_epochs", "schedule.decay_rate")  # unused by the cosine schedule
 METHOD_KEYS = ("loss.pgt_alpha", "loss.pgt_impl")  # the loss method: what the report compares by default
 SUBJECT_KEYS = ("model.name", "schedule.name", "loss.pgt_alpha", "loss.label_smoothing", "grad_clip.mode")
 
@@ -147,21 +146,12 @@ def row_config(row: Row, reading: str = "global") -> Config:
     return build_config(row.recipe, batch_overrides(row, reading))
 
 
-def _unread_schedule_keys(name: str) -> set[str]:
-    """The schedule keys that only some schedules read (registry.SCHEDULES), less those `name` reads."""
-    own = {n: set(registry.load(registry.SCHEDULES, n).keys) for n in registry.SCHEDULES}
-    return set().union(*own.values()) - own[name]
-
-
 def unused(cfg: Config) -> set[str]:
-    """The keys that do nothing under this config (a value there changes no run)."""
-    keys = _unread_schedule_keys(cfg.schedule.name)
+    """The keys that do nothing under this config (a value there changes no run): those of parts it
+    does not select, a clipping threshold without clipping, the PGT implementation of the plain gradient."""
+    keys = unread_keys(cfg)
     keys |= {"grad_clip.value"} if cfg.grad_clip.mode == "none" else set()
     keys |= {"loss.pgt_impl"} if cfg.loss.pgt_alpha is None else set()  # the plain gradient has one way
-    keys |= {"optim.beta1", "optim.beta2", "optim.eps"} if cfg.optim.name == "sgd" else \
-        {"optim.momentum", "optim.nesterov"} if cfg.optim.name in ("adamw", "lamb") else set()
-    if cfg.batch_transform.name == "none":
-        keys |= {k for k in KEYS if k.startswith("batch_transform.") and k != "batch_transform.name"}
     return keys
 
 
@@ -189,9 +179,14 @@ def is_about(row: Row, cfg: Config, reading: str = "global") -> bool:
     return all(get(cfg, k) == get(want, k) for k in keys)
 
 
+def about_differences(row: Row, cfg: Config, reading: str = "global") -> Optional[list[tuple[str, Any, Any]]]:
+    """The run's differences to the row when it is about the row (none: it is the row), else None."""
+    return differences(row, cfg, reading) if is_about(row, cfg, reading) else None
+
+
 def matches(row: Row, cfg: Config, reading: str = "global") -> bool:
     """Does a resolved config train exactly what this row trained?"""
-    return is_about(row, cfg, reading) and not differences(row, cfg, reading)
+    return about_differences(row, cfg, reading) == []
 
 
 def baseline_of(row: Row) -> Optional[Row]:

@@ -24,15 +24,18 @@ import os
 import re
 import statistics
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
+from powergrad_train.config.build import build_config
+from powergrad_train.config.recipes import read_yaml_text
+from powergrad_train.config.schema import KEYS, Config, get, suggestion
 from powergrad_train.reproduction import paper, seed_stats
-from powergrad_train.system.atomic import make_folder, write_text
 from powergrad_train.reproduction.authors import AuthorsLog, find_logs
-from powergrad_train.config.schema import KEYS, Config, build_config, get, read_yaml_text, suggestion
+from powergrad_train.system.atomic import make_folder, write_text
 from powergrad_train.system.errors import ConfigError, DataError, printable, shown
 
 TABLE_TITLES = {1: "Table 1: networks with batch norm", 2: "Table 2: ResNet-18 without batch norm, cosine",
@@ -109,6 +112,7 @@ class Run:
 
     @property
     def done(self) -> int:
+        """The last epoch it logged (0 before its first): how far it got."""
         return int(self.epochs[-1]["epoch"]) if self.epochs else 0
 
     @property
@@ -142,12 +146,17 @@ class Run:
         return head + self.method + (f", seed {self.seed}" if seed else "")
 
 
+def read_epochs(folder: Path) -> list[dict[str, float]]:
+    """A run folder's summary.csv (read_summary); none before its first epoch."""
+    summary = folder / "summary.csv"
+    return read_summary(summary) if summary.is_file() else []
+
+
 def read_run(folder: Path) -> Run:
     folder = Path(folder)
     if not (folder / "config.yaml").is_file():
         raise DataError(f"report: {folder} is not a run folder (no config.yaml)")
-    summary = folder / "summary.csv"
-    return Run(folder, read_run_config(folder / "config.yaml"), read_summary(summary) if summary.is_file() else [])
+    return Run(folder, read_run_config(folder / "config.yaml"), read_epochs(folder))
 
 
 @dataclass
@@ -181,22 +190,31 @@ class Placed:
     exact: dict[paper.Row, list[Run]]
     related: dict[paper.Row, list[tuple[Run, list]]]  # (run, its differences to the row)
     others: list[Run]  # runs that are no row
+    rows: dict[int, list[paper.Row]]  # by id(run): the rows it is
+
+    def nearest_related(self, run: Run) -> Optional[tuple[paper.Row, list]]:
+        """The row `run` (no row itself) is about with the fewest differences to it, and those; None if none."""
+        found = [(row, diffs) for row, related in self.related.items() for r, diffs in related if r is run]
+        return min(found, key=lambda x: len(x[1]), default=None)
 
 
 def place(runs: list[Run], reading: str = "global") -> Placed:
+    """Each run against each row of the paper's tables, once: the rows it is (paper.matches), else the
+    rows it is about, with its differences to each."""
     exact = {row: [] for row in paper.ROWS}
     related = {row: [] for row in paper.ROWS}
-    others = []
+    others, rows = [], {}
     for run in runs:
-        rows = [row for row in paper.ROWS if paper.matches(row, run.cfg, reading)]
-        for row in rows:
+        about = [(row, diffs) for row in paper.ROWS
+                 if (diffs := paper.about_differences(row, run.cfg, reading)) is not None]
+        rows[id(run)] = [row for row, diffs in about if not diffs]
+        for row in rows[id(run)]:
             exact[row].append(run)
-        if not rows:
+        if not rows[id(run)]:
             others.append(run)
-            for row in paper.ROWS:
-                if paper.is_about(row, run.cfg, reading):
-                    related[row].append((run, paper.differences(row, run.cfg, reading)))
-    return Placed(exact, related, others)
+            for row, diffs in about:
+                related[row].append((run, diffs))
+    return Placed(exact, related, others, rows)
 
 
 def per_seed(runs: list[Run]) -> list[Run]:
@@ -331,17 +349,13 @@ def _defaults(cfg: Config, keys) -> int:
     return sum(get(cfg, k) == KEYS[k].default for k in keys)
 
 
-def _rows_of(arm: Arm, reading: str) -> list[paper.Row]:
-    return [row for row in paper.ROWS if paper.matches(row, arm.cfg, reading)]
-
-
-def _paper_pair(a: Arm, b: Arm, reading: str) -> bool:
-    rows_a, rows_b = _rows_of(a, reading), _rows_of(b, reading)
+def _paper_pair(a: Arm, b: Arm, placed: Placed) -> bool:
+    # The runs of an arm are the same rows (the keys that make a row are settings): its first run's.
+    rows_a, rows_b = placed.rows[id(a.runs[0])], placed.rows[id(b.runs[0])]
     return any(paper.baseline_of(y) == x or paper.baseline_of(x) == y for x in rows_a for y in rows_b)
 
 
-def find_comparisons(arms: list[Arm], keys: tuple[str, ...],
-                     reading: str = "global") -> tuple[list[Comparison], list[Apart]]:
+def find_comparisons(arms: list[Arm], keys: tuple[str, ...], placed: Placed) -> tuple[list[Comparison], list[Apart]]:
     """Every two arms that differ in `keys` alone (the one at the keys' defaults, else the one given
     first, is the base), and, for each arm compared with none, the nearest arms that differ in `keys`
     and more."""
@@ -353,7 +367,7 @@ def find_comparisons(arms: list[Arm], keys: tuple[str, ...],
                 continue
             if all(k in keys for k, _, _ in diffs):
                 base, other = sorted((a, b), key=lambda arm: -_defaults(arm.cfg, keys))
-                comparisons.append(Comparison(base, other, [k for k, _, _ in diffs], _paper_pair(a, b, reading)))
+                comparisons.append(Comparison(base, other, [k for k, _, _ in diffs], _paper_pair(a, b, placed)))
             else:
                 near[id(a)].append((b, diffs))
                 near[id(b)].append((a, [(k, y, x) for k, x, y in diffs]))
@@ -414,14 +428,15 @@ def comparison_lines(c: Comparison, effect: Optional[float] = None) -> list[str]
     return lines + [""]
 
 
-def comparisons_section(arms: list[Arm], keys: tuple[str, ...], effect: Optional[float], reading: str,
-                        always: bool) -> list[str]:
-    """Every comparison of the arms (but the paper's pairs, which the tables hold), and the arms that
-    differ in more than `keys`; nothing when there is neither, unless `always`."""
-    comparisons, apart = find_comparisons(arms, keys, reading)
-    listed = [c for c in comparisons if not c.paper_pair]
-    if not (always or listed or apart):
-        return []
+def listed(comparisons: list[Comparison]) -> list[Comparison]:
+    """The comparisons the comparisons section shows: all but the paper's pairs, which the tables hold."""
+    return [c for c in comparisons if not c.paper_pair]
+
+
+def comparisons_section(comparisons: list[Comparison], apart: list[Apart], keys: tuple[str, ...],
+                        effect: Optional[float]) -> list[str]:
+    """Every comparison of the arms (but the paper's pairs), and the arms that differ in more than `keys`."""
+    shown = listed(comparisons)
     named = "the loss method (loss.pgt_alpha, loss.pgt_impl)" if keys == paper.METHOD_KEYS else keys[0]
     lines = ["## Comparisons", "",
              f"An arm is the runs whose resolved configs are equal in every key but the seed (and the keys that "
@@ -430,9 +445,9 @@ def comparisons_section(arms: list[Arm], keys: tuple[str, ...], effect: Optional
              f"interval, paired by seed where both arms ran the same seeds, else Welch's: 'resolved' when it "
              f"excludes 0, 'within noise' otherwise. The seeds per arm are those the observed spread needs to "
              f"resolve the gain with 80% power (two-sided, 5%).", ""]
-    for c in listed:
+    for c in shown:
         lines += comparison_lines(c, effect)
-    if not listed:
+    if not shown:
         pairs_note = " besides the paper's baseline/PGT pairs (in the tables above)" if comparisons else ""
         lines += [f"No two arms differ in {named} alone{pairs_note}.", ""]
     if apart:
@@ -473,54 +488,51 @@ def arms_table(arms: list[Arm]) -> list[str]:
     return _table(head, rows)
 
 
-def closest_row(cfg: Config, reading: str = "global", about: bool = False) -> Optional[tuple[paper.Row, list]]:
-    """The row with the fewest differences to `cfg` among the rows it is about (same model, schedule
-    and method), else, unless about=True, among all rows."""
-    found = [(not paper.is_about(row, cfg, reading), row, paper.differences(row, cfg, reading)) for row in paper.ROWS]
-    found = [(far, row, diffs) for far, row, diffs in found if not (about and far)]
-    _, row, diffs = min(found, key=lambda x: (x[0], len(x[2])), default=(None, None, None))
-    return (row, diffs) if row else None
-
-
-def closest_rows(arms: list[Arm], reading: str, about: bool) -> list[str]:
-    """Once per arm: the row it is closest to, and what keeps it from being that row."""
+def closest_rows(report: Report, arms: list[Arm], about: bool) -> list[str]:
+    """Once per arm: the row it is closest to, and what keeps it from being that row: among the rows it
+    is about (same model, schedule and method; place() found them), else, unless about=True, among all."""
     lines = []
     for arm in arms:
-        found = closest_row(arm.cfg, reading, about)
+        found, how = report.placed.nearest_related(arm.runs[0]), "related to"
+        if found is None and not about:
+            found = min(((row, paper.differences(row, arm.cfg, report.reading)) for row in paper.ROWS),
+                        key=lambda x: len(x[1]))
+            how = "closest to"
         if found:
             row, diffs = found
-            how = "related to" if paper.is_about(row, arm.cfg, reading) else "closest to"
             lines.append(f"- {arm.names}: {how} Table {row.table} {row.label}: "
                          f"differs in {describe_differences(diffs)}")
     return lines
 
 
-def other_runs_section(arms: list[Arm], reading: str) -> list[str]:
+def other_runs_section(report: Report) -> list[str]:
     """Beside the paper's tables: the runs that are no row, by arm, and the rows they are about."""
+    # An arm's runs are all rows or none (see _paper_pair).
+    arms = [arm for arm in report.arms if not report.placed.rows[id(arm.runs[0])]]
     if not arms:
         return ["## Other runs", "", "Every run given is a row of the paper's tables."]
     lines = ["## Other runs", "", "Runs that train no row of the paper exactly, by arm (equal settings but the seed).",
              ""] + arms_table(arms)
-    related = closest_rows(arms, reading, about=True)
+    related = closest_rows(report, arms, about=True)
     if related:
         lines += ["", "Related to a row (same model, schedule and method), but not the row:", ""] + related
     return lines
 
 
-def arms_section(arms: list[Arm], reading: str) -> list[str]:
+def arms_section(report: Report) -> list[str]:
     """When no run is a row: the arms, and the row closest to each."""
-    return ["## Arms", "", "The runs by arm (equal settings but the seed)."] + [""] + arms_table(arms) + [
+    return ["## Arms", "", "The runs by arm (equal settings but the seed)."] + [""] + arms_table(report.arms) + [
         "", "None of the runs is a row of the paper's tables (a run is a row when it trains exactly what the row "
             "trained), so the tables are left out. The row closest to each arm:", ""] + \
-        closest_rows(arms, reading, about=False)
+        closest_rows(report, report.arms, about=False)
 
 
 # ----------------------------------------------------------------------------- tables
 
-def tables(runs: list[Run], reference: Optional[Reference] = None, reading: str = "global") -> str:
+def tables(report: Report) -> str:
     """Markdown: the paper's three tables with the runs' numbers beside them, and the PGT gains with
     their statistics."""
-    placed = place(runs, reading)
+    placed, reference, reading = report.placed, report.reference, report.reading
     authors = reference is not None
     out = ["The paper's test top-1 is compared with the runs' best epoch (`best - paper`): it most likely reports "
            "the best epoch (the authors' model_best checkpoints). Values over several seeds are mean ± standard "
@@ -616,10 +628,10 @@ class FigurePlan:
     runs: list[Run]
 
 
-def figure_pairs(placed: Placed, reference: Optional[Reference], runs: list[Run],
-                 keys: tuple[str, ...] = paper.METHOD_KEYS, reading: str = "global") -> list[FigurePair]:
+def figure_pairs(report: Report) -> list[FigurePair]:
     """Each baseline/PGT pair of the paper's rows with runs (or the authors' logs), then each other
     comparison of arms."""
+    placed, reference = report.placed, report.reference
     found, drawn = [], set()
     for table in (1, 2, 3):
         for base_row, row in pairs(table):
@@ -631,9 +643,7 @@ def figure_pairs(placed: Placed, reference: Optional[Reference], runs: list[Run]
             found.append(FigurePair(f"table{table}-{_slug(row.label)}", f"Table {table}: {base_row.label} vs {row.label}",
                                     [(base_row.label, base), (row.label, pgt)], theirs))
     names = {pair.name for pair in found}
-    for c in find_comparisons(group_arms(runs), keys, reading)[0]:
-        if c.paper_pair:
-            continue  # drawn above
+    for c in listed(report.comparisons[0]):  # (the paper's pairs are drawn above)
         name = _unique(_slug(f"{c.base.cfg.model.name} {c.label(c.base)} vs {c.label(c.other)}"), names)
         found.append(FigurePair(name, c.title, [(c.label(c.base), c.base.used), (c.label(c.other), c.other.used)], []))
     for pair in found:
@@ -641,19 +651,22 @@ def figure_pairs(placed: Placed, reference: Optional[Reference], runs: list[Run]
     return found
 
 
-def figure_plan(runs: list[Run], reference: Optional[Reference] = None, reading: str = "global",
-                keys: tuple[str, ...] = paper.METHOD_KEYS) -> FigurePlan:
-    found = figure_pairs(place(runs, reading), reference, runs, keys, reading)
+def figure_plan(report: Report) -> FigurePlan:
+    found = figure_pairs(report)
     in_pairs = {id(r) for pair in found if pair.filters for _, seeds in pair.arms for r in seeds}
     names = {pair.name for pair in found}
-    runs = [r for r in runs if r.epochs]
-    arms = group_arms(runs)
-    own = []
-    for (label, _), arm in zip(_labelled(arms), arms):
+    runs = [r for r in report.runs if r.epochs]
+    # The arms of the runs with an epoch, each in the order of the first of them (as group_arms orders).
+    arm_of, drawn = {id(r): arm for arm in report.arms for r in arm.runs}, {}
+    for run in runs:
+        drawn.setdefault(id(arm_of[id(run)]), Arm([])).runs.append(run)
+    arms = list(drawn.values())
+    labelled, own = _labelled(arms), []
+    for (label, _), arm in zip(labelled, arms):
         if not any(id(r) in in_pairs for r in arm.runs):  # an arm drawn in a pair gets no figure of its own
             seeds = per_seed(arm.runs)
             own.append((_unique(_slug(seeds[0].name if len(seeds) == 1 else label), names), label, seeds))
-    return FigurePlan(found, _labelled(arms) if runs else [], own, runs)
+    return FigurePlan(found, labelled, own, runs)
 
 
 def _slug(text: str) -> str:
@@ -679,22 +692,56 @@ def _labelled(arms) -> list[tuple[str, list[Run]]]:
 
 # ----------------------------------------------------------------------------- the report
 
-def report_text(runs: list[Run], reference: Optional[Reference] = None, reading: str = "global",
-                keys: tuple[str, ...] = paper.METHOD_KEYS, effect: Optional[float] = None) -> str:
+@dataclass
+class Report:
+    """What the report shows, from the runs read: each part is computed once, when first needed, and
+    the sections, tables and figures all read it from here."""
+
+    runs: list[Run]
+    reference: Optional[Reference] = None
+    reading: str = "global"
+    keys: tuple[str, ...] = paper.METHOD_KEYS  # the keys arms are compared by
+    effect: Optional[float] = None
+
+    @cached_property
+    def placed(self) -> Placed:
+        return place(self.runs, self.reading)
+
+    @cached_property
+    def arms(self) -> list[Arm]:
+        return group_arms(self.runs)
+
+    @cached_property
+    def comparisons(self) -> tuple[list[Comparison], list[Apart]]:
+        return find_comparisons(self.arms, self.keys, self.placed)
+
+    @cached_property
+    def compared(self) -> list[str]:
+        """The comparisons section (report.md holds it where it has something to say)."""
+        return comparisons_section(*self.comparisons, self.keys, self.effect)
+
+    @cached_property
+    def text(self) -> str:
+        """report.md"""
+        return report_text(self)
+
+    @cached_property
+    def plan(self) -> FigurePlan:
+        return figure_plan(self)
+
+
+def report_text(report: Report) -> str:
     """report.md: when some run is a paper row, the paper's tables first, then the comparisons of the
     other arms and the runs that are no row; when none is, the comparisons first, the arms and the
     row closest to each, and the tables only where the authors' logs were given."""
-    placed = place(runs, reading)
-    if any(placed.exact.values()) or not runs:
-        parts = ["# Runs beside the paper", "", tables(runs, reference, reading),
-                 *comparisons_section(group_arms(runs), keys, effect, reading, always=False),
-                 *other_runs_section(group_arms(placed.others), reading)]
+    if any(report.placed.exact.values()) or not report.runs:
+        comparisons, apart = report.comparisons
+        parts = ["# Runs beside the paper", "", tables(report),
+                 *(report.compared if listed(comparisons) or apart else []), *other_runs_section(report)]
     else:
-        arms = group_arms(runs)
-        parts = ["# Runs compared over seeds", "", *comparisons_section(arms, keys, effect, reading, always=True),
-                 *arms_section(arms, reading)]
-        if reference is not None:
-            parts += ["", "# The paper's tables, beside the authors' logs", "", tables(runs, reference, reading)]
+        parts = ["# Runs compared over seeds", "", *report.compared, *arms_section(report)]
+        if report.reference is not None:
+            parts += ["", "# The paper's tables, beside the authors' logs", "", tables(report)]
     return "\n".join(parts)
 
 
@@ -716,10 +763,9 @@ def check_out(out: Path) -> None:
                           + " (report.md and the figures go into a folder)")
 
 
-def write_report(run_dirs: list[Path], out: Path, reference_dir: Optional[Path] = None, reading: str = "global",
-                 compare: Optional[str] = None, effect: Optional[float] = None) -> tuple[str, list[Path]]:
-    """Check and read everything first (any bad input stops before a file is written), then write
-    report.md and the figures into `out`."""
+def build_report(run_dirs: list[Path], out: Path, reference_dir: Optional[Path] = None, reading: str = "global",
+                 compare: Optional[str] = None, effect: Optional[float] = None) -> Report:
+    """Check and read everything (any bad input, `out` included, stops before a file is written)."""
     keys = compare_keys(compare)
     if effect is not None and not (math.isfinite(effect) and effect > 0):
         raise ConfigError(f"report --effect: the gain to resolve, in points of test top-1, must be a number > 0, "
@@ -727,8 +773,21 @@ def write_report(run_dirs: list[Path], out: Path, reference_dir: Optional[Path] 
     check_out(out)
     runs = [read_run(d) for d in distinct(run_dirs)]
     reference = read_reference(reference_dir) if reference_dir is not None else None
-    text = report_text(runs, reference, reading, keys, effect)
+    return Report(runs, reference, reading, keys, effect)
+
+
+def save(report: Report, out: Path) -> list[Path]:
+    """Write report.md and the figures into `out`; the figures' paths."""
+    text = report.text  # (computed before the folder is made)
     make_folder(out)
     write_text(out / "report.md", text)
     from powergrad_train.reproduction.report_figures import figures
-    return text, figures(figure_plan(runs, reference, reading, keys), out)
+    return figures(report.plan, out)
+
+
+def write_report(run_dirs: list[Path], out: Path, reference_dir: Optional[Path] = None, reading: str = "global",
+                 compare: Optional[str] = None, effect: Optional[float] = None) -> tuple[str, list[Path]]:
+    """`powergrad-train report`: report.md and the figures of the runs in `run_dirs` into `out`; the
+    text and the figures' paths."""
+    report = build_report(run_dirs, out, reference_dir, reading, compare, effect)
+    return report.text, save(report, out)

@@ -153,6 +153,7 @@ def filter_norm_figure(arms: list[tuple[str, list[Run]]], title: str, path: Path
     from matplotlib.lines import Line2D
 
     from powergrad_train.training.diagnostics import ZEROED_NORM
+
     # Per arm, its seeds that saved filter norms: (run, epochs, {layer: norms} per epoch).
     data = [[d for d in ((run, *filter_norms(run)) for run in seeds) if d[1]] for _, seeds in arms]
     if not all(data):

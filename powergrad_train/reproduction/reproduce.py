@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from powergrad_train.config.build import build_config
+from powergrad_train.config.schema import KEYS, Config, get
 from powergrad_train.reproduction import paper
-from powergrad_train.config.schema import KEYS, Config, build_config, get
+from powergrad_train.reproduction.report import Run, read_epochs, read_run_config
 from powergrad_train.system.errors import ConfigError, DataError, printable
 from powergrad_train.system.preemption import STOP_SIGNALS
 
@@ -134,23 +136,28 @@ class PlannedRun:
     row: paper.Row
     cfg: Config
     output: Path
-    command: list[str]
+    launcher: list[str]  # python -m powergrad_train, under torchrun for several processes
+    sets: list[str]  # the --set values given to the recipe
     train_images: int
+
+    @property
+    def train_args(self) -> list[str]:
+        """What the trainer is given besides its run folder and --resume: the recipe and its --set values."""
+        return ["--config", self.row.recipe, *[arg for s in self.sets for arg in ("--set", s)]]
+
+    @property
+    def command(self) -> list[str]:
+        """The row's trainer as `reproduce` starts it: train_args with its run folder and --resume auto."""
+        recipe, sets = self.train_args[:2], self.train_args[2:]
+        return [*self.launcher, *recipe, "--output", str(self.output), "--resume", "auto", *sets]
 
     @property
     def steps_per_epoch(self) -> int:
         return self.train_images // self.cfg.data.batch_size
 
-    @property
-    def epochs_done(self) -> int:
-        from powergrad_train.reproduction.report import read_summary
-        summary = self.output / "summary.csv"
-        rows = read_summary(summary) if summary.is_file() else []
-        return int(rows[-1]["epoch"]) if rows else 0
-
-    @property
-    def finished(self) -> bool:
-        return self.epochs_done >= self.cfg.schedule.epochs
+    def progress(self) -> Run:
+        """Its run folder as it stands now, read as the report reads a run (Run.done, Run.finished)."""
+        return Run(self.output, self.cfg, read_epochs(self.output))
 
     def gpu_hours(self, images_per_sec: float, nproc: int) -> float:
         """Training and validation of every epoch, at `images_per_sec` on `nproc` GPUs."""
@@ -177,18 +184,21 @@ def folder_name(row: paper.Row, seed: int, reading: str) -> str:
     return f"{Path(row.recipe).stem}{per_gpu}{f'-seed{seed}' if seed else ''}"
 
 
+def chosen_rows(table: int, rows: Optional[list[int]]) -> list[paper.Row]:
+    """The table's rows that --rows names (parse_rows), else all of them."""
+    every = paper.table_rows(table)
+    return [every[i - 1] for i in rows] if rows else every
+
+
 def plan(table: int, data: Path, nproc: int, out: Path, overrides: list[str], rows: Optional[list[int]],
          seeds: Optional[list[int]] = None, reading: str = "global") -> list[PlannedRun]:
-    chosen = paper.table_rows(table)
-    if rows:
-        chosen = [chosen[i - 1] for i in rows]
     counted = count_train_images(data)
     images = IMAGENET_TRAIN_IMAGES if counted is None else counted
     launcher = [sys.executable, "-m", "powergrad_train"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
          "powergrad_train"]
     planned = []
-    for row in chosen:
+    for row in chosen_rows(table, rows):
         for seed in seeds if seeds is not None else [None]:
             sets = [f"data.root={data}", *paper.batch_overrides(row, reading), *overrides,
                     *([f"seed={seed}"] if seed is not None else [])]
@@ -198,10 +208,7 @@ def plan(table: int, data: Path, nproc: int, out: Path, overrides: list[str], ro
                                 f"{images:,} file(s) in its class folders, fewer than one global batch of "
                                 f"{row.recipe} ({cfg.data.batch_size}); give the ImageNet root (train/ and val/), "
                                 "or a smaller data.batch_size with --set")
-            output = out / folder_name(row, cfg.seed, reading)
-            command = [*launcher, "--config", row.recipe, "--output", str(output), "--resume", "auto",
-                       *[arg for s in sets for arg in ("--set", s)]]
-            planned.append(PlannedRun(row, cfg, output, command, images))
+            planned.append(PlannedRun(row, cfg, out / folder_name(row, cfg.seed, reading), launcher, sets, images))
     return planned
 
 
@@ -220,7 +227,6 @@ def check_out(out: Path, runs: list[PlannedRun], writing: bool) -> None:
 
 def check_reuse(runs: list[PlannedRun]) -> None:
     """Refuse, before anything starts, a run folder that holds another run than the command's."""
-    from powergrad_train.reproduction.report import read_run_config
     for run in runs:
         stored_path = run.output / "config.yaml"
         if not stored_path.is_file():
@@ -241,12 +247,13 @@ def changed_keys(stored: Config, cfg: Config) -> list[str]:
 def describe(runs: list[PlannedRun], nproc: int, throughput: Throughput, data: Path) -> str:
     lines, total, estimated = [], 0.0, False
     for run in runs:
-        state = "finished: skipped" if run.finished else \
-            f"continues after epoch {run.epochs_done}" if run.epochs_done else "to run"
+        progress = run.progress()
+        state = "finished: skipped" if progress.finished else \
+            f"continues after epoch {progress.done}" if progress.done else "to run"
         speed, given = throughput.of(run.cfg.model.name, nproc)
         estimated |= not given
         hours = run.gpu_hours(speed, nproc)
-        total += 0 if run.finished else hours
+        total += 0 if progress.finished else hours
         lines += [f"{run.row.title}, seed {run.cfg.seed} ({state}): "
                   f"{run.row.recipe}, global batch {run.cfg.data.batch_size}, {run.steps_per_epoch} steps per epoch "
                   f"x {run.cfg.schedule.epochs} epochs, about {hours:.0f} GPU hours at {speed:.0f} images/s"
@@ -299,7 +306,7 @@ def execute(runs: list[PlannedRun]) -> tuple[int, str]:
                 return 128 + stops.received[0], (f"reproduce: stopped by {signal.Signals(stops.received[0]).name} "
                                                  f"before {name} started; run the same reproduce command again "
                                                  "to run the rows left")
-            if run.finished:
+            if run.progress().finished:
                 print(f"{run.row.title}, seed {run.cfg.seed}: finished, skipped ({run.output})", flush=True)
                 continue
             print(f"{run.row.title}, seed {run.cfg.seed}: {shlex.join(run.command)}", flush=True)

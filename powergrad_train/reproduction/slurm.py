@@ -43,11 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from powergrad_train.config.build import dump
 from powergrad_train.reproduction import paper
+from powergrad_train.reproduction.report import Run, read_epochs, read_run_config
+from powergrad_train.reproduction.reproduce import PlannedRun, changed_keys, chosen_rows, folder_name
 from powergrad_train.system.atomic import make_folder, reason, write_text
-from powergrad_train.config.schema import dump
 from powergrad_train.system.errors import ConfigError, RunFolderError, UserError, WriteError, printable, shown
-from powergrad_train.reproduction.reproduce import PlannedRun, changed_keys, folder_name
 
 STEP_NAME = "powergrad-train"  # the job step that trains, found by this name to be signalled
 SIGNAL_SECONDS = 300  # USR1 this long before the time limit: the current step, a checkpoint, a margin
@@ -154,19 +155,6 @@ def _sites(opts: Options) -> tuple:
     return ("partition", opts.partition), ("account", opts.account), ("qos", opts.qos)
 
 
-def _train_args(command: list[str]) -> list[str]:
-    """The recipe and its --set values of a planned command: the script gives --output and --resume itself."""
-    args, kept = command[command.index("--config"):], []
-    i = 0
-    while i < len(args):
-        if args[i] in ("--output", "--resume"):
-            i += 2
-            continue
-        kept.append(args[i])
-        i += 1
-    return kept
-
-
 def _sbatch_value(text: str) -> str:
     return f'"{text}"' if re.search(r"\s", text) else text
 
@@ -208,7 +196,7 @@ def render_script(table: int, tasks: list[Task], opts: Options, out: Path, pytho
     ]
     for task in tasks:
         lines += [f"  {task.index}) RUN={shlex.quote(task.name)}  # {task.title}",
-                  f"     ARGS=({shlex.join(_train_args(task.run.command))}) ;;"]
+                  f"     ARGS=({shlex.join(task.run.train_args)}) ;;"]  # the script gives --output and --resume
     lines += [
         '  *) echo "error: $0: no run for array task ${SLURM_ARRAY_TASK_ID:-(none: submit it as an array)}" >&2',
         "     exit 2 ;;",
@@ -422,7 +410,7 @@ def _duration(seconds: float) -> str:
     return " ".join(parts[:2]) or f"{seconds}s"
 
 
-# The console's lines (metrics.Console, printed every train.log_every_steps and at each epoch's end; the
+# The console's lines (outputs.Console, printed every train.log_every_steps and at each epoch's end; the
 # SLURM tests read a status line made from them).
 PROGRESS = re.compile(r"epoch (\d+)/(\d+) step (\d+)/(\d+) \|.*\| (\d+) img/s \| ETA epoch [^,]*, run (.+?)\s*$")
 EPOCH_END = re.compile(r"epoch (\d+): train loss .*\| (\d+) img/s \| ([\d.]+)s\s*$")
@@ -448,11 +436,10 @@ def error_line(log: Optional[Path]) -> str:
     return printable((said or lines or ["(no output)"])[-1])
 
 
-def _summary(run_dir: Path) -> list[dict]:
-    from powergrad_train.reproduction.report import read_summary
-    path = run_dir / "summary.csv"
+def _epochs(run_dir: Path) -> list[dict]:
+    """The run folder's summary.csv (report.read_epochs); none where it cannot be read (a status never stops on it)."""
     try:
-        return read_summary(path) if path.is_file() else []
+        return read_epochs(run_dir)
     except UserError:
         return []
 
@@ -463,17 +450,16 @@ def finished_text(rows: list[dict]) -> str:
             f"(epoch {int(best['epoch'])})")
 
 
-def standing(run_dir: Path, record: Record, epochs: Optional[int], queue: Optional[dict[str, Queued]],
-             unasked: str = "") -> str:
-    """Where one run stands: its run folder, its record in OUT/slurm, and the scheduler's answer
-    (None when it could not be asked: `unasked` says why)."""
-    rows = _summary(run_dir)
-    if rows and epochs is not None and len(rows) >= epochs:
-        return finished_text(rows)
-    done = f"{len(rows)}/{epochs} epochs" if epochs else f"{len(rows)} epochs"
+def standing(run: Run, record: Record, queue: Optional[dict[str, Queued]], unasked: str = "") -> str:
+    """Where one run stands: its run folder (`run.cfg` None where no config of it could be read), its
+    record in OUT/slurm, and the scheduler's answer (None when it could not be asked: `unasked` says why)."""
+    epochs = run.cfg.schedule.epochs if run.cfg is not None else None
+    if run.epochs and epochs is not None and run.finished:
+        return finished_text(run.epochs)
+    done = f"{run.done}/{epochs} epochs" if epochs else f"{run.done} epochs"
     job, starts, last = record.job, record.starts, record.last
     if job is None:
-        return f"not submitted ({done} in {printable(run_dir)})" if rows else "not submitted"
+        return f"not submitted ({done} in {printable(run.folder)})" if run.epochs else "not submitted"
     if queue is not None and job in queue:
         q = queue[job]
         if q.waiting:
@@ -549,7 +535,7 @@ def submit(table: int, runs: list[PlannedRun], opts: Options, out: Path, command
             chosen, before = [], {}
             for task in tasks:
                 record = records[task.name]
-                if task.run.finished:
+                if task.run.progress().finished:
                     print(f"{task.title}: finished, not submitted ({printable(task.run.output)})")
                 elif record.job in queue:
                     print(f"{task.title}: {'queued' if queue[record.job].waiting else 'running'} as job {record.job}, "
@@ -645,7 +631,6 @@ def _sbatch_script(sbatch: str, path: Path, text: str, indices: list[int]) -> st
 def _refuse_other_configs(tasks: list[Task], records: dict[str, Record], queue: dict[str, Queued]) -> None:
     """A run queued or running with another config than the command's is refused, as reproduce.check_reuse
     refuses a run folder holding another run."""
-    from powergrad_train.reproduction.report import read_run_config
     for task in tasks:
         record = records[task.name]
         stored = record.folder / "config.yaml"
@@ -671,11 +656,8 @@ def _seeds_in(out: Path, row: paper.Row, reading: str) -> list[int]:
 
 def status(table: int, out: Path, rows: Optional[list[int]], seeds: Optional[list[int]], reading: str) -> str:
     """One line per row and seed of the table in OUT (the seeds given, else those found there), then the report's."""
-    from powergrad_train.reproduction.report import read_run_config
-    chosen = paper.table_rows(table)
-    if rows:
-        chosen = [chosen[i - 1] for i in rows]
-    runs = [(row, seed) for row in chosen for seed in (seeds if seeds is not None else _seeds_in(out, row, reading))]
+    runs = [(row, seed) for row in chosen_rows(table, rows)
+            for seed in (seeds if seeds is not None else _seeds_in(out, row, reading))]
     if not runs:
         return (f"no run of Table {table} in {printable(out)} yet (submit them with powergrad-train reproduce {table} "
                 f"--data DIR --out {shlex.quote(str(out))} --slurm)")
@@ -692,10 +674,11 @@ def status(table: int, out: Path, rows: Optional[list[int]], seeds: Optional[lis
         run_dir = out / folder_name(row, seed, reading)
         config = next((p for p in (run_dir / "config.yaml", record.folder / "config.yaml") if p.is_file()), None)
         try:
-            epochs = read_run_config(config).schedule.epochs if config else None
+            cfg = read_run_config(config) if config else None
         except UserError:
-            epochs = None
-        lines.append(f"{row.title}, seed {seed}: {standing(run_dir, record, epochs, queue, unasked)}")
+            cfg = None
+        run = Run(run_dir, cfg, _epochs(run_dir))
+        lines.append(f"{row.title}, seed {seed}: {standing(run, record, queue, unasked)}")
     report = out / "report" / "report.md"
     if report_job and queue is not None and report_job in queue:
         q = queue[report_job]

@@ -19,9 +19,6 @@ import os
 import signal
 from typing import Optional
 
-import torch
-import torch.distributed as dist
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 
 
@@ -52,6 +49,7 @@ class StopRequest:
         self._previous = {s: signal.signal(s, self._record) for s in STOP_SIGNALS}
         self._terminal = [fd for fd in (1, 2) if os.isatty(fd)]  # asked now: after a hangup it may fail
         # A CPU-side group, so the per-step check never touches the GPU stream.
+        import torch.distributed as dist  # (here: the data backends' declarations import STOP_SIGNALS)
         self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
 
     def _record(self, signum, frame) -> None:
@@ -66,8 +64,9 @@ class StopRequest:
         if self._group is None:
             self.agreed = self.signum
         else:
+            import torch
             flag = torch.tensor([self.signum or 0])
-            dist.broadcast(flag, src=0, group=self._group)
+            torch.distributed.broadcast(flag, src=0, group=self._group)
             self.agreed = int(flag.item()) or None
         return self.agreed
 

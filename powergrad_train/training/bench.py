@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from powergrad_train.config.sections import Config
 from powergrad_train.training.engine import Trainer
 
 
@@ -50,14 +51,15 @@ def measure(trainer: Trainer, steps: int, warmup: int) -> list[str]:
             f"training step with data: {step:.1f} images/s"]
 
 
-def describe_setup(trainer: Trainer, world_size: int, device: torch.device) -> str:
-    cfg = trainer.cfg
+def describe_setup(cfg: Config, trainer: Trainer, world_size: int, device: torch.device) -> str:
+    """The settings the numbers were measured with: the recipe `cfg` the caller built `trainer` from."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    average = trainer.weight_average.name if trainer.weight_average is not None else "none"
     return (f"bench: {name}; {world_size} process(es); model {cfg.model.name}; global batch "
             f"{cfg.data.batch_size}; {cfg.data.image_size} px; amp {cfg.amp}; channels_last "
             f"{cfg.channels_last}; compile {cfg.model.compile}; data {cfg.data.backend}; optimizer "
             f"{cfg.optim.name}; loss {trainer.objective.describe()}; grad_clip {cfg.grad_clip.mode}; "
-            f"batch_transform {cfg.batch_transform.name}; ema {cfg.ema.decay}")
+            f"batch_transform {cfg.batch_transform.name}; weight_average {average}")
 
 
 def thread_count() -> int:

@@ -1,10 +1,12 @@
 """Checkpoints: what a run's state is, atomic writes, and every check a resume needs.
 
 The state of a run is a set of named parts, each with state_dict() / load_state_dict():
-shared parts (model, optimizer, scaler, the EMA weights, the TrainState record) saved from
-rank 0, and per-rank parts (RNG states, the data pipeline's position, the epoch's running
-metrics) gathered from every rank. Adding a part is one more entry in build_run's dicts; every
-part is copied to the host once when gathered and checked for non-finite values before a save.
+shared parts (model, optimizer, scaler, the TrainState record, the outputs' states, and each of
+the objective, batch transform and weight average that has a state: the EMA's weights under
+"ema") saved from rank 0, and per-rank parts (RNG states, the data pipeline's position, the
+epoch's running metrics) gathered from every rank. build_run lists them; every part is copied to
+the host once when gathered and checked for non-finite values before a save. A part named
+optional that a checkpoint lacks (saved before that part kept a state) keeps its fresh state.
 
 Files in the run folder: `epoch-NNNN.pt` (the last `keep_last` epochs), `last.pt` and
 `best.pt`, and `nonfinite.pt` for a state whose steps had non-finite losses (never
@@ -27,13 +29,15 @@ import re
 import shutil
 import zlib
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Collection, Optional, Protocol
 
 import numpy as np
 import torch
 
+from powergrad_train.config.build import build_config
+from powergrad_train.config.schema import get, keys
+from powergrad_train.config.sections import Config
 from powergrad_train.system.atomic import fsync_folder
-from powergrad_train.config.schema import KEYS, Config, build_config, get
 from powergrad_train.system.errors import CheckpointError
 from powergrad_train.system.user_files import NotAFile, check_regular
 
@@ -355,7 +359,7 @@ def check_compatible(state: dict, path: Path, cfg: Config, *, classes: list[str]
             f"new run from its weights with model.init_from={path}")
     if not force:
         changed = [f"{k.dotted}: {get(saved, k.dotted)!r} -> {get(cfg, k.dotted)!r}"
-                   for k in KEYS.values() if k.meta["fixed"] and get(saved, k.dotted) != get(cfg, k.dotted)]
+                   for k in keys().values() if k.meta["fixed"] and get(saved, k.dotted) != get(cfg, k.dotted)]
         if changed:
             raise CheckpointError(f"--resume {path}: the recipe changes keys that define the run: "
                                   f"{'; '.join(changed)} (pass --resume-force to resume anyway)")
@@ -376,12 +380,13 @@ class Checkpointer:
     parts: saved once (from rank 0), restored on every rank.
     per_rank: gathered from every rank, each rank restores its own entry when the world
     size is unchanged (an epoch-boundary checkpoint may resume on another world size).
+    optional: names of parts that a checkpoint may lack: such a part keeps its fresh state.
     """
 
     def __init__(self, run_dir: Path, keep_last: int, parts: dict[str, Stateful], per_rank: dict[str, Stateful],
-                 meta: dict):
+                 meta: dict, optional: Collection[str] = ()):
         self.run_dir, self.keep_last = Path(run_dir), keep_last
-        self.parts, self.per_rank, self.meta = parts, per_rank, meta
+        self.parts, self.per_rank, self.meta, self.optional = parts, per_rank, meta, frozenset(optional)
 
     @property
     def last(self) -> Path:
@@ -414,6 +419,8 @@ class Checkpointer:
     def restore(self, state: dict, path: Path, rank: int, world_size: int) -> None:
         """Load every part of `state` (checked by check_compatible) into this run."""
         for name, part in self.parts.items():
+            if name not in state and name in self.optional:
+                continue
             if name not in state:
                 raise CheckpointError(f"{path}: has no {name} (saved by a run without it); resume with the "
                                       "recipe it was saved with")

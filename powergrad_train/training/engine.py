@@ -1,8 +1,8 @@
 """The Trainer: the training loop over parts that build_run (run.py) assembled.
 
 fit() runs epochs and decides when to log, evaluate, checkpoint and stop; train_step() is one
-optimizer step and nothing else. Model and data are built here by build_model_on() and
-build_data(), which training, --dry-run, validate and bench share.
+optimizer step and nothing else. The Trainer reads no config: it is handed its parts, a
+LoopSettings of plain values and the LR as a function of the step.
 """
 
 from __future__ import annotations
@@ -18,23 +18,21 @@ from typing import Callable, Optional
 import torch
 from timm.utils import distribute_bn
 
-from powergrad_train.training import checkpoint
-
+from powergrad_train.data import Loaders
 from powergrad_train.system import dist
+from powergrad_train.system.dist import DistEnv
+from powergrad_train.system.errors import CheckpointError, TrainingError
+from powergrad_train.system.hardware import MemoryOutsideTorch
+from powergrad_train.system.preemption import Preempted, StopRequest
+from powergrad_train.training import checkpoint
 from powergrad_train.training.batch_transforms import BatchTransform
 from powergrad_train.training.checkpoint import Checkpointer, TrainState
-from powergrad_train.config.schema import Config, check_schedule
-from powergrad_train.data import Loaders, build_loaders
 from powergrad_train.training.diagnostics import PooledFeatureWatch, epoch_diagnostics
-from powergrad_train.system.dist import DistEnv
 from powergrad_train.training.ema import WeightAverage
-from powergrad_train.system.errors import CheckpointError, TrainingError
-from powergrad_train.system.hardware import MemoryOutsideTorch, precision_in_use
-from powergrad_train.training.metrics import EvalMeter, RunLog, TrainMeter
-from powergrad_train.training.models import build_model
+from powergrad_train.training.metrics import EvalMeter, TrainMeter
 from powergrad_train.training.objectives import Objective
-from powergrad_train.training.optim import lr_at_step, set_lr
-from powergrad_train.system.preemption import Preempted, StopRequest
+from powergrad_train.training.optim import set_lr
+from powergrad_train.training.outputs import RunLog
 from powergrad_train.training.run_folder import RunFolderLock
 from powergrad_train.training.step_guard import BufferSnapshot, StepSkipper, nonfinite_gradients
 
@@ -46,25 +44,23 @@ def autocast_for(amp: str, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=AMP_DTYPES.get(amp), enabled=amp != "off")
 
 
-def memory_format_for(cfg: Config) -> torch.memory_format:
-    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+def memory_format_for(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def build_model_on(cfg: Config, env: DistEnv, device: torch.device, train: bool = True) -> torch.nn.Module:
-    """The model on its device, as training (train=True) or evaluation uses it."""
-    model = build_model(cfg.model)
-    if train and cfg.model.sync_bn and env.distributed:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model.to(device, memory_format=memory_format_for(cfg))
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the loop uses of the recipe, as plain values (run.loop_settings reads them from a config)."""
 
-
-def build_data(cfg: Config, env: DistEnv, device: torch.device, train: bool = True) -> Loaders:
-    """This process's loaders, checked against the model's classes and the schedule (train=False:
-    the val loader only)."""
-    data = build_loaders(cfg.data, cfg.model.num_classes, cfg.seed, env, device, train=train)
-    if train:
-        check_schedule(cfg, data.train.batches_per_epoch)
-    return data
+    epochs: int  # schedule.epochs
+    batch_per_process: int  # this process's share of a global batch: a short batch is filled up to it
+    accumulate_steps: int  # micro-batches per optimizer step
+    log_every_steps: int  # progress (and the host's look at the device's metrics) every this many steps
+    max_nonfinite_steps: int  # steps in a row with non-finite gradients that stop the run
+    checkpoint_every_steps: int  # last.pt inside an epoch every this many steps (0: epoch ends only)
+    amp: str  # off | fp16 | bf16
+    channels_last: bool
+    compile: bool  # torch.compile the forward and loss
 
 
 @torch.no_grad()
@@ -103,7 +99,9 @@ def full_batch(images: torch.Tensor, targets: torch.Tensor, size: int) -> tuple[
 class Trainer:
     """The loop, handed every part it uses (run.build_run assembles them from a config)."""
 
-    cfg: Config
+    settings: LoopSettings
+    lr_at: Callable[[int], float]  # the schedule's LR at a global optimizer step (0-based)
+    startup_lines: tuple[str, ...]  # what announce() says of the model, data, device and loss
     run_dir: Path
     env: DistEnv
     device: torch.device
@@ -116,7 +114,7 @@ class Trainer:
     skipper: StepSkipper  # how the optimizer leaves out a step whose gradients are not finite
     clip_gradients: Callable[[], None]
     scaler: torch.amp.GradScaler
-    ema: Optional[WeightAverage]
+    weight_average: Optional[WeightAverage]
     buffers: BufferSnapshot
     feature_watch: PooledFeatureWatch
     state: TrainState
@@ -128,9 +126,9 @@ class Trainer:
     gpu_memory: Optional[MemoryOutsideTorch] = None  # on a GPU: memory outside torch since before the data
 
     def __post_init__(self):
-        self.autocast = autocast_for(self.cfg.amp, self.device)
-        self.memory_format = memory_format_for(self.cfg)
-        self.forward_loss = torch.compile(self._forward_loss) if self.cfg.model.compile else self._forward_loss
+        self.autocast = autocast_for(self.settings.amp, self.device)
+        self.memory_format = memory_format_for(self.settings.channels_last)
+        self.forward_loss = torch.compile(self._forward_loss) if self.settings.compile else self._forward_loss
 
     @property
     def steps_per_epoch(self) -> int:
@@ -138,7 +136,7 @@ class Trainer:
 
     def lr(self) -> float:
         """The schedule's LR at the current step (groups may scale it: optim.set_lr)."""
-        return lr_at_step(self.cfg.schedule, self.cfg.optim.lr, self.state.step, self.steps_per_epoch)
+        return self.lr_at(self.state.step)
 
     # ------------------------------------------------------------------ the training step
 
@@ -155,11 +153,11 @@ class Trainer:
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> None:
         """One optimizer step over this process's share of one global batch. No host sync (unless the
         optimizer can only skip a bad step on the host: step_guard.py)."""
-        images, targets = full_batch(images, targets, self.cfg.data.batch_size // self.env.world_size)
+        images, targets = full_batch(images, targets, self.settings.batch_per_process)
         set_lr(self.optimizer, self.lr())
         self.buffers.take()  # the forward updates batch-norm statistics; a skipped step puts them back
         images, targets = self.batch_transform(images, targets)
-        accumulate = self.cfg.train.accumulate_steps
+        accumulate = self.settings.accumulate_steps
         micro_batches = list(zip(images.chunk(accumulate), targets.chunk(accumulate)))
         loss_sum = 0.0
         for i, (x, y) in enumerate(micro_batches):
@@ -181,18 +179,18 @@ class Trainer:
         self.skipper.step(self.optimizer, self.scaler, skipped)  # optimizer and scaler step, or neither
         self.optimizer.zero_grad(set_to_none=True)
         self.buffers.restore_if(skipped)
-        if self.ema is not None:
-            self.ema.update(self.model, skipped)
+        if self.weight_average is not None:
+            self.weight_average.update(self.model, skipped)
         self.meter.count_step(skipped, ~torch.isfinite(loss_sum))
         self.state.step += 1
 
     # ------------------------------------------------------------------ epochs
 
     def fit(self) -> None:
-        cfg, log, s = self.cfg, self.log, self.state
+        log, s = self.log, self.state
         stop = StopRequest()
         try:
-            while s.epoch < cfg.schedule.epochs or s.eval_pending:
+            while s.epoch < self.settings.epochs or s.eval_pending:
                 if not s.eval_pending:
                     self._train_epoch(stop)
                 val = self.evaluate(stop.requested)
@@ -207,15 +205,17 @@ class Trainer:
                 zeroed = epoch_diagnostics(self.model, self.run_dir, s.epoch, self.env.is_main, val["feature_rms"])
                 # Log before the checkpoint: a run killed in between resumes from the previous
                 # checkpoint, which trims summary.csv and TensorBoard back to it.
-                log.epoch_end({
+                row = {
                     "epoch": s.epoch, "step": s.step, "train_loss": train["loss"], "train_top1": train["top1"],
                     "eval_loss": val["loss"], "eval_top1": val["top1"], "eval_top5": val["top5"],
-                    "lr": lr_at_step(cfg.schedule, cfg.optim.lr, s.step - 1, self.steps_per_epoch),
+                    "lr": self.lr_at(s.step - 1),
                     "images_per_sec": train["images"] / s.epoch_elapsed, "epoch_time_s": s.epoch_elapsed,
                     "logit_norm": train["logit_norm"], "eval_logit_norm": val["logit_norm"],
                     "zeroed_filters": sum(zeroed.values()), "dead_features": val["dead_features"],
-                    "eval_ema_top1": val.get("ema_top1"),
-                })
+                }
+                if self.weight_average is not None:  # a column of its own: eval_ema_top1 for the EMA
+                    row[f"eval_{self.weight_average.name}_top1"] = val["weight_average_top1"]
+                log.epoch_end(row)
                 log.scalars("zeroed_filters", s.step, zeroed)
                 self.save_checkpoint(val_top1=val["top1"])
             log.message(f"done: best val top1 {s.best_top1:.2f} at epoch {s.best_epoch}; run folder {self.run_dir}")
@@ -226,24 +226,24 @@ class Trainer:
 
     def _train_epoch(self, stop: StopRequest) -> None:
         """Train the rest of the current epoch; afterwards the state counts it as done."""
-        cfg, s = self.cfg, self.state
+        settings, s = self.settings, self.state
         if s.batch_in_epoch == 0:
             self.meter.reset()
             s.epoch_elapsed = 0.0
         self.train_model.train()
         start = time.perf_counter() - s.epoch_elapsed  # training time only: checkpoint writes are taken out
-        self.log.epoch_start(s.epoch + 1, cfg.schedule.epochs, self.steps_per_epoch, s.batch_in_epoch)
+        self.log.epoch_start(s.epoch + 1, settings.epochs, self.steps_per_epoch, s.batch_in_epoch)
         try:
             for images, targets in self.device_batches(s.epoch, s.batch_in_epoch):
                 self.train_step(images, targets)
                 s.batch_in_epoch += 1
                 s.epoch_elapsed = time.perf_counter() - start
                 self.log.step()
-                if s.step % cfg.train.log_every_steps == 0:
+                if s.step % settings.log_every_steps == 0:
                     self._log_progress()
                 signum = stop.requested()
                 # Periodic saves skip the epoch's last step: the epoch-end checkpoint follows it.
-                periodic = (cfg.checkpoint.every_steps and s.step % cfg.checkpoint.every_steps == 0
+                periodic = (settings.checkpoint_every_steps and s.step % settings.checkpoint_every_steps == 0
                             and s.batch_in_epoch < self.steps_per_epoch)
                 if signum or periodic:
                     saved = self.save_checkpoint()
@@ -268,12 +268,12 @@ class Trainer:
         self._check_finite(values)
         per_step = s.epoch_elapsed / max(s.batch_in_epoch, 1)
         self.log.progress({
-            "step": s.step, "epoch": s.epoch + 1, "epochs": self.cfg.schedule.epochs, "batch": s.batch_in_epoch,
+            "step": s.step, "epoch": s.epoch + 1, "epochs": self.settings.epochs, "batch": s.batch_in_epoch,
             "batches": self.steps_per_epoch, "loss": values["loss"], "top1": values["top1"],
-            "lr": lr_at_step(self.cfg.schedule, self.cfg.optim.lr, s.step - 1, self.steps_per_epoch),
+            "lr": self.lr_at(s.step - 1),
             "images_per_sec": values["images"] / max(s.epoch_elapsed, 1e-9),
             "eta_epoch_s": per_step * (self.steps_per_epoch - s.batch_in_epoch),
-            "eta_run_s": per_step * (self.cfg.schedule.epochs * self.steps_per_epoch - s.step),
+            "eta_run_s": per_step * (self.settings.epochs * self.steps_per_epoch - s.step),
         })
         if self.gpu_memory is not None:  # once, when training has reached its steady state
             self.log.message(self.describe_gpu_memory())
@@ -291,7 +291,7 @@ class Trainer:
     def _check_finite(self, values: Optional[dict] = None) -> None:
         """Stop when steps kept being skipped (checked at log time: no per-step sync)."""
         values = values or self.meter.read()
-        limit = self.cfg.train.max_nonfinite_steps
+        limit = self.settings.max_nonfinite_steps
         streak = int(values["longest_skip_streak"])
         if streak >= limit:
             raise TrainingError(
@@ -301,9 +301,10 @@ class Trainer:
 
     def evaluate(self, stop_requested=lambda: None) -> Optional[dict]:
         """The val metrics, with `dead_features` (pooled-feature channels zero on every val image),
-        `feature_rms` (each channel's root-mean-square) and, with an EMA of the weights, `ema_top1`;
+        `feature_rms` (each channel's root-mean-square) and, with a weight average, `weight_average_top1`;
         None when a stop was requested during it."""
-        models = [self.model] + ([self.ema.module] if self.ema is not None else [])
+        average = self.weight_average
+        models = [self.model] + ([average.module] if average is not None else [])
         if self.env.distributed:
             # Each rank's running statistics saw only its own batches: average them, so every rank
             # evaluates, and rank 0 saves, the same model.
@@ -316,12 +317,12 @@ class Trainer:
         if values is None:
             return None
         values["dead_features"], values["feature_rms"] = dead, rms
-        if self.ema is not None:
-            averaged = evaluate_model(self.ema.module, self.data.val, self.device, self.autocast, self.memory_format,
+        if average is not None:
+            averaged = evaluate_model(average.module, self.data.val, self.device, self.autocast, self.memory_format,
                                       stop_requested)
             if averaged is None:
                 return None
-            values["ema_top1"] = averaged["top1"]
+            values["weight_average_top1"] = averaged["top1"]
         return values
 
     # ------------------------------------------------------------------ checkpoints
@@ -362,24 +363,11 @@ class Trainer:
         return path
 
     def announce(self, resumed_from: Optional[Path]) -> None:
-        """The start-up block: what is being trained, on what, where, and from where."""
-        cfg, env, s = self.cfg, self.env, self.state
-        params = sum(p.numel() for p in self.model.parameters())
-        on_gpu = self.device.type == "cuda"
-        device = torch.cuda.get_device_name(self.device) if on_gpu else f"cpu ({torch.get_num_threads()} threads per process)"
-        capability = tuple(torch.cuda.get_device_capability(self.device)) if on_gpu else None
+        """The start-up block: what is being trained, on what (startup_lines), where, and from where."""
+        s = self.state
         start = (f"resumed from {resumed_from} at epoch {s.epoch}, step {s.step}" if resumed_from
                  else f"fresh start from {self.init_note}" if self.init_note else "fresh start")
-        lines = [
-            f"model: {cfg.model.name}, {params:,} parameters, {cfg.model.num_classes} classes",
-            f"data: {cfg.data.root} ({cfg.data.backend}), {len(self.data.classes)} classes, "
-            f"{self.data.train.num_samples} train / {self.data.val.num_samples} val images, "
-            f"{self.steps_per_epoch} steps per epoch, batch {cfg.data.batch_size} global = "
-            f"{cfg.data.batch_size // env.world_size} per process",
-            f"device: {device}; {env.world_size} process(es); precision: {precision_in_use(cfg.amp, cfg.tf32, capability)}",
-            f"loss: {self.objective.describe()}",
-            f"run folder: {self.run_dir}; {start}",
-        ]
+        lines = [*self.startup_lines, f"run folder: {self.run_dir}; {start}"]
         self.log.message("\n".join(lines))
         size = checkpoint.state_bytes(self.model.state_dict()) + checkpoint.state_bytes(self.optimizer.state_dict())
         warning = self.checkpointer.space_warning(size)

@@ -10,7 +10,8 @@ import timm
 import torch
 from timm.models import register_model
 
-from powergrad_train.config.schema import ModelConfig, suggestion
+from powergrad_train.config.schema import suggestion
+from powergrad_train.config.sections import ModelConfig
 from powergrad_train.system.errors import CheckpointError, ConfigError, printable, shown
 
 

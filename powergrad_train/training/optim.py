@@ -1,52 +1,27 @@
-"""Optimizers (chosen by `optim.name`, registry.OPTIMIZERS), the LR of a step (from the schedules in
-schedules.py), and the gradient stage (GC / AGC)."""
+"""The optimizer built (the parts are in optimizers.py), its and the GradScaler's checkpoint state, the LR
+of a step (from the schedules in schedules.py), and the gradient stage (GC / AGC)."""
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from timm.optim import param_groups_weight_decay
 from timm.utils import dispatch_clip_grad
 
-from powergrad_train.config.schema import GradClipConfig, OptimConfig, ScheduleConfig
 from powergrad_train.training.models import classifier_parameters
-from powergrad_train.training.step_guard import SKIP_ON_DEVICE, SKIP_ON_HOST, StepSkipper, zero_momentum_buffers
+from powergrad_train.training.step_guard import StepSkipper, zero_momentum_buffers
 
-
-class OptimizerBuilder(Protocol):
-    def __call__(self, cfg: OptimConfig, groups: list[dict]) -> tuple[torch.optim.Optimizer, StepSkipper]:
-        """The optimizer over these parameter groups, and how it skips a step whose gradients are bad."""
-
-
-def sgd(cfg: OptimConfig, groups: list[dict]) -> tuple[torch.optim.Optimizer, StepSkipper]:
-    """torch's fused SGD (Nesterov by default): several times faster than foreach on the CPU, and it
-    skips a step on the device. Its momentum buffers exist as zeros from the start, so a skipped
-    first step leaves no garbage in them."""
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
-    zero_momentum_buffers(optimizer)
-    return optimizer, SKIP_ON_DEVICE
-
-
-def adamw(cfg: OptimConfig, groups: list[dict]) -> tuple[torch.optim.Optimizer, StepSkipper]:
-    """torch's fused AdamW, which skips a step on the device (its state is created by then)."""
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
-    return optimizer, SKIP_ON_DEVICE
-
-
-def lamb(cfg: OptimConfig, groups: list[dict]) -> tuple[torch.optim.Optimizer, StepSkipper]:
-    """timm's LAMB, for large batches; it cannot skip on the device, so the check is read on the host."""
-    from timm.optim import Lamb
-    optimizer = Lamb(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    return optimizer, SKIP_ON_HOST
+if TYPE_CHECKING:
+    from powergrad_train.config.sections import GradClipConfig, OptimConfig, ScheduleConfig
 
 
 def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, StepSkipper]:
     """optim.name's optimizer; biases and norm parameters (all 1-d tensors) get no weight decay."""
     from powergrad_train.config import registry
     groups = param_groups_weight_decay(model, cfg.weight_decay)
-    return registry.load(registry.OPTIMIZERS, cfg.name)(cfg, groups)
+    return registry.load("optimizer", cfg.name).build(cfg, groups)
 
 
 class OptimizerState:
@@ -94,14 +69,14 @@ class ScalerState:
 
 @functools.cache
 def _schedule(name: str):
-    """schedule.name's entry of registry.SCHEDULES, looked up once (lr_at_step runs every step)."""
+    """schedule.name's Schedule, looked up once (lr_at_step runs every step)."""
     from powergrad_train.config import registry
-    return registry.load(registry.SCHEDULES, name)
+    return registry.load("schedule", name).build
 
 
 def lr_at_step(cfg: ScheduleConfig, base_lr: float, step: int, steps_per_epoch: int) -> float:
     """The LR of optimizer step `step` (0-based, counted over the whole run): schedule.name's entry of
-    registry.SCHEDULES, updated every step or, under schedule.mode = authors_per_epoch, once per epoch."""
+    config/registry.py, updated every step or, under schedule.mode = authors_per_epoch, once per epoch."""
     schedule = _schedule(cfg.name)
     if cfg.mode == "authors_per_epoch":
         epoch = step // steps_per_epoch + 1  # 1-based

@@ -15,8 +15,9 @@ import os
 import sys
 import time
 
+from powergrad_train.config.declare import Part
 from powergrad_train.system.errors import UserError, printable
-from powergrad_train.training.metrics import RunInfo, Tracker
+from powergrad_train.training.outputs import RunInfo, Tracker
 
 
 def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
@@ -88,3 +89,6 @@ def _client(uri: str):
         return MlflowClient(uri)
     finally:
         del os.environ["MLFLOW_ALLOW_FILE_STORE"]
+
+
+PART = Part(lambda section: MLflow(), "MLflow: MLFLOW_TRACKING_URI or a store in the run folder; an optional extra")

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import sys
 
+from powergrad_train.config.declare import Part
 from powergrad_train.system.errors import UserError, printable
-from powergrad_train.training.metrics import RunInfo, Tracker
+from powergrad_train.training.outputs import RunInfo, Tracker
 
 PROJECT = "powergrad-train"
 
@@ -41,3 +42,7 @@ class WandB(Tracker):
         if self.run is not None:
             self.run.finish(exit_code=0 if sys.exc_info()[1] is None else 1)  # an error in flight: a failed run
             self.run = None
+
+
+PART = Part(lambda section: WandB(),
+            "Weights & Biases, offline unless WANDB_MODE or WANDB_API_KEY is set; an optional extra")

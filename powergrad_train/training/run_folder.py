@@ -14,11 +14,11 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from powergrad_train.training import checkpoint
 from powergrad_train.system.atomic import reason, remove_leftovers
 from powergrad_train.system.errors import CheckpointError, RunFolderError, WriteError, printable
-from powergrad_train.training.metrics import epoch_of, read_summary
 from powergrad_train.system.user_files import what_is
+from powergrad_train.training import checkpoint
+from powergrad_train.training.outputs import epoch_of, read_summary
 
 MARKER = ".powergrad-train-run"
 LOCK = ".lock"

@@ -1,12 +1,13 @@
-"""LR schedules, chosen by `schedule.name` (registry.SCHEDULES): the LR as a pure function of the step.
+"""LR schedules, chosen by `schedule.name` (config/registry.py): the LR as a pure function of the step.
 
 Every schedule has three phases, with W = warmup_epochs * steps_per_epoch and
 D = (epochs - cooldown_epochs) * steps_per_epoch:
     warmup  : steps [0, W)     linear from warmup_lr (at step 0) towards optim.lr
     decay   : steps [W, D)     the schedule's own decay, starting from optim.lr
     cooldown: steps [D, end)   min_lr
-A schedule is one `Schedule` below: its decay, optionally its per-epoch form as the PGT authors'
-fork ran timm's schedulers (schedule.mode = authors_per_epoch), and the schedule.* keys only it reads.
+A schedule is a Part whose build is a `Schedule`: its decay and, optionally, its per-epoch form as the
+PGT authors' fork ran timm's schedulers (schedule.mode = authors_per_epoch); the Part declares the
+schedule.* keys only it reads.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
+from powergrad_train.config.declare import Part, opt
+from powergrad_train.system.errors import ConfigError
+
 if TYPE_CHECKING:
-    from powergrad_train.config.schema import ScheduleConfig
+    from powergrad_train.config.sections import ScheduleConfig
 
 # (cfg, base_lr, step, steps_per_epoch, warmup, decay_end) -> the LR of a step in [warmup, decay_end)
 Decay = Callable[["ScheduleConfig", float, int, int, int, int], float]
@@ -29,7 +33,6 @@ EpochDecay = Callable[["ScheduleConfig", float, int], float]
 class Schedule:
     decay: Decay
     like_authors: Optional[EpochDecay] = None  # None: schedule.mode = authors_per_epoch is refused
-    keys: tuple[str, ...] = ()  # the schedule.* keys this schedule reads that not every schedule does
 
     def per_step(self, cfg: ScheduleConfig, base_lr: float, step: int, steps_per_epoch: int) -> float:
         """The LR of optimizer step `step` (0-based, over the whole run), updated every step."""
@@ -89,7 +92,37 @@ def _linear(cfg: ScheduleConfig, base_lr: float, step: int, steps_per_epoch: int
     return cfg.min_lr + (base_lr - cfg.min_lr) * (1 - (step - warmup) / (decay_end - warmup))
 
 
-cosine = Schedule(_cosine, like_authors=_cosine_like_authors)
-step = Schedule(_step, like_authors=_step_like_authors, keys=("schedule.decay_epochs", "schedule.decay_rate"))
-multistep = Schedule(_multistep, keys=("schedule.milestones", "schedule.decay_rate"))
-linear = Schedule(_linear)
+@dataclass
+class StepKeys:
+    decay_epochs: float = opt(30.0, "multiply the LR by decay_rate every this many epochs (counted from epoch 0)",
+                              gt=0.0, fixed=True)
+
+
+@dataclass
+class DecayRateKeys:
+    decay_rate: float = opt(0.1, "LR factor at each decay", gt=0.0, le=1.0, fixed=True)
+
+
+@dataclass
+class MilestoneKeys:
+    milestones: list[float] = opt([], "the epochs, increasing and counted from epoch 0, at which the LR is multiplied "
+                                      "by decay_rate (as timm's MultiStepLRScheduler, a milestone applies from the "
+                                      "step before it), e.g. [30, 60, 80]", gt=0.0, fixed=True)
+
+
+def _check_multistep(cfg, where) -> None:
+    milestones = cfg.schedule.milestones
+    if not milestones:
+        raise ConfigError(f"{where('schedule.milestones', 'schedule.name')}: schedule.name = multistep needs "
+                          "schedule.milestones, the epochs to decay at, e.g. [30, 60, 80]")
+    if any(a >= b for a, b in zip(milestones, milestones[1:])):
+        raise ConfigError(f"{where('schedule.milestones')}: schedule.milestones = "
+                          f"{milestones} must be increasing")
+
+
+COSINE = Part(Schedule(_cosine, like_authors=_cosine_like_authors), "to min_lr")
+STEP = Part(Schedule(_step, like_authors=_step_like_authors), "times decay_rate every decay_epochs",
+            keys=(StepKeys, DecayRateKeys))
+MULTISTEP = Part(Schedule(_multistep), "times decay_rate at each of milestones", keys=(MilestoneKeys, DecayRateKeys),
+                 check=_check_multistep)
+LINEAR = Part(Schedule(_linear), "to min_lr")
