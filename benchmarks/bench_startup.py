@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import torchvision  # noqa: F401  (a start has loaded it with timm before it lists the files)
 
 from powergrad_train.data import files
 from powergrad_train.data.demo import write_demo_dataset

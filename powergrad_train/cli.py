@@ -21,6 +21,7 @@ from powergrad_train.config.build import build_config, dump
 from powergrad_train.config.schema import absolute_path, check_path, describe_keys, suggestion
 from powergrad_train.config.sections import Config
 from powergrad_train.system.errors import CheckpointError, ConfigError, InstallError, UserError, printable, shown
+from powergrad_train.system.preemption import STOP_SIGNALS
 
 COMMANDS = ("train", "validate", "bench", "env", "report", "reproduce")
 
@@ -179,7 +180,7 @@ def _stop_signals_end_the_start():
     traceback: each ends it with one line instead (see main), until the trainer takes them over
     (preemption.StopRequest, for the whole of fit()). A signal set to be ignored (nohup) stays so."""
     previous = {}
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+    for signum in STOP_SIGNALS:
         if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
             with contextlib.suppress(ValueError):  # (not the main thread: signals stay as they are)
                 previous[signum] = signal.signal(signum, _stop_at_once)

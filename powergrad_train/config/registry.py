@@ -18,7 +18,6 @@ import functools
 import importlib
 import importlib.metadata
 from dataclasses import dataclass
-from typing import Optional
 
 from powergrad_train.config.declare import Part
 from powergrad_train.system.errors import ConfigError, InstallError, shown
@@ -133,14 +132,3 @@ def chosen(cfg, kind: str) -> list[tuple[str, Part]]:
     spec = KINDS[kind]
     value = getattr(getattr(cfg, spec.section), spec.selector)
     return [(name, load(kind, name)) for name in (value if isinstance(value, list) else [value])]
-
-
-def build(cfg, kind: str, *args):
-    """The selected part of `kind` built from its section: `part.build(section, *args)`."""
-    (name, part), = chosen(cfg, kind)
-    return part.build(getattr(cfg, KINDS[kind].section), *args)
-
-
-def optional_name(kind: str) -> Optional[str]:
-    """The name that selects no part of `kind`, where there is one."""
-    return "none" if "none" in KINDS[kind].builtin else None

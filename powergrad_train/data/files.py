@@ -12,6 +12,7 @@ instead. A file that passes but fails to decode when read is skipped by the load
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
 import gzip
 import hashlib
@@ -216,15 +217,14 @@ def _walk(top: Path, loops: list[str]) -> list[tuple[str, list[str]]]:
     return found
 
 
-def _walk_class(task: tuple[Path, int, str, int, dict]):
+def _walk_class(task: tuple[Path, int, str, int, dict], extensions: tuple[str, ...]):
     """(folders, loops) of one class folder; per folder (label, path below the split, image names,
     fingerprint), the names None when the fingerprint is the one `known` for that path (the
     caller has them already)."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS  # (loaded already in the forked worker)
     top, label, name, trusted_before, known = task
     found, loops = [], []
     for folder, names in sorted(_walk(top / name, loops)):
-        images = [n for n in names if n.lower().endswith(IMG_EXTENSIONS)]
+        images = [n for n in names if n.lower().endswith(extensions)]
         rel, fingerprint = os.path.relpath(folder, top), _fingerprint(folder, images, trusted_before)
         found.append((label, rel, None if fingerprint and known.get(rel) == fingerprint else images, fingerprint))
     return found, loops
@@ -236,18 +236,20 @@ def _walk_classes(tasks: list) -> list:
     thread); processes scale with the cores, and wait on a network file system side by side.
     On an interrupt the walks not started are dropped: the pool's `with` would wait for all of
     them, and the exit waits only for the few under way (small chunks keep that short)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS  # what torchvision's ImageFolder takes
+    walk = functools.partial(_walk_class, extensions=IMG_EXTENSIONS)
     processes = min(PROCESSES, len(tasks) // 16)  # a small split is not worth the processes
     if processes > 1:
         try:
             pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
                                        initializer=_leave_stop_signals_to_the_main_process)
             try:
-                return list(pool.map(_walk_class, tasks, chunksize=max(1, len(tasks) // (32 * processes))))
+                return list(pool.map(walk, tasks, chunksize=max(1, len(tasks) // (32 * processes))))
             finally:
                 pool.shutdown(wait=False, cancel_futures=True)
         except (OSError, BrokenProcessPool):  # no processes to be had here (a container's limit), or one died
             pass
-    return [_walk_class(task) for task in tasks]
+    return [walk(task) for task in tasks]
 
 
 def _leave_stop_signals_to_the_main_process() -> None:
