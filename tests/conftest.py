@@ -83,6 +83,17 @@ def tiny_root(tmp_path_factory) -> Path:
     return root
 
 
+def refused(capsys, *args) -> str:
+    """Run the command in this process; it must end with one `error:` line and exit status 2."""
+    from powergrad_train.cli import main
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
 def tiny_overrides(root: Path, **extra) -> list[str]:
     """--set values for a run of a few seconds: resnet10t at 16 px, 10 steps per epoch."""
     values = {

@@ -8,22 +8,11 @@ import copy
 import csv
 import sys
 
-import pytest
 import torch
 
 from powergrad_train.cli import main
 from powergrad_train.training import checkpoint, run, run_folder
-from tests.conftest import tiny_overrides
-
-
-def refused(capsys, args) -> str:
-    """The command, run in this process, ends with one `error:` line and exit status 2: that line."""
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in args])
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
+from tests.conftest import refused, tiny_overrides
 
 
 def test_every_command_checks_the_data_folder_before_the_model(two_epoch_run, tiny_root, tmp_path, capsys):
@@ -39,7 +28,7 @@ def test_every_command_checks_the_data_folder_before_the_model(two_epoch_run, ti
         "bench": ["bench", "--config", "smoke.yaml", "--data", "real", "--steps", "1", "--warmup", "0",
                   *tiny_overrides(tiny_root), *mistakes],
     }
-    lines = {name: refused(capsys, args) for name, args in commands.items()}
+    lines = {name: refused(capsys, *args) for name, args in commands.items()}
     assert set(lines.values()) == {f"error: data.root: folder '{tmp_path / 'missing'}' does not exist"}, lines
     assert not (tmp_path / "run").exists()
 
@@ -52,7 +41,7 @@ def test_a_missing_tracker_package_is_refused_by_every_command_that_builds_the_o
     commands = {"train": ["--config", "smoke.yaml", "--output", tmp_path / "run", *overrides],
                 "dry run": ["--config", "smoke.yaml", "--output", tmp_path / "run", "--dry-run", *overrides],
                 "bench": ["bench", "--config", "smoke.yaml", "--steps", "1", "--warmup", "0", *overrides]}
-    lines = {name: refused(capsys, args) for name, args in commands.items()}
+    lines = {name: refused(capsys, *args) for name, args in commands.items()}
     assert set(lines.values()) == {'error: log.outputs: wandb needs the wandb package: pip install -e ".[wandb]"'}, lines
     assert not (tmp_path / "run").exists()
 
@@ -63,7 +52,7 @@ def test_a_summary_csv_without_its_header_is_refused_by_a_dry_run_too(tiny_root,
     (run_dir / run_folder.MARKER).write_text("")
     (run_dir / "summary.csv").write_text("1,2,3\n")  # an earlier try's folder, its header edited away
     args = ["--config", "smoke.yaml", "--output", run_dir, *tiny_overrides(tiny_root)]
-    lines = {refused(capsys, args + extra) for extra in ([], ["--dry-run"])}
+    lines = {refused(capsys, *args, *extra) for extra in ([], ["--dry-run"])}
     assert len(lines) == 1 and lines.pop().startswith(
         f"error: {run_dir / 'summary.csv'}: its first line is not a header with an 'epoch' column")
     assert sorted(p.name for p in run_dir.iterdir()) == sorted([run_folder.MARKER, "summary.csv"])
@@ -76,7 +65,7 @@ def test_a_checkpoint_whose_parts_do_not_fit_is_refused_by_a_dry_run_too(two_epo
     saved = two_epoch_run / "epoch-0001.pt"
     args = ["--config", "smoke.yaml", "--output", tmp_path / "new", "--resume", saved, "--resume-force",
             *tiny_overrides(tiny_root, **{"model.name": "resnet14t"})]
-    lines = {refused(capsys, args + extra) for extra in ([], ["--dry-run"])}
+    lines = {refused(capsys, *args, *extra) for extra in ([], ["--dry-run"])}
     assert len(lines) == 1 and lines.pop().startswith(f"error: {saved}: its model does not fit this run (")
     assert not (tmp_path / "new").exists()
 

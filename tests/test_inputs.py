@@ -19,19 +19,9 @@ from powergrad_train.data.demo import write_demo_dataset
 from powergrad_train.system.errors import ConfigError
 from powergrad_train.training.models import build_model, check_model_runs
 from tests import warm
-from tests.conftest import tiny_overrides
+from tests.conftest import refused, tiny_overrides
 
 LONG = "a" * 300  # one name longer than any file system allows (255 bytes on Linux)
-
-
-def refused(capsys, *args) -> str:
-    """Run the command in this process; it must end with one `error:` line and exit status 2."""
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in args])
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 def tree(folder) -> list:
