@@ -46,18 +46,26 @@ def check_regular(path) -> None:
         raise NotAFile(what_is(mode))
 
 
-def open_regular(path) -> BinaryIO:
-    """`path` open for reading in binary, when it is a regular file."""
-    check_regular(path)  # first: opening a device can have effects of its own
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO swapped in does not block the open
+def open_regular_fd(path, flags: int = os.O_RDONLY) -> int:
+    """A descriptor of `path` opened with `flags` (O_CREAT makes a new regular file), when it is a
+    regular file: looked at before the open (opening a device can have effects of its own), opened
+    without blocking (a FIFO swapped in does not block the open), looked at again through the descriptor."""
+    if not flags & os.O_CREAT or os.path.lexists(path):
+        check_regular(path)
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             raise NotAFile(what_is(mode))
-        return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+    return fd
+
+
+def open_regular(path) -> BinaryIO:
+    """`path` open for reading in binary, when it is a regular file."""
+    return os.fdopen(open_regular_fd(path), "rb")
 
 
 def read_bytes(path, limit: int) -> bytes:

@@ -10,7 +10,6 @@ import csv
 import io
 import json
 import os
-import stat
 import sys
 import threading
 import time
@@ -21,7 +20,7 @@ from typing import Optional, Sequence
 from powergrad_train.config.declare import Part
 from powergrad_train.system.atomic import reason, write_file
 from powergrad_train.system.errors import ConfigError, RunFolderError, WriteError, printable
-from powergrad_train.system.user_files import NotAFile, check_regular, open_regular, read_bytes, what_is
+from powergrad_train.system.user_files import check_regular, open_regular, open_regular_fd, read_bytes
 
 # The columns every summary.csv has (eval_ema_top1 empty without an EMA, as run folders have always had
 # it); a row's other keys (a weight average's eval_<name>_top1) get a column when they first come.
@@ -173,13 +172,8 @@ def append(path: Path, text: str) -> None:
     a regular file (a FIFO would block the open) or a failed write is a WriteError naming it."""
     data = memoryview(text.encode(errors="surrogateescape"))
     with writing(path):
-        if os.path.lexists(path):
-            check_regular(path)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        fd = open_regular_fd(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
-            mode = os.fstat(fd).st_mode
-            if not stat.S_ISREG(mode):
-                raise NotAFile(what_is(mode))
             end = os.lseek(fd, 0, os.SEEK_END)
             try:
                 while data:
@@ -260,8 +254,10 @@ def epoch_of(row: list[str], column: int) -> Optional[int]:
 def summary_columns(run_dir: Path) -> list[str]:
     """The columns summary.csv is written with: ours, then those added to it by hand. A file whose
     first line is not a header with an `epoch` column is refused rather than rewritten."""
-    path = Path(run_dir) / SUMMARY_CSV
-    header, _, _ = read_summary(run_dir)
+    return _columns(read_summary(run_dir)[0], Path(run_dir) / SUMMARY_CSV)
+
+
+def _columns(header: Optional[list[str]], path: Path) -> list[str]:
     if header is not None and "epoch" not in header:
         raise RunFolderError(f"{path}: its first line is not a header with an 'epoch' column (edited by hand?); "
                              f"put the header back ({','.join(SUMMARY_COLUMNS)}) or move the file away")
@@ -276,7 +272,7 @@ def trim_summary_csv(run_dir: Path, start_epoch: int) -> Optional[str]:
     header, rows, torn = read_summary(run_dir)
     if header is None:
         return None
-    columns = summary_columns(run_dir)  # (refuses a header without an epoch column)
+    columns = _columns(header, path)  # (refuses a header without an epoch column)
     epoch = header.index("epoch")
     kept = [row for row in rows if row and not (epoch_of(row, epoch) or 0) > start_epoch]
     _rewrite_summary(path, header, kept, columns)
