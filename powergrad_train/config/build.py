@@ -147,13 +147,12 @@ def check(cfg: Config, sources: dict[str, str]) -> None:
         raise ConfigError(f"{at}: schedule.mode = authors_per_epoch steps the LR once per epoch: schedule.warmup_epochs "
                           f"({s.warmup_epochs:g}) and schedule.decay_epochs ({s.decay_epochs:g}) must be whole numbers")
     for dotted in _ignored_lists(cfg):
-        section, name = dotted.split(".")
-        selector = next(spec for spec in registry.KINDS.values() if spec.section == section).selector
-        kind = next(kind for kind, spec in registry.KINDS.items() if spec.section == section).replace("_", " ")
+        section = dotted.split(".")[0]
+        kind, spec = next((kind, spec) for kind, spec in registry.KINDS.items() if spec.section == section)
+        selector = f"{section}.{spec.selector}"
         readers = " and ".join(schema.keys()[dotted].meta["readers"])
-        raise ConfigError(f"{where(dotted, f'{section}.{selector}')}: {dotted} is read by the {readers} {kind} only; "
-                          f"{section}.{selector} = {getattr(getattr(cfg, section), selector)} would ignore it "
-                          "(set it to [])")
+        raise ConfigError(f"{where(dotted, selector)}: {dotted} is read by the {readers} {kind.replace('_', ' ')} "
+                          f"only; {selector} = {schema.get(cfg, selector)} would ignore it (set it to [])")
     for kind in registry.KINDS:
         for _, part in registry.chosen(cfg, kind):
             if part.check is not None:

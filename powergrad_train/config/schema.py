@@ -96,7 +96,7 @@ def _section(kind: str, core: type) -> type:
                 if f.name in core_hints or (f.name in declared and declared[f.name][2] is not keys):
                     owner = "the section itself" if f.name in core_hints else "another part"
                     raise InstallError(f"{kind.replace('_', ' ')} {shown(name)} declares "
-                                                f"{spec.section}.{f.name}, which {owner} declares too")
+                                       f"{spec.section}.{f.name}, which {owner} declares too")
                 declared[f.name] = (f, hints[f.name], keys)
                 readers.setdefault(f.name, []).append(name)
     selector = next(f for f in dataclasses.fields(core) if f.name == spec.selector)
