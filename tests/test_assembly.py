@@ -147,3 +147,15 @@ def test_parts_with_a_state_are_checkpoint_parts_and_a_weight_average_has_its_ow
     main(["--config", "smoke.yaml", "--output", str(old), "--resume", str(two_epoch_run / "epoch-0001.pt"),
           *tiny_overrides(tiny_root)])
     assert checkpoint.load(old / "last.pt")["objective"] == {"calls": 10}
+
+
+def test_a_weight_average_named_like_another_checkpoint_part_is_one_line(tiny_root, monkeypatch, capsys):
+    """A package's weight average whose name is taken (its state would replace the optimizer's): refused
+    before anything is written, in one line, as the package's other faults are."""
+    class Misnamed(UniformAverage):
+        name = "optimizer"
+
+    monkeypatch.setattr(run, "build_weight_average", lambda cfg, model: Misnamed(model))
+    line = refused(capsys, "--config", "smoke.yaml", "--dry-run", *tiny_overrides(tiny_root))
+    assert line.startswith("error: weight_average.name = none: its name 'optimizer' is that of another "
+                           "checkpoint part (model, optimizer, scaler, train_state, outputs"), line

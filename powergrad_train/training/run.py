@@ -31,11 +31,11 @@ from torch.nn.parallel import DistributedDataParallel
 from powergrad_train import __version__
 from powergrad_train.config.build import check_runtime, check_schedule
 from powergrad_train.config.schema import to_dict
-from powergrad_train.config.sections import Config, DataConfig
+from powergrad_train.config.sections import Config
 from powergrad_train.data import Loaders, build_loaders, check_data
 from powergrad_train.system import dist, hardware
 from powergrad_train.system.dist import DistEnv
-from powergrad_train.system.errors import RunFolderError, printable
+from powergrad_train.system.errors import InstallError, RunFolderError, printable
 from powergrad_train.training import checkpoint, run_folder
 from powergrad_train.training.batch_transforms import build_batch_transform
 from powergrad_train.training.checkpoint import Checkpointer, RngState, TrainState
@@ -58,7 +58,7 @@ def check_start(cfg: Config, world_size: int, *, train: bool = True, measuring: 
     all of them: the machine, the data folder, the model. train=False: what evaluation builds (the val
     split, the model in eval mode). measuring, announce: see check_machine."""
     check_machine(cfg, world_size, measuring, announce)
-    check_data_folder(cfg.data, train)
+    check_data(cfg.data, ("train", "val") if train else ("val",))  # cheap checks: nothing is listed
     check_model(cfg, world_size, train)
 
 
@@ -74,11 +74,6 @@ def check_machine(cfg: Config, world_size: int, measuring: str = "", announce: b
         if announce:
             print(f"amp: fp16 needs a CUDA GPU; {measuring} in float32 on the CPU", flush=True)
     check_runtime(cfg, world_size, cuda=bool(gpus), capability=min((g.capability for g in gpus), default=None))
-
-
-def check_data_folder(cfg: DataConfig, train: bool = True) -> None:
-    """The data folder and the splits the command reads (cheap checks: nothing is listed)."""
-    check_data(cfg, ("train", "val") if train else ("val",))
 
 
 def check_model(cfg: Config, world_size: int, train: bool = True) -> None:
@@ -237,9 +232,9 @@ def build_run(cfg: Config, run_dir: Path, env: DistEnv, device: torch.device, re
                 parts[name] = part
                 optional.add(name)
         if weight_average is not None:
-            if weight_average.name in parts:
-                raise ValueError(f"a weight average named {weight_average.name!r} would replace the checkpoint's "
-                                 f"part of that name; checkpoint parts: {', '.join(parts)}")
+            if weight_average.name in parts:  # a package's weight average, misnamed: told like its other faults
+                raise InstallError(f"weight_average.name = {cfg.weight_average.name}: its name "
+                                   f"{weight_average.name!r} is that of another checkpoint part ({', '.join(parts)})")
             parts[weight_average.name] = weight_average
         checkpointer = Checkpointer(
             run_dir, cfg.checkpoint.keep_last, parts=parts,
